@@ -1,0 +1,103 @@
+import Foundation
+
+/// `C[b] = alpha * op(A[b]) * op(B[b]) + beta * C[b]` for b in 0..<batch, row-major.
+/// op(A) is m x k, op(B) is k x n. Leading dimensions and batch strides default
+/// to the packed layout.
+public struct Gemm: Sendable, Equatable {
+    public var m: Int, n: Int, k: Int
+    public var transA: Bool, transB: Bool
+    public var alpha: Float, beta: Float
+    public var batch: Int
+    public var lda: Int, ldb: Int, ldc: Int
+    public var strideA: Int, strideB: Int, strideC: Int
+
+    public init(m: Int, n: Int, k: Int, transA: Bool = false, transB: Bool = false,
+                alpha: Float = 1, beta: Float = 0, batch: Int = 1,
+                lda: Int? = nil, ldb: Int? = nil, ldc: Int? = nil,
+                strideA: Int? = nil, strideB: Int? = nil, strideC: Int? = nil) {
+        self.m = m; self.n = n; self.k = k; self.transA = transA; self.transB = transB
+        self.alpha = alpha; self.beta = beta; self.batch = batch
+        self.lda = lda ?? (transA ? m : k)
+        self.ldb = ldb ?? (transB ? k : n)
+        self.ldc = ldc ?? n
+        self.strideA = strideA ?? m * k
+        self.strideB = strideB ?? k * n
+        self.strideC = strideC ?? m * n
+    }
+
+    public var flops: Double { 2.0 * Double(m) * Double(n) * Double(k) * Double(batch) }
+
+    /// Elements each operand must hold for this multiply to stay in bounds.
+    func extent(rows: Int, cols: Int, ld: Int, stride: Int) -> Int {
+        rows == 0 || cols == 0 || batch == 0 ? 0 : (batch - 1) * stride + (rows - 1) * ld + cols
+    }
+
+    func validate(_ a: Tensor, _ b: Tensor, _ c: Tensor) throws {
+        try require(m >= 0 && n >= 0 && k >= 0 && batch >= 0, "gemm sizes must be non-negative: \(self)")
+        try require(lda >= (transA ? m : k) && ldb >= (transB ? k : n) && ldc >= n, "gemm leading dimensions too small: \(self)")
+        try require([a, b, c].allSatisfy { $0.dtype == .f32 }, "gemm takes f32 tensors")
+        let (ar, ac) = transA ? (k, m) : (m, k)
+        let (br, bc) = transB ? (n, k) : (k, n)
+        try require(a.count >= extent(rows: ar, cols: ac, ld: lda, stride: strideA), "gemm A \(a.shape) too small for \(self)")
+        try require(b.count >= extent(rows: br, cols: bc, ld: ldb, stride: strideB), "gemm B \(b.shape) too small for \(self)")
+        try require(c.count >= extent(rows: m, cols: n, ld: ldc, stride: strideC), "gemm C \(c.shape) too small for \(self)")
+        let limit = Int(Int32.max)
+        try require([a.count + a.offset, b.count + b.offset, c.count + c.offset].allSatisfy { $0 < limit },
+                    "gemm operands over 2^31 elements are not supported")
+    }
+}
+
+/// Where tensors live and how ops run on them. Model code only talks to this
+/// protocol; `CPUBackend` and `OpenCLBackend` compute the same functions.
+public protocol Backend: AnyObject, Sendable, RoutingOps, PermuteOps, NNOps, OptimOps {
+    /// `cpu` or `opencl:P:D`: what `--device` takes to get this backend again.
+    var name: String { get }
+    /// A human description of the device.
+    var deviceDescription: String { get }
+
+    /// A new zero-filled tensor.
+    func makeTensor(shape: [Int], dtype: DType) throws -> Tensor
+    func write(_ bytes: UnsafeRawBufferPointer, to tensor: Tensor) throws
+    func read(_ tensor: Tensor, into bytes: UnsafeMutableRawBufferPointer) throws
+    /// Waits until every queued op has finished.
+    func synchronize() throws
+
+    func fill(_ x: Tensor, value: Float) throws
+    func copy(_ src: Tensor, to dst: Tensor) throws
+    /// y += alpha * x
+    func axpy(_ alpha: Float, _ x: Tensor, _ y: Tensor) throws
+    /// c = a + b
+    func add(_ a: Tensor, _ b: Tensor, into c: Tensor) throws
+    /// x *= alpha
+    func scale(_ x: Tensor, by alpha: Float) throws
+    func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor) throws
+}
+
+extension Backend {
+    public func zeros(_ shape: [Int], dtype: DType = .f32) throws -> Tensor {
+        try makeTensor(shape: shape, dtype: dtype)
+    }
+
+    public func tensor(_ values: [Float], shape: [Int]) throws -> Tensor {
+        let t = try makeTensor(shape: shape, dtype: .f32)
+        try t.write(values)
+        return t
+    }
+
+    public func tensor(ints values: [Int32], shape: [Int]) throws -> Tensor {
+        let t = try makeTensor(shape: shape, dtype: .i32)
+        try t.write(values)
+        return t
+    }
+}
+
+/// Checks shared by both backends for the element-wise ops.
+enum ElementwiseCheck {
+    static func same(_ op: String, _ tensors: Tensor...) throws {
+        let n = tensors[0].count
+        for t in tensors {
+            try require(t.dtype == .f32, "\(op) takes f32 tensors, got \(t.dtype)")
+            try require(t.count == n, "\(op): element counts differ (\(tensors.map(\.shape)))")
+        }
+    }
+}

@@ -1,0 +1,271 @@
+// A thin, honest wrapper over the OpenCL 1.2 C API: platforms, devices, a
+// context with one in-order profiling queue, buffers, programs, kernels and
+// events. Every failure becomes a `CLError` naming the call and the status.
+import COpenCL
+import Foundation
+
+public struct CLError: Error, CustomStringConvertible {
+    public let call: String
+    public let status: cl_int
+    public var description: String { "\(call) failed with \(CLError.statusName(status)) (\(status))" }
+
+    static func check(_ status: cl_int, _ call: @autoclosure () -> String) throws {
+        if status != CL_SUCCESS { throw CLError(call: call(), status: status) }
+    }
+
+    static func statusName(_ s: cl_int) -> String {
+        switch s {
+        case CL_DEVICE_NOT_FOUND: return "CL_DEVICE_NOT_FOUND"
+        case CL_DEVICE_NOT_AVAILABLE: return "CL_DEVICE_NOT_AVAILABLE"
+        case CL_COMPILER_NOT_AVAILABLE: return "CL_COMPILER_NOT_AVAILABLE"
+        case CL_MEM_OBJECT_ALLOCATION_FAILURE: return "CL_MEM_OBJECT_ALLOCATION_FAILURE (device out of memory)"
+        case CL_OUT_OF_RESOURCES: return "CL_OUT_OF_RESOURCES"
+        case CL_OUT_OF_HOST_MEMORY: return "CL_OUT_OF_HOST_MEMORY"
+        case CL_BUILD_PROGRAM_FAILURE: return "CL_BUILD_PROGRAM_FAILURE"
+        case CL_INVALID_VALUE: return "CL_INVALID_VALUE"
+        case CL_INVALID_BINARY: return "CL_INVALID_BINARY"
+        case CL_INVALID_BUFFER_SIZE: return "CL_INVALID_BUFFER_SIZE"
+        case CL_INVALID_KERNEL_NAME: return "CL_INVALID_KERNEL_NAME"
+        case CL_INVALID_KERNEL_ARGS: return "CL_INVALID_KERNEL_ARGS"
+        case CL_INVALID_ARG_SIZE: return "CL_INVALID_ARG_SIZE"
+        case CL_INVALID_ARG_VALUE: return "CL_INVALID_ARG_VALUE"
+        case CL_INVALID_WORK_GROUP_SIZE: return "CL_INVALID_WORK_GROUP_SIZE"
+        case CL_INVALID_WORK_ITEM_SIZE: return "CL_INVALID_WORK_ITEM_SIZE"
+        case CL_INVALID_GLOBAL_WORK_SIZE: return "CL_INVALID_GLOBAL_WORK_SIZE"
+        case CL_INVALID_MEM_OBJECT: return "CL_INVALID_MEM_OBJECT"
+        case CL_INVALID_PLATFORM: return "CL_INVALID_PLATFORM"
+        case CL_INVALID_DEVICE: return "CL_INVALID_DEVICE"
+        case CL_INVALID_BUILD_OPTIONS: return "CL_INVALID_BUILD_OPTIONS"
+        case CL_PLATFORM_NOT_FOUND_KHR: return "CL_PLATFORM_NOT_FOUND_KHR (no OpenCL platform installed)"
+        default: return "OpenCL error"
+        }
+    }
+}
+
+/// The loader's status when no ICD is registered (cl_khr_icd).
+let CL_PLATFORM_NOT_FOUND_KHR: cl_int = -1001
+
+// MARK: - Info queries
+
+private func infoString(_ query: (Int, UnsafeMutableRawPointer?, UnsafeMutablePointer<Int>?) -> cl_int) -> String {
+    var size = 0
+    guard query(0, nil, &size) == CL_SUCCESS, size > 0 else { return "" }
+    var bytes = [CChar](repeating: 0, count: size + 1)
+    guard query(size, &bytes, nil) == CL_SUCCESS else { return "" }
+    return String(cString: bytes).trimmingCharacters(in: .whitespaces)
+}
+
+private func infoValue<T>(_ zero: T, _ query: (Int, UnsafeMutableRawPointer?, UnsafeMutablePointer<Int>?) -> cl_int) -> T {
+    var value = zero
+    _ = withUnsafeMutableBytes(of: &value) { query($0.count, $0.baseAddress, nil) }
+    return value
+}
+
+// MARK: - Platforms and devices
+
+public struct CLPlatform: @unchecked Sendable {
+    public let id: cl_platform_id
+    public let index: Int
+
+    public var name: String { infoString { clGetPlatformInfo(id, cl_platform_info(CL_PLATFORM_NAME), $0, $1, $2) } }
+    public var vendor: String { infoString { clGetPlatformInfo(id, cl_platform_info(CL_PLATFORM_VENDOR), $0, $1, $2) } }
+    public var version: String { infoString { clGetPlatformInfo(id, cl_platform_info(CL_PLATFORM_VERSION), $0, $1, $2) } }
+
+    /// Every platform the ICD loader knows. None installed is an empty list, not an error.
+    public static func all() -> [CLPlatform] {
+        var count: cl_uint = 0
+        guard clGetPlatformIDs(0, nil, &count) == CL_SUCCESS, count > 0 else { return [] }
+        var ids = [cl_platform_id?](repeating: nil, count: Int(count))
+        guard clGetPlatformIDs(count, &ids, nil) == CL_SUCCESS else { return [] }
+        return ids.enumerated().compactMap { i, id in id.map { CLPlatform(id: $0, index: i) } }
+    }
+
+    public func devices() -> [CLDevice] {
+        var count: cl_uint = 0
+        guard clGetDeviceIDs(id, cl_device_type(CL_DEVICE_TYPE_ALL), 0, nil, &count) == CL_SUCCESS, count > 0 else { return [] }
+        var ids = [cl_device_id?](repeating: nil, count: Int(count))
+        guard clGetDeviceIDs(id, cl_device_type(CL_DEVICE_TYPE_ALL), count, &ids, nil) == CL_SUCCESS else { return [] }
+        return ids.enumerated().compactMap { i, d in d.map { CLDevice(id: $0, platform: self, index: i) } }
+    }
+}
+
+public struct CLDevice: @unchecked Sendable {
+    public enum Kind: String, Sendable { case gpu, cpu, accelerator, other }
+
+    public let id: cl_device_id
+    public let platform: CLPlatform
+    public let index: Int
+
+    private func string(_ p: Int32) -> String { infoString { clGetDeviceInfo(id, cl_device_info(p), $0, $1, $2) } }
+    private func value<T>(_ p: Int32, _ zero: T) -> T { infoValue(zero) { clGetDeviceInfo(id, cl_device_info(p), $0, $1, $2) } }
+
+    public var name: String { string(CL_DEVICE_NAME) }
+    public var vendor: String { string(CL_DEVICE_VENDOR) }
+    public var driverVersion: String { string(CL_DRIVER_VERSION) }
+    public var deviceVersion: String { string(CL_DEVICE_VERSION) }
+    public var openCLCVersion: String { string(CL_DEVICE_OPENCL_C_VERSION) }
+    public var extensions: String { string(CL_DEVICE_EXTENSIONS) }
+    public var computeUnits: Int { Int(value(CL_DEVICE_MAX_COMPUTE_UNITS, cl_uint(0))) }
+    public var clockMHz: Int { Int(value(CL_DEVICE_MAX_CLOCK_FREQUENCY, cl_uint(0))) }
+    public var globalMemoryBytes: UInt64 { value(CL_DEVICE_GLOBAL_MEM_SIZE, cl_ulong(0)) }
+    public var localMemoryBytes: UInt64 { value(CL_DEVICE_LOCAL_MEM_SIZE, cl_ulong(0)) }
+    public var maxAllocationBytes: UInt64 { value(CL_DEVICE_MAX_MEM_ALLOC_SIZE, cl_ulong(0)) }
+    public var maxWorkGroupSize: Int { value(CL_DEVICE_MAX_WORK_GROUP_SIZE, 0) }
+    public var supportsFP16: Bool { extensions.contains("cl_khr_fp16") }
+    public var supportsFP64: Bool { extensions.contains("cl_khr_fp64") || value(CL_DEVICE_DOUBLE_FP_CONFIG, cl_ulong(0)) != 0 }
+
+    public var kind: Kind {
+        let t = value(CL_DEVICE_TYPE, cl_device_type(0))
+        if t & cl_device_type(CL_DEVICE_TYPE_GPU) != 0 { return .gpu }
+        if t & cl_device_type(CL_DEVICE_TYPE_ACCELERATOR) != 0 { return .accelerator }
+        if t & cl_device_type(CL_DEVICE_TYPE_CPU) != 0 { return .cpu }
+        return .other
+    }
+
+    /// `opencl:P:D`, the name `--device` accepts for this device.
+    public var selector: String { "opencl:\(platform.index):\(index)" }
+}
+
+// MARK: - Context, queue, buffers, events
+
+/// One device, its context and an in-order queue with profiling enabled.
+public final class CLContext: @unchecked Sendable {
+    public let device: CLDevice
+    let context: cl_context
+    let queue: cl_command_queue
+
+    public init(device: CLDevice) throws {
+        self.device = device
+        var status: cl_int = 0
+        var dev: cl_device_id? = device.id
+        guard let ctx = clCreateContext(nil, 1, &dev, nil, nil, &status), status == CL_SUCCESS else {
+            throw CLError(call: "clCreateContext", status: status)
+        }
+        context = ctx
+        guard let q = clCreateCommandQueue(ctx, device.id, cl_command_queue_properties(CL_QUEUE_PROFILING_ENABLE), &status),
+              status == CL_SUCCESS else {
+            clReleaseContext(ctx)
+            throw CLError(call: "clCreateCommandQueue", status: status)
+        }
+        queue = q
+    }
+
+    deinit {
+        clReleaseCommandQueue(queue)
+        clReleaseContext(context)
+    }
+
+    public func finish() throws { try CLError.check(clFinish(queue), "clFinish") }
+
+    public func makeBuffer(bytes: Int) throws -> CLBuffer {
+        var status: cl_int = 0
+        // OpenCL forbids zero-sized buffers; an empty tensor still gets a valid handle.
+        let mem = clCreateBuffer(context, cl_mem_flags(CL_MEM_READ_WRITE), max(bytes, 4), nil, &status)
+        guard let mem, status == CL_SUCCESS else {
+            throw CLError(call: "clCreateBuffer(\(bytes) bytes)", status: status)
+        }
+        return CLBuffer(mem: mem, byteCount: bytes, context: self)
+    }
+}
+
+/// A device allocation. Released when the last reference goes.
+public final class CLBuffer: @unchecked Sendable {
+    public let mem: cl_mem
+    public let byteCount: Int
+    unowned let context: CLContext
+
+    init(mem: cl_mem, byteCount: Int, context: CLContext) {
+        self.mem = mem; self.byteCount = byteCount; self.context = context
+    }
+    deinit { clReleaseMemObject(mem) }
+
+    public func write(from host: UnsafeRawPointer, byteOffset: Int = 0, bytes: Int) throws {
+        guard bytes > 0 else { return }
+        try CLError.check(clEnqueueWriteBuffer(context.queue, mem, cl_bool(CL_TRUE), byteOffset, bytes, host, 0, nil, nil),
+                          "clEnqueueWriteBuffer")
+    }
+
+    public func read(into host: UnsafeMutableRawPointer, byteOffset: Int = 0, bytes: Int) throws {
+        guard bytes > 0 else { return }
+        try CLError.check(clEnqueueReadBuffer(context.queue, mem, cl_bool(CL_TRUE), byteOffset, bytes, host, 0, nil, nil),
+                          "clEnqueueReadBuffer")
+    }
+}
+
+/// A completed or pending command; its profiling times give kernel durations.
+public final class CLEvent {
+    let event: cl_event
+    init(_ event: cl_event) { self.event = event }
+    deinit { clReleaseEvent(event) }
+
+    public func wait() throws { var e: cl_event? = event; try CLError.check(clWaitForEvents(1, &e), "clWaitForEvents") }
+
+    /// Device time between start and end of the command, in seconds.
+    public func durationSeconds() throws -> Double {
+        try wait()
+        var start: cl_ulong = 0, end: cl_ulong = 0
+        try CLError.check(clGetEventProfilingInfo(event, cl_profiling_info(CL_PROFILING_COMMAND_START), 8, &start, nil), "clGetEventProfilingInfo")
+        try CLError.check(clGetEventProfilingInfo(event, cl_profiling_info(CL_PROFILING_COMMAND_END), 8, &end, nil), "clGetEventProfilingInfo")
+        return Double(end &- start) * 1e-9
+    }
+}
+
+// MARK: - Kernels
+
+/// A kernel argument: a buffer, or a scalar passed by value.
+public enum CLArg {
+    case buffer(CLBuffer)
+    case int(Int32)
+    case float(Float)
+}
+
+public final class CLKernel: @unchecked Sendable {
+    public let name: String
+    let kernel: cl_kernel
+    unowned let context: CLContext
+
+    init(name: String, kernel: cl_kernel, context: CLContext) {
+        self.name = name; self.kernel = kernel; self.context = context
+    }
+    deinit { clReleaseKernel(kernel) }
+
+    /// Sets the arguments and enqueues an NDRange of `global` work-items,
+    /// rounded up to a multiple of `local` when `local` is given.
+    @discardableResult
+    public func launch(_ args: [CLArg], global: [Int], local: [Int]? = nil) throws -> CLEvent {
+        for (i, arg) in args.enumerated() {
+            let status: cl_int
+            switch arg {
+            case .buffer(let b):
+                var mem: cl_mem? = b.mem
+                status = clSetKernelArg(kernel, cl_uint(i), MemoryLayout<cl_mem>.size, &mem)
+            case .int(var v):
+                status = clSetKernelArg(kernel, cl_uint(i), 4, &v)
+            case .float(var v):
+                status = clSetKernelArg(kernel, cl_uint(i), 4, &v)
+            }
+            try CLError.check(status, "clSetKernelArg(\(name), arg \(i))")
+        }
+        var globalSize = global
+        if let local {
+            for d in 0..<global.count { globalSize[d] = (global[d] + local[d] - 1) / local[d] * local[d] }
+        }
+        // A zero-sized launch is a no-op, not an error.
+        if globalSize.contains(0) {
+            var event: cl_event?
+            try CLError.check(clEnqueueMarkerWithWaitList(context.queue, 0, nil, &event), "clEnqueueMarkerWithWaitList")
+            return CLEvent(event!)
+        }
+        var event: cl_event?
+        let status = globalSize.withUnsafeBufferPointer { g -> cl_int in
+            if let local {
+                return local.withUnsafeBufferPointer { l in
+                    clEnqueueNDRangeKernel(context.queue, kernel, cl_uint(global.count), nil, g.baseAddress, l.baseAddress, 0, nil, &event)
+                }
+            }
+            return clEnqueueNDRangeKernel(context.queue, kernel, cl_uint(global.count), nil, g.baseAddress, nil, 0, nil, &event)
+        }
+        try CLError.check(status, "clEnqueueNDRangeKernel(\(name), global \(globalSize), local \(local.map { "\($0)" } ?? "auto"))")
+        return CLEvent(event!)
+    }
+}

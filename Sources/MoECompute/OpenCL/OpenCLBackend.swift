@@ -1,0 +1,160 @@
+import COpenCL
+import Foundation
+
+/// Runs every op as an OpenCL kernel from Kernels/ on one device. Programs are
+/// built on first use with the device's tile parameters and cached on disk.
+public final class OpenCLBackend: Backend, @unchecked Sendable {
+    public let context: CLContext
+    public let cache: ProgramCache?
+    public let tuning: KernelTuning
+    public var device: CLDevice { context.device }
+    public var name: String { device.selector }
+    public var deviceDescription: String { "\(device.name) (\(device.platform.name), \(device.kind.rawValue))" }
+
+    private var programs: [String: CLProgram] = [:]
+    private var kernels: [String: CLKernel] = [:]
+    private let lock = NSLock()
+
+    public init(device: CLDevice, cache: ProgramCache? = ProgramCache()) throws {
+        context = try CLContext(device: device)
+        self.cache = cache
+        tuning = KernelTuning(for: device)
+    }
+
+    /// The program built from Kernels/`file` for this device (built once per backend).
+    public func program(_ file: String) throws -> CLProgram {
+        lock.lock(); defer { lock.unlock() }
+        if let p = programs[file] { return p }
+        let p = try CLProgram.build(file: file, source: try KernelSources.source(file),
+                                    options: tuning.options(for: file), context: context, cache: cache)
+        programs[file] = p
+        return p
+    }
+
+    /// Kernel `name` from Kernels/`file`, created once.
+    public func kernel(_ name: String, in file: String) throws -> CLKernel {
+        let key = file + ":" + name
+        lock.lock()
+        if let k = kernels[key] { lock.unlock(); return k }
+        lock.unlock()
+        let k = try program(file).kernel(name)
+        lock.lock(); kernels[key] = k; lock.unlock()
+        return k
+    }
+
+    func buffer(_ t: Tensor) throws -> CLBuffer {
+        guard case .device(let b) = t.storage, t.backend === self else {
+            throw ShapeError("tensor \(t.shape) does not live on \(name)")
+        }
+        return b
+    }
+
+    /// The (buffer, offset) argument pair every kernel takes for a tensor.
+    func arg(_ t: Tensor) throws -> [CLArg] { [.buffer(try buffer(t)), .int(Int32(t.offset))] }
+
+    public func makeTensor(shape: [Int], dtype: DType) throws -> Tensor {
+        try require(shape.allSatisfy { $0 >= 0 }, "negative dimension in shape \(shape)")
+        let count = shape.reduce(1, *)
+        try require(count < Int(Int32.max), "tensor \(shape) is over 2^31 elements")
+        let b = try context.makeBuffer(bytes: count * dtype.byteSize)
+        let t = Tensor(shape: shape, dtype: dtype, storage: .device(b), backend: self)
+        if count > 0 {
+            // Zero with a kernel rather than clEnqueueFillBuffer: cheap and portable.
+            try launch1D("fill_f32", in: "elementwise.cl", [.buffer(b), .int(0), .int(Int32(count)), .float(0)], count: count)
+        }
+        return t
+    }
+
+    public func write(_ bytes: UnsafeRawBufferPointer, to tensor: Tensor) throws {
+        try require(bytes.count == tensor.count * tensor.dtype.byteSize, "write of \(bytes.count) bytes into tensor \(tensor.shape)")
+        guard let base = bytes.baseAddress else { return }
+        try buffer(tensor).write(from: base, byteOffset: tensor.offset * tensor.dtype.byteSize, bytes: bytes.count)
+    }
+
+    public func read(_ tensor: Tensor, into bytes: UnsafeMutableRawBufferPointer) throws {
+        try require(bytes.count == tensor.count * tensor.dtype.byteSize, "read of tensor \(tensor.shape) into \(bytes.count) bytes")
+        guard let base = bytes.baseAddress else { return }
+        try buffer(tensor).read(into: base, byteOffset: tensor.offset * tensor.dtype.byteSize, bytes: bytes.count)
+    }
+
+    public func synchronize() throws { try context.finish() }
+
+    @discardableResult
+    func launch1D(_ name: String, in file: String, _ args: [CLArg], count: Int) throws -> CLEvent {
+        try kernel(name, in: file).launch(args, global: [count], local: [tuning.elementwiseGroup])
+    }
+
+    public func fill(_ x: Tensor, value: Float) throws {
+        try require(x.dtype == .f32, "fill takes an f32 tensor")
+        try launch1D("fill_f32", in: "elementwise.cl", try arg(x) + [.int(Int32(x.count)), .float(value)], count: x.count)
+    }
+
+    public func copy(_ src: Tensor, to dst: Tensor) throws {
+        try require(src.dtype == dst.dtype && src.count == dst.count, "copy \(src.shape) \(src.dtype) to \(dst.shape) \(dst.dtype)")
+        // Same bit width: the f32 copy kernel moves i32 data unchanged.
+        try launch1D("copy_f32", in: "elementwise.cl", try arg(src) + arg(dst) + [.int(Int32(src.count))], count: src.count)
+    }
+
+    public func axpy(_ alpha: Float, _ x: Tensor, _ y: Tensor) throws {
+        try ElementwiseCheck.same("axpy", x, y)
+        try launch1D("axpy_f32", in: "elementwise.cl", [.float(alpha)] + arg(x) + arg(y) + [.int(Int32(x.count))], count: x.count)
+    }
+
+    public func add(_ a: Tensor, _ b: Tensor, into c: Tensor) throws {
+        try ElementwiseCheck.same("add", a, b, c)
+        try launch1D("add_f32", in: "elementwise.cl", try arg(a) + arg(b) + arg(c) + [.int(Int32(a.count))], count: a.count)
+    }
+
+    public func scale(_ x: Tensor, by alpha: Float) throws {
+        try require(x.dtype == .f32, "scale takes an f32 tensor")
+        try launch1D("scale_f32", in: "elementwise.cl", try arg(x) + [.int(Int32(x.count)), .float(alpha)], count: x.count)
+    }
+
+    @discardableResult
+    public func gemmEvent(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor) throws -> CLEvent? {
+        try g.validate(a, b, c)
+        guard g.m > 0, g.n > 0, g.batch > 0 else { return nil }
+        let t = tuning.gemm
+        let args: [CLArg] = [.int(Int32(g.m)), .int(Int32(g.n)), .int(Int32(g.k)), .float(g.alpha), .float(g.beta)]
+            + (try arg(a)) + [.int(Int32(g.lda)), .int(Int32(g.strideA)), .int(g.transA ? 1 : 0)]
+            + (try arg(b)) + [.int(Int32(g.ldb)), .int(Int32(g.strideB)), .int(g.transB ? 1 : 0)]
+            + (try arg(c)) + [.int(Int32(g.ldc)), .int(Int32(g.strideC))]
+        let local = [t.tileN / t.wptN, t.tileM / t.wptM, 1]
+        let global = [(g.n + t.tileN - 1) / t.tileN * local[0], (g.m + t.tileM - 1) / t.tileM * local[1], g.batch]
+        return try kernel("gemm", in: "gemm.cl").launch(args, global: global, local: local)
+    }
+
+    public func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor) throws {
+        try gemmEvent(g, a, b, c)
+    }
+}
+
+/// Kernel parameters per device, passed to the compiler as -D defines.
+public struct KernelTuning: Sendable, Equatable {
+    public struct GemmTiles: Sendable, Equatable {
+        public var tileM: Int, tileN: Int, tileK: Int, wptM: Int, wptN: Int
+        var defines: String { "-DTILE_M=\(tileM) -DTILE_N=\(tileN) -DTILE_K=\(tileK) -DWPT_M=\(wptM) -DWPT_N=\(wptN)" }
+    }
+    public var gemm: GemmTiles
+    public var elementwiseGroup: Int
+
+    public init(for device: CLDevice) {
+        let maxGroup = device.maxWorkGroupSize
+        switch device.kind {
+        case .cpu:
+            // PoCL runs a work-group as loops on one core: big register blocks, few groups.
+            gemm = GemmTiles(tileM: 64, tileN: 64, tileK: 32, wptM: 8, wptN: 8)
+        default:
+            gemm = maxGroup >= 256 ? GemmTiles(tileM: 64, tileN: 64, tileK: 16, wptM: 4, wptN: 4)
+                                   : GemmTiles(tileM: 32, tileN: 32, tileK: 16, wptM: 4, wptN: 4)
+        }
+        elementwiseGroup = min(256, max(1, maxGroup))
+    }
+
+    /// Compiler options for one kernel file.
+    public func options(for file: String) -> String {
+        var opts = "-cl-std=CL1.2"
+        if file == "gemm.cl" { opts += " " + gemm.defines }
+        return opts
+    }
+}

@@ -1,0 +1,89 @@
+import Foundation
+
+public enum DType: String, Sendable {
+    case f32, i32
+    public var byteSize: Int { 4 }
+}
+
+/// Host memory owned by a CPU tensor (64-byte aligned for vector loads).
+public final class HostBuffer: @unchecked Sendable {
+    public let pointer: UnsafeMutableRawPointer
+    public let byteCount: Int
+    init(byteCount: Int) {
+        self.byteCount = byteCount
+        pointer = UnsafeMutableRawPointer.allocate(byteCount: max(byteCount, 4), alignment: 64)
+        pointer.initializeMemory(as: UInt8.self, repeating: 0, count: max(byteCount, 4))
+    }
+    deinit { pointer.deallocate() }
+}
+
+public enum TensorStorage: @unchecked Sendable {
+    case host(HostBuffer)
+    case device(CLBuffer)
+}
+
+/// An n-dimensional array of f32 (or i32 indices) living on one backend.
+/// Row-major; `offset` (in elements) lets a tensor be a view into a larger buffer.
+public final class Tensor: @unchecked Sendable {
+    public let shape: [Int]
+    public let dtype: DType
+    public let storage: TensorStorage
+    public let offset: Int
+    public let backend: Backend
+
+    init(shape: [Int], dtype: DType, storage: TensorStorage, offset: Int = 0, backend: Backend) {
+        self.shape = shape; self.dtype = dtype; self.storage = storage; self.offset = offset; self.backend = backend
+    }
+
+    public var count: Int { shape.reduce(1, *) }
+    public var rank: Int { shape.count }
+
+    /// A view of `shape` starting `elementOffset` elements into this tensor, sharing its storage.
+    public func view(offset elementOffset: Int = 0, shape newShape: [Int]) throws -> Tensor {
+        let n = newShape.reduce(1, *)
+        guard elementOffset >= 0, elementOffset + n <= count, newShape.allSatisfy({ $0 >= 0 }) else {
+            throw ShapeError("view of \(newShape) at offset \(elementOffset) does not fit in a tensor of shape \(shape)")
+        }
+        return Tensor(shape: newShape, dtype: dtype, storage: storage, offset: offset + elementOffset, backend: backend)
+    }
+
+    public func reshaped(_ newShape: [Int]) throws -> Tensor {
+        guard newShape.reduce(1, *) == count else { throw ShapeError("cannot reshape \(shape) to \(newShape)") }
+        return Tensor(shape: newShape, dtype: dtype, storage: storage, offset: offset, backend: backend)
+    }
+
+    public func floats() throws -> [Float] {
+        try require(dtype == .f32, "floats() on an \(dtype) tensor")
+        var out = [Float](repeating: 0, count: count)
+        try out.withUnsafeMutableBytes { try backend.read(self, into: $0) }
+        return out
+    }
+
+    public func ints() throws -> [Int32] {
+        try require(dtype == .i32, "ints() on an \(dtype) tensor")
+        var out = [Int32](repeating: 0, count: count)
+        try out.withUnsafeMutableBytes { try backend.read(self, into: $0) }
+        return out
+    }
+
+    public func write(_ values: [Float]) throws {
+        try require(dtype == .f32 && values.count == count, "writing \(values.count) floats into \(dtype) tensor \(shape)")
+        try values.withUnsafeBytes { try backend.write($0, to: self) }
+    }
+
+    public func write(_ values: [Int32]) throws {
+        try require(dtype == .i32 && values.count == count, "writing \(values.count) ints into \(dtype) tensor \(shape)")
+        try values.withUnsafeBytes { try backend.write($0, to: self) }
+    }
+}
+
+/// A tensor of the wrong shape or type was passed to an op.
+public struct ShapeError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ message: String) { description = message }
+}
+
+@inline(__always)
+func require(_ condition: Bool, _ message: @autoclosure () -> String) throws {
+    if !condition { throw ShapeError(message()) }
+}
