@@ -50,6 +50,7 @@ public enum DeviceSelector: Equatable, Sendable, CustomStringConvertible {
 
 public struct DeviceNotFound: Error, CustomStringConvertible {
     public let description: String
+    public init(description: String) { self.description = description }
 }
 
 /// Every device this machine offers and the rule that picks one.
