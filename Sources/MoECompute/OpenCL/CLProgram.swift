@@ -49,7 +49,7 @@ public enum KernelSources {
 /// collision, a stale driver or a corrupt file is simply a miss.
 public struct ProgramCache: Sendable {
     public let directory: URL
-    private static let magic = Array("MOEGPU-PROGRAM-1\n".utf8)
+    private static let magic = Array("MOEGPU-PROGRAM-2\n".utf8)
 
     public static var defaultDirectory: URL {
         let env = ProcessInfo.processInfo.environment
@@ -67,11 +67,16 @@ public struct ProgramCache: Sendable {
          device.deviceVersion, options, source].joined(separator: "\u{1}")
     }
 
-    func url(for key: String) -> URL {
-        // FNV-1a 64; the full key inside the entry decides a hit.
+    /// FNV-1a 64: names entries and checks their contents (not a security boundary).
+    static func fnv1a<S: Sequence>(_ bytes: S) -> UInt64 where S.Element == UInt8 {
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in key.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
-        return directory.appendingPathComponent(String(format: "%016llx.clbin", h))
+        for b in bytes { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        return h
+    }
+
+    func url(for key: String) -> URL {
+        // The full key inside the entry decides a hit; the hash only names the file.
+        directory.appendingPathComponent(String(format: "%016llx.clbin", ProgramCache.fnv1a(key.utf8)))
     }
 
     func load(key: String) -> [UInt8]? {
@@ -79,12 +84,16 @@ public struct ProgramCache: Sendable {
         let bytes = [UInt8](data)
         let keyBytes = Array(key.utf8)
         let header = ProgramCache.magic + withUnsafeBytes(of: UInt64(keyBytes.count).littleEndian, Array.init) + keyBytes
-        guard bytes.count > header.count + 8, Array(bytes[0..<header.count]) == header else { return nil }
-        var n: UInt64 = 0
+        guard bytes.count > header.count + 16, Array(bytes[0..<header.count]) == header else { return nil }
+        var n: UInt64 = 0, sum: UInt64 = 0
         withUnsafeMutableBytes(of: &n) { $0.copyBytes(from: bytes[header.count..<header.count + 8]) }
-        let start = header.count + 8
+        withUnsafeMutableBytes(of: &sum) { $0.copyBytes(from: bytes[header.count + 8..<header.count + 16]) }
+        let start = header.count + 16
         guard UInt64(bytes.count - start) == UInt64(littleEndian: n) else { return nil }
-        return Array(bytes[start...])
+        let binary = Array(bytes[start...])
+        // Drivers do not all validate binaries (PoCL crashes on a damaged one): check it here.
+        guard ProgramCache.fnv1a(binary) == UInt64(littleEndian: sum) else { return nil }
+        return binary
     }
 
     func store(key: String, binary: [UInt8]) {
@@ -93,6 +102,7 @@ public struct ProgramCache: Sendable {
         out += withUnsafeBytes(of: UInt64(keyBytes.count).littleEndian, Array.init)
         out += keyBytes
         out += withUnsafeBytes(of: UInt64(binary.count).littleEndian, Array.init)
+        out += withUnsafeBytes(of: ProgramCache.fnv1a(binary).littleEndian, Array.init)
         out += binary
         // Best effort: a read-only cache folder only costs a rebuild next time.
         try? FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)

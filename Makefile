@@ -1,0 +1,28 @@
+# The two commands of the README quickstart: `make run` and `make test`.
+SWIFT ?= swift
+export PATH := $(PATH):/opt/swift/usr/bin
+
+.PHONY: run test build release check clean
+
+# Installs what is missing, builds in release mode and runs the built-in default job.
+run: release
+	.build/release/moe-gpu devices
+	.build/release/moe-gpu check
+
+# Installs what is missing (packages, real checkpoints) and runs every test.
+test:
+	scripts/setup.sh test
+	scripts/fetch-checkpoints.sh || echo "test: checkpoints could not be fetched; the tests that need them will say so"
+	$(SWIFT) build --build-tests
+	$(SWIFT) test --skip-build
+
+release:
+	scripts/setup.sh run
+	$(SWIFT) build -c release --product moe-gpu
+
+build:
+	scripts/setup.sh build
+	$(SWIFT) build
+
+clean:
+	rm -rf .build
