@@ -32,6 +32,30 @@ public struct Gemm: Sendable, Equatable {
         rows == 0 || cols == 0 || batch == 0 ? 0 : (batch - 1) * stride + (rows - 1) * ld + cols
     }
 
+    func validate(_ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping, epilogue: GemmEpilogue) throws {
+        switch grouping {
+        case .batch:
+            try validate(a, b, c)
+        case .rows(let offsets):
+            try require(!transA, "grouped GEMM (rows) takes A untransposed")
+            try require(offsets.dtype == .i32 && offsets.count == batch + 1, "grouped GEMM needs \(batch + 1) i32 offsets, got \(offsets.dtype) \(offsets.shape)")
+            // Each group is an m-row multiply at worst; A and C are shared, B is per group.
+            var one = self
+            one.strideA = 0; one.strideC = 0
+            try one.validate(a, b, c)
+        case .contraction(let offsets):
+            try require(offsets.dtype == .i32 && offsets.count == batch + 1, "grouped GEMM needs \(batch + 1) i32 offsets, got \(offsets.dtype) \(offsets.shape)")
+            var one = self
+            one.strideA = 0; one.strideB = 0
+            try one.validate(a, b, c)
+        }
+        if let bias = epilogue.bias {
+            let groups: Int
+            if case .batch = grouping { groups = 1 } else { groups = batch }
+            try require(bias.dtype == .f32 && bias.count >= groups * n, "GEMM bias \(bias.shape) needs \(groups) x \(n) values")
+        }
+    }
+
     func validate(_ a: Tensor, _ b: Tensor, _ c: Tensor) throws {
         try require(m >= 0 && n >= 0 && k >= 0 && batch >= 0, "gemm sizes must be non-negative: \(self)")
         try require(lda >= (transA ? m : k) && ldb >= (transB ? k : n) && ldc >= n, "gemm leading dimensions too small: \(self)")
@@ -45,6 +69,42 @@ public struct Gemm: Sendable, Equatable {
         try require([a.count + a.offset, b.count + b.offset, c.count + c.offset].allSatisfy { $0 < limit },
                     "gemm operands over 2^31 elements are not supported")
     }
+}
+
+/// Activations the GEMM epilogue can apply (after alpha, beta and bias).
+public enum Activation: Int32, Sendable, CaseIterable {
+    case none = 0
+    /// x * Phi(x), exact erf form (BERT, ViT).
+    case gelu = 1
+    /// tanh approximation (GPT-2).
+    case geluTanh = 2
+    case relu = 3
+    case silu = 4
+}
+
+/// How a GEMM is split into independent multiplies.
+public enum GemmGrouping {
+    /// `g.batch` strided batches (the plain batched GEMM).
+    case batch
+    /// Grouped GEMM for experts: group e owns rows `offsets[e]..<offsets[e+1]`
+    /// of A and C and multiplies them by B + e * strideB. `offsets` holds
+    /// `g.batch + 1` ints and stays on the device; `g.m` is the row capacity
+    /// of A and C. op(A) must not be transposed.
+    case rows(offsets: Tensor)
+    /// Weight-gradient form: C + e * strideC = op(A_e) op(B_e) where A_e and B_e
+    /// are rows `offsets[e]..<offsets[e+1]` of the stored A and B (the
+    /// contraction runs over expert e's rows, e.g. dW_e = dY_e^T X_e).
+    /// `g.k` is the row capacity of A and B.
+    case contraction(offsets: Tensor)
+}
+
+/// Applied to every output element: `act(alpha * acc + beta * C + bias[col])`.
+/// For grouped GEMMs the bias holds one row of `n` values per group.
+public struct GemmEpilogue {
+    public var bias: Tensor?
+    public var activation: Activation
+    public init(bias: Tensor? = nil, activation: Activation = .none) { self.bias = bias; self.activation = activation }
+    public static let none = GemmEpilogue()
 }
 
 /// Where tensors live and how ops run on them. Model code only talks to this
@@ -70,10 +130,16 @@ public protocol Backend: AnyObject, Sendable, RoutingOps, PermuteOps, NNOps, Opt
     func add(_ a: Tensor, _ b: Tensor, into c: Tensor) throws
     /// x *= alpha
     func scale(_ x: Tensor, by alpha: Float) throws
-    func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor) throws
+    /// GEMM with batching or expert grouping and a fused bias/activation epilogue.
+    func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping, epilogue: GemmEpilogue) throws
 }
 
 extension Backend {
+    /// Plain (strided-batched) GEMM.
+    public func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor) throws {
+        try gemm(g, a, b, c, grouping: .batch, epilogue: .none)
+    }
+
     public func zeros(_ shape: [Int], dtype: DType = .f32) throws -> Tensor {
         try makeTensor(shape: shape, dtype: dtype)
     }

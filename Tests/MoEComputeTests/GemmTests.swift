@@ -52,3 +52,21 @@ final class GemmTests: XCTestCase {
         }
     }
 }
+
+/// The tiled GPU kernel and the CPU-device kernel are both checked on
+/// whatever OpenCL device is present (PoCL in CI), whichever the device would pick.
+final class GemmKernelVariantTests: XCTestCase {
+    func testEveryKernelVariantMatchesTheReference() throws {
+        let device = try TestDevices.openCLOrSkip().device
+        for (label, tuning) in try TestDevices.gemmVariants() {
+            let backend = try OpenCLBackend(device: device, tuning: tuning)
+            for (m, n, k) in [(1, 1, 1), (17, 33, 65), (70, 90, 130), (5, 100, 3)] {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let err = try SelfCheck.gemmError(backend: backend, m: m, n: n, k: k, transA: ta, transB: tb,
+                                                      batch: 2, seed: UInt64(m + n * 7 + k * 13))
+                    XCTAssertLessThan(err, 1e-5, "\(label) \(m)x\(n)x\(k) transA=\(ta) transB=\(tb)")
+                }
+            }
+        }
+    }
+}

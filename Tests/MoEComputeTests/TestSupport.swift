@@ -23,6 +23,19 @@ enum TestDevices {
         }
     }
 
+    /// Tunings that force each GEMM kernel (the tiled GPU one and the CPU-device
+    /// one) with odd tile sizes, so both are tested on whatever device is present.
+    static func gemmVariants() throws -> [(String, KernelTuning)] {
+        let device = try openCLOrSkip().device
+        var tiled = KernelTuning(for: device)
+        tiled.cpuGemm = false
+        tiled.gemm = .init(tileM: 32, tileN: 64, tileK: 8, wptM: 4, wptN: 8)
+        var cpu = KernelTuning(for: device)
+        cpu.cpuGemm = true
+        cpu.cpuRows = 3; cpu.cpuVecs = 1
+        return [("tiled 32x64x8", tiled), ("cpu 3x16", cpu)]
+    }
+
     /// Both backends; the OpenCL one is skipped with its reason when absent.
     static func all() throws -> [Backend] { [cpu, try openCLOrSkip()] }
 }

@@ -77,24 +77,69 @@ public final class CPUBackend: Backend, @unchecked Sendable {
         for i in 0..<x.count { p[i] *= alpha }
     }
 
-    public func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor) throws {
-        try g.validate(a, b, c)
+    public func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping, epilogue: GemmEpilogue) throws {
+        try g.validate(a, b, c, grouping: grouping, epilogue: epilogue)
         let pa = try f32(a), pb = try f32(b), pc = try f32(c)
+        let bias = try epilogue.bias.map { try f32($0) }
         guard g.m > 0, g.n > 0, g.batch > 0 else { return }
-        if g.k == 0 {
+        switch grouping {
+        case .batch:
+            for bi in 0..<g.batch {
+                sgemm(g, m: g.m, k: g.k, pa + bi * g.strideA, pb + bi * g.strideB, pc + bi * g.strideC)
+                applyEpilogue(pc + bi * g.strideC, rows: g.m, g, bias: bias, activation: epilogue.activation)
+            }
+        case .rows(let offsetsTensor):
+            let offsets = try i32(offsetsTensor)
+            for e in 0..<g.batch {
+                let start = Int(offsets[e]), rows = Int(offsets[e + 1]) - start
+                guard rows > 0 else { continue }
+                sgemm(g, m: rows, k: g.k, pa + start * g.lda, pb + e * g.strideB, pc + start * g.ldc)
+                applyEpilogue(pc + start * g.ldc, rows: rows, g, bias: bias.map { $0 + e * g.n }, activation: epilogue.activation)
+            }
+        case .contraction(let offsetsTensor):
+            let offsets = try i32(offsetsTensor)
+            for e in 0..<g.batch {
+                let start = Int(offsets[e]), rows = Int(offsets[e + 1]) - start
+                let aStart = g.transA ? start * g.lda : start
+                let bStart = g.transB ? start : start * g.ldb
+                sgemm(g, m: g.m, k: rows, pa + aStart, pb + bStart, pc + e * g.strideC)
+                applyEpilogue(pc + e * g.strideC, rows: g.m, g, bias: bias.map { $0 + e * g.n }, activation: epilogue.activation)
+            }
+        }
+    }
+
+    /// One OpenBLAS sgemm of `m` rows and contraction `k` with g's transposes, scalars and leading dims.
+    private func sgemm(_ g: Gemm, m: Int, k: Int, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>) {
+        if k == 0 {
             // BLAS leaves C untouched for k == 0 only when beta == 1; make it exact.
-            for bi in 0..<g.batch { for i in 0..<g.m { for j in 0..<g.n {
-                let idx = bi * g.strideC + i * g.ldc + j
-                pc[idx] = g.beta == 0 ? 0 : g.beta * pc[idx]
-            } } }
+            for i in 0..<m { for j in 0..<g.n { c[i * g.ldc + j] = g.beta == 0 ? 0 : g.beta * c[i * g.ldc + j] } }
             return
         }
-        let ta = g.transA ? CblasTrans : CblasNoTrans
-        let tb = g.transB ? CblasTrans : CblasNoTrans
-        for bi in 0..<g.batch {
-            cblas_sgemm(CblasRowMajor, ta, tb, Int32(g.m), Int32(g.n), Int32(g.k), g.alpha,
-                        pa + bi * g.strideA, Int32(g.lda), pb + bi * g.strideB, Int32(g.ldb),
-                        g.beta, pc + bi * g.strideC, Int32(g.ldc))
+        cblas_sgemm(CblasRowMajor, g.transA ? CblasTrans : CblasNoTrans, g.transB ? CblasTrans : CblasNoTrans,
+                    Int32(m), Int32(g.n), Int32(k), g.alpha, a, Int32(g.lda), b, Int32(g.ldb), g.beta, c, Int32(g.ldc))
+    }
+
+    private func applyEpilogue(_ c: UnsafeMutablePointer<Float>, rows: Int, _ g: Gemm, bias: UnsafeMutablePointer<Float>?,
+                               activation: Activation) {
+        guard bias != nil || activation != .none else { return }
+        for i in 0..<rows {
+            let row = c + i * g.ldc
+            if let bias { for j in 0..<g.n { row[j] += bias[j] } }
+            if activation != .none { for j in 0..<g.n { row[j] = activation.apply(row[j]) } }
+        }
+    }
+}
+
+extension Activation {
+    /// The activation on one value, as the kernels compute it.
+    @inline(__always)
+    public func apply(_ x: Float) -> Float {
+        switch self {
+        case .none: return x
+        case .gelu: return 0.5 * x * (1 + erff(x * 0.707_106_781_186_547_52))
+        case .geluTanh: return 0.5 * x * (1 + tanhf(0.797_884_560_802_865_36 * (x + 0.044715 * x * x * x)))
+        case .relu: return max(x, 0)
+        case .silu: return x / (1 + expf(-x))
         }
     }
 }

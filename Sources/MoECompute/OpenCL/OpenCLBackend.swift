@@ -15,10 +15,11 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
     private var kernels: [String: CLKernel] = [:]
     private let lock = NSLock()
 
-    public init(device: CLDevice, cache: ProgramCache? = ProgramCache()) throws {
+    /// `tuning` defaults to the parameters chosen for the device's type.
+    public init(device: CLDevice, cache: ProgramCache? = ProgramCache(), tuning: KernelTuning? = nil) throws {
         context = try CLContext(device: device)
         self.cache = cache
-        tuning = KernelTuning(for: device)
+        self.tuning = tuning ?? KernelTuning(for: device)
     }
 
     /// The program built from Kernels/`file` for this device (built once per backend).
@@ -110,22 +111,82 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
         try launch1D("scale_f32", in: "elementwise.cl", try arg(x) + [.int(Int32(x.count)), .float(alpha)], count: x.count)
     }
 
-    @discardableResult
-    public func gemmEvent(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor) throws -> CLEvent? {
-        try g.validate(a, b, c)
-        guard g.m > 0, g.n > 0, g.batch > 0 else { return nil }
-        let t = tuning.gemm
-        let args: [CLArg] = [.int(Int32(g.m)), .int(Int32(g.n)), .int(Int32(g.k)), .float(g.alpha), .float(g.beta)]
-            + (try arg(a)) + [.int(Int32(g.lda)), .int(Int32(g.strideA)), .int(g.transA ? 1 : 0)]
-            + (try arg(b)) + [.int(Int32(g.ldb)), .int(Int32(g.strideB)), .int(g.transB ? 1 : 0)]
-            + (try arg(c)) + [.int(Int32(g.ldc)), .int(Int32(g.strideC))]
-        let local = [t.tileN / t.wptN, t.tileM / t.wptM, 1]
-        let global = [(g.n + t.tileN - 1) / t.tileN * local[0], (g.m + t.tileM - 1) / t.tileM * local[1], g.batch]
-        return try kernel("gemm", in: "gemm.cl").launch(args, global: global, local: local)
+    /// Grow-only scratch memory (packed operands). The queue is in order, so
+    /// one op's scratch is free again when the next op is enqueued.
+    private var scratch: CLBuffer?
+    func scratchBuffer(bytes: Int) throws -> CLBuffer {
+        if let s = scratch, s.byteCount >= bytes { return s }
+        let s = try context.makeBuffer(bytes: bytes)
+        scratch = s
+        return s
     }
 
-    public func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor) throws {
-        try gemmEvent(g, a, b, c)
+    @discardableResult
+    public func gemmEvent(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping = .batch,
+                          epilogue: GemmEpilogue = .none) throws -> CLEvent? {
+        try g.validate(a, b, c, grouping: grouping, epilogue: epilogue)
+        guard g.m > 0, g.n > 0, g.batch > 0 else { return nil }
+        // Unused pointer arguments still need a valid buffer.
+        let placeholder = try scratchPlaceholder()
+        let mode: Int32, offsets: [CLArg]
+        switch grouping {
+        case .batch: (mode, offsets) = (0, [.buffer(placeholder), .int(0)])
+        case .rows(let o): (mode, offsets) = (1, try arg(o))
+        case .contraction(let o): (mode, offsets) = (2, try arg(o))
+        }
+        let tail: [CLArg] = [.int(mode)] + offsets + [.int(Int32(g.batch))]
+            + (try epilogue.bias.map(arg) ?? [.buffer(placeholder), .int(0)])
+            + [.int(epilogue.bias == nil ? 0 : 1), .int(epilogue.activation.rawValue)]
+        // Row blocks: for grouped rows each expert rounds up to whole blocks, so
+        // the grid covers the worst case of m rows plus one partial block per expert.
+        func rowBlocks(_ rows: Int) -> Int {
+            if case .rows = grouping { return (g.m + rows - 1) / rows + g.batch }
+            return (g.m + rows - 1) / rows
+        }
+        let batches: Int
+        if case .rows = grouping { batches = 1 } else { batches = g.batch }
+
+        var aArgs = try arg(a) + [.int(Int32(g.lda)), .int(Int32(g.strideA)), .int(g.transA ? 1 : 0)]
+        let head: [CLArg] = [.int(Int32(g.m)), .int(Int32(g.n)), .int(Int32(g.k)), .float(g.alpha), .float(g.beta)]
+        let cArgs = try arg(c) + [.int(Int32(g.ldc)), .int(Int32(g.strideC))]
+
+        if !tuning.cpuGemm {
+            let t = tuning.gemm
+            aArgs += try arg(b) + [.int(Int32(g.ldb)), .int(Int32(g.strideB)), .int(g.transB ? 1 : 0)]
+            let local = [t.tileN / t.wptN, t.tileM / t.wptM, 1]
+            let global = [(g.n + t.tileN - 1) / t.tileN * local[0], rowBlocks(t.tileM) * local[1], batches]
+            return try kernel("gemm", in: "gemm.cl").launch(head + aArgs + cArgs + tail, global: global, local: local)
+        }
+
+        // CPU device: pack op(B) to K x N row-major when B is transposed.
+        var bArgs = try arg(b) + [.int(Int32(g.ldb)), .int(Int32(g.strideB))]
+        if g.transB {
+            // Stored B is (groups of) n x k with leading dim ldb; the packed copy is k x n.
+            let groups: Int
+            if case .contraction = grouping { groups = 1 } else { groups = g.batch }
+            let packed = try scratchBuffer(bytes: groups * g.k * g.n * 4)
+            try kernel("transpose", in: "gemm.cl").launch(
+                try arg(b) + [.int(Int32(g.ldb)), .int(Int32(g.strideB)), .buffer(packed), .int(Int32(g.n)), .int(Int32(g.k))],
+                global: [g.k, g.n, groups])
+            bArgs = [.buffer(packed), .int(0), .int(Int32(g.n)), .int(Int32(g.k * g.n))]
+        }
+        let rows = tuning.cpuRows, cols = 16 * tuning.cpuVecs
+        return try kernel("gemm_cpu", in: "gemm.cl").launch(
+            head + aArgs + bArgs + cArgs + tail,
+            global: [rowBlocks(rows), (g.n + cols - 1) / cols, batches], local: [1, 1, 1])
+    }
+
+    public func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping, epilogue: GemmEpilogue) throws {
+        try gemmEvent(g, a, b, c, grouping: grouping, epilogue: epilogue)
+    }
+
+    private var placeholder: CLBuffer?
+    /// A small buffer bound to pointer arguments a kernel will not read.
+    func scratchPlaceholder() throws -> CLBuffer {
+        if let p = placeholder { return p }
+        let p = try context.makeBuffer(bytes: 64)
+        placeholder = p
+        return p
     }
 }
 
@@ -133,9 +194,15 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
 public struct KernelTuning: Sendable, Equatable {
     public struct GemmTiles: Sendable, Equatable {
         public var tileM: Int, tileN: Int, tileK: Int, wptM: Int, wptN: Int
+        public init(tileM: Int, tileN: Int, tileK: Int, wptM: Int, wptN: Int) {
+            self.tileM = tileM; self.tileN = tileN; self.tileK = tileK; self.wptM = wptM; self.wptN = wptN
+        }
         var defines: String { "-DTILE_M=\(tileM) -DTILE_N=\(tileN) -DTILE_K=\(tileK) -DWPT_M=\(wptM) -DWPT_N=\(wptN)" }
     }
     public var gemm: GemmTiles
+    /// CPU devices use the register-blocked `gemm_cpu` kernel instead of tiles.
+    public var cpuGemm: Bool
+    public var cpuRows = 4, cpuVecs = 2
     public var elementwiseGroup: Int
 
     public init(for device: CLDevice) {
@@ -148,13 +215,24 @@ public struct KernelTuning: Sendable, Equatable {
             gemm = maxGroup >= 256 ? GemmTiles(tileM: 64, tileN: 64, tileK: 16, wptM: 4, wptN: 4)
                                    : GemmTiles(tileM: 32, tileN: 32, tileK: 16, wptM: 4, wptN: 4)
         }
+        cpuGemm = device.kind == .cpu
         elementwiseGroup = min(256, max(1, maxGroup))
+        // MOE_GPU_GEMM="TM,TN,TK,WM,WN" or "cpu:ROWS,VECS" overrides the choice, for tuning.
+        if let spec = ProcessInfo.processInfo.environment["MOE_GPU_GEMM"], !spec.isEmpty {
+            if spec.hasPrefix("cpu:") {
+                let v = spec.dropFirst(4).split(separator: ",").compactMap { Int($0) }
+                if v.count == 2 { cpuGemm = true; cpuRows = v[0]; cpuVecs = v[1] }
+            } else {
+                let v = spec.split(separator: ",").compactMap { Int($0) }
+                if v.count == 5 { cpuGemm = false; gemm = GemmTiles(tileM: v[0], tileN: v[1], tileK: v[2], wptM: v[3], wptN: v[4]) }
+            }
+        }
     }
 
     /// Compiler options for one kernel file.
     public func options(for file: String) -> String {
         var opts = "-cl-std=CL1.2"
-        if file == "gemm.cl" { opts += " " + gemm.defines }
+        if file == "gemm.cl" { opts += " " + gemm.defines + " -DCPU_ROWS=\(cpuRows) -DCPU_VECS=\(cpuVecs)" }
         return opts
     }
 }
