@@ -134,6 +134,9 @@ extension Reference {
         public var offsets: [Int32]
         public var destination: [Int32]
         public var sourceOfRow: [Int32]
+        public init(counts: [Int32], offsets: [Int32], destination: [Int32], sourceOfRow: [Int32]) {
+            self.counts = counts; self.offsets = offsets; self.destination = destination; self.sourceOfRow = sourceOfRow
+        }
     }
 
     /// Top-k dispatch plan: stable by token order; `sourceOfRow` has T*k entries, -1 past offsets[E].
