@@ -1,0 +1,417 @@
+// Neural-network ops for the transformer around the experts: LayerNorm/RMSNorm,
+// activations, SwiGLU, softmax, layout permutes, cross-entropy, dropout, pooling.
+//
+// Conventions: every buffer argument is followed by its offset in elements;
+// "rows x f" means rows of f features, row-major. Row kernels (norms, softmax,
+// cross-entropy) run one work-group per row; the local size is a power of two
+// <= 256 chosen by the host. Reductions use a fixed tree in local memory and
+// reductions over rows use fixed chunks then a fixed-order second pass, so
+// results depend only on the shapes: deterministic, no float atomics.
+// `accumulate` (0 or 1) selects out += value over out = value.
+
+#define MAX_GROUP 256
+#define ROW_CHUNK 64   // rows summed per work-item in column reductions (pass 1)
+
+// Sum of one value per work-item over the work-group; every item gets the total.
+// Callers pass a __local buffer of MAX_GROUP floats; local size is a power of two.
+static float group_sum(float v, __local float* red)
+{
+    const int lid = get_local_id(0);
+    red[lid] = v;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int s = get_local_size(0) / 2; s > 0; s >>= 1) {
+        if (lid < s) red[lid] += red[lid + s];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const float total = red[0];
+    barrier(CLK_LOCAL_MEM_FENCE);   // red is reused by the next reduction
+    return total;
+}
+
+// Maximum over the work-group, like group_sum.
+static float group_max(float v, __local float* red)
+{
+    const int lid = get_local_id(0);
+    red[lid] = v;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int s = get_local_size(0) / 2; s > 0; s >>= 1) {
+        if (lid < s) red[lid] = fmax(red[lid], red[lid + s]);
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const float total = red[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return total;
+}
+
+static void store(__global float* out, const size_t i, const float v, const int accumulate)
+{
+    // Overwrite without reading, so NaN in an uninitialised output cannot leak in.
+    if (accumulate) out[i] += v; else out[i] = v;
+}
+
+// ---------------------------------------------------------------------------
+// LayerNorm (centered = 1) and RMSNorm (centered = 0), one work-group per row.
+//   LayerNorm: y = (x - mean) * rstd * gamma + beta,  rstd = 1/sqrt(var + eps)
+//   RMSNorm:   y = x * rstd * gamma,                   rstd = 1/sqrt(mean(x^2) + eps)
+// The variance is a second pass over (x - mean)^2, not E[x^2] - mean^2, which
+// would cancel catastrophically for rows with a large mean.
+__kernel void norm_forward(__global const float* x, const int offX,
+                           __global const float* gamma, const int offG,
+                           __global const float* beta, const int offB,
+                           __global float* y, const int offY,
+                           __global float* mean, const int offM,
+                           __global float* rstd, const int offR,
+                           const int f, const float eps, const int centered)
+{
+    __local float red[MAX_GROUP];
+    const int row = get_group_id(0), lid = get_local_id(0), step = get_local_size(0);
+    __global const float* xr = x + offX + (size_t)row * f;
+    __global float* yr = y + offY + (size_t)row * f;
+
+    float mu = 0.0f;
+    if (centered) {
+        float s = 0.0f;
+        for (int j = lid; j < f; j += step) s += xr[j];
+        mu = group_sum(s, red) / f;
+    }
+    float ss = 0.0f;
+    for (int j = lid; j < f; j += step) { const float d = xr[j] - mu; ss += d * d; }
+    const float rs = rsqrt(group_sum(ss, red) / f + eps);
+
+    for (int j = lid; j < f; j += step) {
+        const float xhat = (xr[j] - mu) * rs;
+        yr[j] = centered ? xhat * gamma[offG + j] + beta[offB + j] : xhat * gamma[offG + j];
+    }
+    if (lid == 0) {
+        if (centered) mean[offM + row] = mu;
+        rstd[offR + row] = rs;
+    }
+}
+
+// dX of either norm, one work-group per row. With g = dY * gamma and
+// xhat = (x - mean) * rstd:
+//   LayerNorm: dX = rstd * (g - mean(g) - xhat * mean(g * xhat))
+//   RMSNorm:   dX = rstd * (g - xhat * mean(g * xhat))        (mean = 0)
+__kernel void norm_backward_dx(__global const float* dy, const int offDY,
+                               __global const float* x, const int offX,
+                               __global const float* gamma, const int offG,
+                               __global const float* mean, const int offM,
+                               __global const float* rstd, const int offR,
+                               __global float* dx, const int offDX,
+                               const int f, const int centered, const int accumulate)
+{
+    __local float red[MAX_GROUP];
+    const int row = get_group_id(0), lid = get_local_id(0), step = get_local_size(0);
+    const size_t base = (size_t)row * f;
+    const float mu = centered ? mean[offM + row] : 0.0f;
+    const float rs = rstd[offR + row];
+
+    float sg = 0.0f, sgx = 0.0f;
+    for (int j = lid; j < f; j += step) {
+        const float g = dy[offDY + base + j] * gamma[offG + j];
+        sg += g;
+        sgx += g * (x[offX + base + j] - mu) * rs;
+    }
+    const float meanG = centered ? group_sum(sg, red) / f : 0.0f;
+    const float meanGX = group_sum(sgx, red) / f;
+
+    for (int j = lid; j < f; j += step) {
+        const float g = dy[offDY + base + j] * gamma[offG + j];
+        const float xhat = (x[offX + base + j] - mu) * rs;
+        store(dx, offDX + base + j, rs * (g - meanG - xhat * meanGX), accumulate);
+    }
+}
+
+// Pass 1 of dGamma = sum_r dY * xhat and dBeta = sum_r dY: work-item (j, c) sums
+// column j over rows [c*ROW_CHUNK, (c+1)*ROW_CHUNK) into partials [chunks, f].
+// Adjacent work-items read adjacent columns (coalesced).
+__kernel void norm_param_partials(__global const float* dy, const int offDY,
+                                  __global const float* x, const int offX,
+                                  __global const float* mean, const int offM,
+                                  __global const float* rstd, const int offR,
+                                  __global float* partG, __global float* partB,
+                                  const int rows, const int f, const int centered)
+{
+    const int j = get_global_id(0), c = get_global_id(1);
+    if (j >= f) return;
+    const int r1 = min(rows, (c + 1) * ROW_CHUNK);
+    float sg = 0.0f, sb = 0.0f;
+    for (int r = c * ROW_CHUNK; r < r1; r++) {
+        const size_t i = (size_t)r * f + j;
+        const float mu = centered ? mean[offM + r] : 0.0f;
+        const float d = dy[offDY + i];
+        sg += d * (x[offX + i] - mu) * rstd[offR + r];
+        sb += d;
+    }
+    partG[(size_t)c * f + j] = sg;
+    if (centered) partB[(size_t)c * f + j] = sb;
+}
+
+// Pass 1 of column sums out[j] = sum_r x[r, j], like norm_param_partials.
+__kernel void sum_rows_partials(__global const float* x, const int offX, __global float* part,
+                                const int rows, const int cols)
+{
+    const int j = get_global_id(0), c = get_global_id(1);
+    if (j >= cols) return;
+    const int r1 = min(rows, (c + 1) * ROW_CHUNK);
+    float s = 0.0f;
+    for (int r = c * ROW_CHUNK; r < r1; r++) s += x[offX + (size_t)r * cols + j];
+    part[(size_t)c * cols + j] = s;
+}
+
+// Pass 2: out[j] (+)= sum over chunks in order of part[c, j].
+__kernel void sum_partials_finalize(__global const float* part, const int chunks, const int cols,
+                                    __global float* out, const int offOut, const int accumulate)
+{
+    const int j = get_global_id(0);
+    if (j >= cols) return;
+    float s = 0.0f;
+    for (int c = 0; c < chunks; c++) s += part[(size_t)c * cols + j];
+    store(out, offOut + j, s, accumulate);
+}
+
+// y[i] += b[i mod period]: bias add (period = H) or positional embedding (period = T*H).
+__kernel void add_broadcast(__global const float* b, const int offB, __global float* y, const int offY,
+                            const int n, const int period)
+{
+    const int i = get_global_id(0);
+    if (i < n) y[offY + i] += b[offB + i % period];
+}
+
+// ---------------------------------------------------------------------------
+// Activations. kind: 0 = GELU (erf), 1 = GELU (tanh approximation), 2 = SiLU.
+
+#define SQRT1_2 0.70710678118654752f
+#define INV_SQRT_2PI 0.39894228040143268f
+#define GELU_K 0.79788456080286536f     // sqrt(2/pi)
+#define GELU_C 0.044715f
+
+static float sigmoid(const float x) { return 1.0f / (1.0f + exp(-x)); }
+
+static float act(const float x, const int kind)
+{
+    if (kind == 0) return 0.5f * x * (1.0f + erf(x * SQRT1_2));
+    if (kind == 1) return 0.5f * x * (1.0f + tanh(GELU_K * (x + GELU_C * x * x * x)));
+    return x * sigmoid(x);
+}
+
+// d act / dx
+static float act_grad(const float x, const int kind)
+{
+    if (kind == 0) return 0.5f * (1.0f + erf(x * SQRT1_2)) + x * INV_SQRT_2PI * exp(-0.5f * x * x);
+    if (kind == 1) {
+        const float t = tanh(GELU_K * (x + GELU_C * x * x * x));
+        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_K * (1.0f + 3.0f * GELU_C * x * x);
+    }
+    const float s = sigmoid(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+
+__kernel void activation_forward(__global const float* x, const int offX, __global float* y, const int offY,
+                                 const int n, const int kind)
+{
+    const int i = get_global_id(0);
+    if (i < n) y[offY + i] = act(x[offX + i], kind);
+}
+
+__kernel void activation_backward(__global const float* dy, const int offDY, __global const float* x, const int offX,
+                                  __global float* dx, const int offDX, const int n, const int kind, const int accumulate)
+{
+    const int i = get_global_id(0);
+    if (i < n) store(dx, offDX + i, dy[offDY + i] * act_grad(x[offX + i], kind), accumulate);
+}
+
+// SwiGLU on x = [rows, 2h] (gate a | value b): y[r, i] = silu(a) * b, one work-item per output.
+__kernel void swiglu_forward(__global const float* x, const int offX, __global float* y, const int offY,
+                             const int n, const int h)
+{
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    const size_t a = offX + (size_t)(i / h) * 2 * h + i % h;
+    y[offY + i] = act(x[a], 2) * x[a + h];
+}
+
+// da = dY * b * silu'(a), db = dY * silu(a)
+__kernel void swiglu_backward(__global const float* dy, const int offDY, __global const float* x, const int offX,
+                              __global float* dx, const int offDX, const int n, const int h, const int accumulate)
+{
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    const size_t k = (size_t)(i / h) * 2 * h + i % h;
+    const float a = x[offX + k], b = x[offX + k + h], g = dy[offDY + i];
+    store(dx, offDX + k, g * b * act_grad(a, 2), accumulate);
+    store(dx, offDX + k + h, g * act(a, 2), accumulate);
+}
+
+// ---------------------------------------------------------------------------
+// Softmax of scale * x along rows of f, max-subtracted; one work-group per row.
+// causal: row r is query i = r mod f of a [*, T, T] score block and sees keys j <= i;
+// masked entries are written as exactly 0 (exp(-inf)).
+__kernel void softmax_forward(__global const float* x, const int offX, __global float* y, const int offY,
+                              const int f, const float scale, const int causal)
+{
+    __local float red[MAX_GROUP];
+    const int row = get_group_id(0), lid = get_local_id(0), step = get_local_size(0);
+    __global const float* xr = x + offX + (size_t)row * f;
+    __global float* yr = y + offY + (size_t)row * f;
+    const int visible = causal ? row % f + 1 : f;
+
+    float m = -INFINITY;
+    for (int j = lid; j < visible; j += step) m = fmax(m, scale * xr[j]);
+    m = group_max(m, red);
+    float s = 0.0f;
+    for (int j = lid; j < visible; j += step) s += exp(scale * xr[j] - m);
+    const float inv = 1.0f / group_sum(s, red);
+    // y may be x: every item rewrites only elements it alone read, after the reductions.
+    for (int j = lid; j < f; j += step) yr[j] = j < visible ? exp(scale * xr[j] - m) * inv : 0.0f;
+}
+
+// dX = scale * y * (dY - sum_j dY_j y_j), one work-group per row.
+__kernel void softmax_backward(__global const float* dy, const int offDY, __global const float* y, const int offY,
+                               __global float* dx, const int offDX, const int f, const float scale, const int accumulate)
+{
+    __local float red[MAX_GROUP];
+    const int row = get_group_id(0), lid = get_local_id(0), step = get_local_size(0);
+    const size_t base = (size_t)row * f;
+    float s = 0.0f;
+    for (int j = lid; j < f; j += step) s += dy[offDY + base + j] * y[offY + base + j];
+    const float dot = group_sum(s, red);
+    for (int j = lid; j < f; j += step) {
+        const float v = scale * y[offY + base + j] * (dy[offDY + base + j] - dot);
+        store(dx, offDX + base + j, v, accumulate);
+    }
+}
+
+// out[o] = x[src(o)]: o is decomposed over the output dims d0..d5 (unused = 1)
+// and each coordinate multiplied by the input stride of the axis it came from.
+__kernel void transpose_axes(__global const float* x, const int offX, __global float* out, const int offOut,
+                             const int n,
+                             const int d0, const int d1, const int d2, const int d3, const int d4, const int d5,
+                             const int s0, const int s1, const int s2, const int s3, const int s4, const int s5)
+{
+    const int o = get_global_id(0);
+    if (o >= n) return;
+    int rem = o, src = 0;
+    src += (rem % d5) * s5; rem /= d5;
+    src += (rem % d4) * s4; rem /= d4;
+    src += (rem % d3) * s3; rem /= d3;
+    src += (rem % d2) * s2; rem /= d2;
+    src += (rem % d1) * s1; rem /= d1;
+    src += rem * s0;
+    out[offOut + o] = x[offX + src];
+}
+
+// ---------------------------------------------------------------------------
+// Cross-entropy with label smoothing s, one work-group per row of C logits z:
+//   q = (1 - s) onehot(label) + s / C,  lse = log sum exp z
+//   loss = -sum q (z - lse) = lse - (1 - s) z_label - (s / C) sum z
+//   dz = gscale * (softmax(z) - q)     (gscale = gradientScale / rows)
+__kernel void cross_entropy_rows(__global const float* z, const int offZ, __global const int* labels, const int offL,
+                                 __global float* rowLoss, const int offLoss,
+                                 __global float* dz, const int offDZ,
+                                 const int C, const float smoothing, const float gscale, const int hasGrad)
+{
+    __local float red[MAX_GROUP];
+    const int row = get_group_id(0), lid = get_local_id(0), step = get_local_size(0);
+    __global const float* zr = z + offZ + (size_t)row * C;
+    const int label = labels[offL + row];
+    const int valid = label >= 0 && label < C;
+
+    float m = -INFINITY, sz = 0.0f;
+    for (int j = lid; j < C; j += step) { m = fmax(m, zr[j]); sz += zr[j]; }
+    m = group_max(m, red);
+    sz = group_sum(sz, red);
+    float se = 0.0f;
+    for (int j = lid; j < C; j += step) se += exp(zr[j] - m);
+    const float lse = m + log(group_sum(se, red));
+
+    if (lid == 0) {
+        rowLoss[offLoss + row] = valid ? lse - (1.0f - smoothing) * zr[label] - smoothing / C * sz : NAN;
+    }
+    if (hasGrad) {
+        for (int j = lid; j < C; j += step) {
+            const float q = (j == label ? 1.0f - smoothing : 0.0f) + smoothing / C;
+            dz[offDZ + (size_t)row * C + j] = valid ? gscale * (exp(zr[j] - lse) - q) : NAN;
+        }
+    }
+}
+
+// out[0] = mean of v[0..n): one work-group, strided partial sums then the tree.
+__kernel void mean_of(__global const float* v, const int offV, __global float* out, const int offOut, const int n)
+{
+    __local float red[MAX_GROUP];
+    const int lid = get_local_id(0);
+    float s = 0.0f;
+    for (int i = lid; i < n; i += get_local_size(0)) s += v[offV + i];
+    s = group_sum(s, red);
+    if (lid == 0) out[offOut] = s / n;
+}
+
+// out[r] = first index of the row maximum, one work-item per row (evaluation only).
+__kernel void argmax_rows(__global const float* x, const int offX, __global int* out, const int offOut,
+                          const int rows, const int f)
+{
+    const int r = get_global_id(0);
+    if (r >= rows) return;
+    __global const float* xr = x + offX + (size_t)r * f;
+    int best = 0;
+    for (int j = 1; j < f; j++) if (xr[j] > xr[best]) best = j;
+    out[offOut + r] = best;
+}
+
+// ---------------------------------------------------------------------------
+// Dropout mask from a counter-based hash of (seed, element index): two rounds of
+// the murmur3 finaliser; Reference.dropoutHash computes the same bits on the host.
+static uint fmix32(uint h)
+{
+    h ^= h >> 16; h *= 0x85EBCA6Bu;
+    h ^= h >> 13; h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+
+// y (+)= keep ? x * scale : 0, keep = hash >= threshold (threshold = p * 2^32,
+// scale = 1 / (1 - p)); dropAll for p >= 1.
+__kernel void dropout(__global const float* x, const int offX, __global float* y, const int offY, const int n,
+                      const uint threshold, const uint seedLo, const uint seedHi, const float scale,
+                      const int dropAll, const int accumulate)
+{
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    uint h = fmix32(((uint)i * 0x9E3779B9u) ^ seedLo);
+    h = fmix32(h ^ seedHi ^ 0x7F4A7C15u);
+    const float v = (!dropAll && h >= threshold) ? x[offX + i] * scale : 0.0f;
+    store(y, offY + i, v, accumulate);
+}
+
+// y[r, :] (+)= x[r, :] * m[r], rows of f (stochastic depth).
+__kernel void scale_rows(__global const float* x, const int offX, __global const float* m, const int offM,
+                         __global float* y, const int offY, const int n, const int f, const int accumulate)
+{
+    const int i = get_global_id(0);
+    if (i < n) store(y, offY + i, x[offX + i] * m[offM + i / f], accumulate);
+}
+
+// y[b, j] = mean over t in [t0, t1) of x[b, t, j]; one work-item per output.
+__kernel void mean_pool(__global const float* x, const int offX, __global float* y, const int offY,
+                        const int B, const int T, const int H, const int t0, const int t1)
+{
+    const int i = get_global_id(0);
+    if (i >= B * H) return;
+    const int b = i / H, j = i % H;
+    float s = 0.0f;
+    for (int t = t0; t < t1; t++) s += x[offX + ((size_t)b * T + t) * H + j];
+    y[offY + i] = s / (t1 - t0);
+}
+
+// dX[b, t, j] (+)= dY[b, j] / (t1 - t0) for t in [t0, t1); other tokens get 0 (or keep dX).
+__kernel void mean_pool_backward(__global const float* dy, const int offDY, __global float* dx, const int offDX,
+                                 const int B, const int T, const int H, const int t0, const int t1, const int accumulate)
+{
+    const int i = get_global_id(0);
+    if (i >= B * T * H) return;
+    const int j = i % H, t = (i / H) % T, b = i / (T * H);
+    const int inside = t >= t0 && t < t1;
+    if (!inside && accumulate) return;
+    store(dx, offDX + i, inside ? dy[offDY + b * H + j] / (t1 - t0) : 0.0f, accumulate);
+}

@@ -1,0 +1,77 @@
+// Optimiser kernels: AdamW, global gradient norm, clipping. Every buffer
+// argument is followed by its offset in elements. Deterministic: the norm is
+// per-work-group partial sums (fixed tree) then one work-group summing the
+// partials in a fixed order; no float atomics.
+
+#define MAX_GROUP 256
+
+// Sum of one value per work-item over the work-group (power-of-two local size).
+static float group_sum(float v, __local float* red)
+{
+    const int lid = get_local_id(0);
+    red[lid] = v;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int s = get_local_size(0) / 2; s > 0; s >>= 1) {
+        if (lid < s) red[lid] += red[lid + s];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const float total = red[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return total;
+}
+
+// One AdamW step (decoupled weight decay), element-wise:
+//   p -= lr * wd * p
+//   m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2
+//   p -= lr * (m * c1) / (sqrt(v * c2) + eps),  c1 = 1/(1 - b1^t), c2 = 1/(1 - b2^t)
+__kernel void adamw(__global float* p, const int offP, __global const float* g, const int offG,
+                    __global float* m, const int offM, __global float* v, const int offV, const int n,
+                    const float lr, const float b1, const float b2, const float eps, const float wd,
+                    const float c1, const float c2)
+{
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    const float gi = g[offG + i];
+    const float mi = b1 * m[offM + i] + (1.0f - b1) * gi;
+    const float vi = b2 * v[offV + i] + (1.0f - b2) * gi * gi;
+    m[offM + i] = mi;
+    v[offV + i] = vi;
+    float pi = p[offP + i];
+    pi -= lr * wd * pi;
+    p[offP + i] = pi - lr * (mi * c1) / (sqrt(vi * c2) + eps);
+}
+
+// Pass 1 of the norm: work-group k of G sums x^2 over i = k*L + lid, stepping G*L,
+// and writes partial[offPart + k].
+__kernel void sumsq_partials(__global const float* x, const int offX, const int n,
+                             __global float* partial, const int offPart)
+{
+    __local float red[MAX_GROUP];
+    const int stride = get_global_size(0);
+    float s = 0.0f;
+    for (int i = get_global_id(0); i < n; i += stride) { const float xi = x[offX + i]; s += xi * xi; }
+    s = group_sum(s, red);
+    if (get_local_id(0) == 0) partial[offPart + get_group_id(0)] = s;
+}
+
+// Pass 2: norm[0] = sqrt(sum of the partials), one work-group.
+__kernel void norm_finalize(__global const float* partial, const int count, __global float* norm, const int offNorm)
+{
+    __local float red[MAX_GROUP];
+    float s = 0.0f;
+    for (int i = get_local_id(0); i < count; i += get_local_size(0)) s += partial[i];
+    s = group_sum(s, red);
+    if (get_local_id(0) == 0) norm[offNorm] = sqrt(s);
+}
+
+// x *= min(1, maxNorm / norm); unchanged for a zero or non-finite norm. The factor
+// is read on the device so clipping needs no host round trip.
+__kernel void clip_by_norm(__global float* x, const int offX, const int n,
+                           __global const float* norm, const int offNorm, const float maxNorm)
+{
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    const float nv = norm[offNorm];
+    const float factor = (isfinite(nv) && nv > 0.0f) ? fmin(1.0f, maxNorm / nv) : 1.0f;
+    x[offX + i] *= factor;
+}

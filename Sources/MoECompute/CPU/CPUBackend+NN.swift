@@ -1,0 +1,428 @@
+import Foundation
+
+/// `NNOps` on the host: plain loops over contiguous rows (auto-vectorised in
+/// release builds), split over the cores by rows when the work is large.
+/// Reductions over rows are split by columns instead, so every column is summed
+/// in row order whatever the thread count: deterministic.
+extension CPUBackend {
+    /// Elements below which an op runs on the calling thread.
+    static let parallelThreshold = 1 << 15
+
+    /// Runs `body` over `0..<count` split into contiguous ranges, one per core
+    /// when `work` (elements touched) is large enough to pay for the threads.
+    static func parallelFor(_ count: Int, work: Int, _ body: (Range<Int>) -> Void) {
+        let threads = work >= parallelThreshold ? min(count, ProcessInfo.processInfo.activeProcessorCount) : 1
+        if threads <= 1 {
+            if count > 0 { body(0..<count) }
+            return
+        }
+        DispatchQueue.concurrentPerform(iterations: threads) { t in
+            body((t * count / threads)..<((t + 1) * count / threads))
+        }
+    }
+
+    @inline(__always)
+    static func store(_ p: UnsafeMutablePointer<Float>, _ i: Int, _ v: Float, _ accumulate: Bool) {
+        if accumulate { p[i] += v } else { p[i] = v }
+    }
+
+    /// `out[j] (+)= sum_r term(r, j)` for columns `cols`, in row order per column;
+    /// rows are added in blocks of 64 into a partial row first (as the OpenCL
+    /// kernels do), which keeps the float error small for many rows.
+    static func columnSums(rows: Int, cols: Int, out: UnsafeMutablePointer<Float>, accumulate: Bool,
+                           _ addRow: (Int, Range<Int>, UnsafeMutablePointer<Float>) -> Void) {
+        parallelFor(cols, work: rows * cols) { cr in
+            let width = cr.count
+            let total = UnsafeMutablePointer<Float>.allocate(capacity: width)
+            let part = UnsafeMutablePointer<Float>.allocate(capacity: width)
+            defer { total.deallocate(); part.deallocate() }
+            total.initialize(repeating: 0, count: width)
+            var r0 = 0
+            while r0 < rows {
+                part.initialize(repeating: 0, count: width)
+                for r in r0..<min(rows, r0 + 64) { addRow(r, cr, part) }
+                for k in 0..<width { total[k] += part[k] }
+                r0 += 64
+            }
+            for k in 0..<width { store(out, cr.lowerBound + k, total[k], accumulate) }
+        }
+    }
+
+    // MARK: Normalisation
+
+    private func normForward(_ x: Tensor, gamma: Tensor, beta: Tensor?, eps: Float, y: Tensor,
+                             mean: Tensor?, rstd: Tensor) throws {
+        let op = beta == nil ? "rmsNorm" : "layerNorm"
+        try NNCheck.f32(op, x, gamma, y, rstd)
+        let f = gamma.count
+        let rows = try NNCheck.rows(op, x, features: f)
+        try NNCheck.count(op, y, x.count, "y")
+        try NNCheck.count(op, rstd, rows, "rstd")
+        if let beta { try NNCheck.f32(op, beta); try NNCheck.count(op, beta, f, "beta") }
+        if let mean { try NNCheck.f32(op, mean); try NNCheck.count(op, mean, rows, "mean") }
+        let px = try f32(x), pg = try f32(gamma), pb = try beta.map(f32), py = try f32(y)
+        let pm = try mean.map(f32), pr = try f32(rstd)
+        Self.parallelFor(rows, work: x.count) { range in
+            for r in range {
+                let xr = px + r * f, yr = py + r * f
+                var mu: Float = 0
+                if pb != nil {
+                    var s: Float = 0
+                    for j in 0..<f { s += xr[j] }
+                    mu = s / Float(f)
+                }
+                // Two passes: the variance of (x - mean), not E[x^2] - mean^2.
+                var ss: Float = 0
+                for j in 0..<f { let d = xr[j] - mu; ss += d * d }
+                let rs = 1 / (ss / Float(f) + eps).squareRoot()
+                if let pb {
+                    for j in 0..<f { yr[j] = (xr[j] - mu) * rs * pg[j] + pb[j] }
+                } else {
+                    for j in 0..<f { yr[j] = xr[j] * rs * pg[j] }
+                }
+                pm?[r] = mu
+                pr[r] = rs
+            }
+        }
+    }
+
+    private func normBackward(dY: Tensor, x: Tensor, gamma: Tensor, mean: Tensor?, rstd: Tensor,
+                              dX: Tensor, dGamma: Tensor, dBeta: Tensor?, accumulate: Bool) throws {
+        let op = dBeta == nil ? "rmsNormBackward" : "layerNormBackward"
+        try NNCheck.f32(op, dY, x, gamma, rstd, dX, dGamma)
+        let f = gamma.count
+        let rows = try NNCheck.rows(op, x, features: f)
+        try NNCheck.count(op, dY, x.count, "dY")
+        try NNCheck.count(op, dX, x.count, "dX")
+        try NNCheck.count(op, rstd, rows, "rstd")
+        try NNCheck.count(op, dGamma, f, "dGamma")
+        if let dBeta { try NNCheck.f32(op, dBeta); try NNCheck.count(op, dBeta, f, "dBeta") }
+        if let mean { try NNCheck.f32(op, mean); try NNCheck.count(op, mean, rows, "mean") }
+        let pdy = try f32(dY), px = try f32(x), pg = try f32(gamma), pm = try mean.map(f32), pr = try f32(rstd)
+        let pdx = try f32(dX), pdg = try f32(dGamma), pdb = try dBeta.map(f32)
+        let centered = dBeta != nil
+        // dX = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dY * gamma (no mean(g) term for RMSNorm).
+        Self.parallelFor(rows, work: x.count) { range in
+            for r in range {
+                let dyr = pdy + r * f, xr = px + r * f, dxr = pdx + r * f
+                let mu = pm?[r] ?? 0, rs = pr[r]
+                var sg: Float = 0, sgx: Float = 0
+                for j in 0..<f {
+                    let g = dyr[j] * pg[j]
+                    sg += g; sgx += g * (xr[j] - mu) * rs
+                }
+                let meanG = centered ? sg / Float(f) : 0, meanGX = sgx / Float(f)
+                for j in 0..<f {
+                    let v = rs * (dyr[j] * pg[j] - meanG - (xr[j] - mu) * rs * meanGX)
+                    if accumulate { dxr[j] += v } else { dxr[j] = v }
+                }
+            }
+        }
+        // dGamma = sum_r dY * xhat, dBeta = sum_r dY.
+        Self.columnSums(rows: rows, cols: f, out: pdg, accumulate: accumulate) { r, cols, part in
+            let mu = pm?[r] ?? 0, rs = pr[r], base = r * f + cols.lowerBound
+            for k in 0..<cols.count { part[k] += pdy[base + k] * (px[base + k] - mu) * rs }
+        }
+        if let pdb {
+            Self.columnSums(rows: rows, cols: f, out: pdb, accumulate: accumulate) { r, cols, part in
+                let base = r * f + cols.lowerBound
+                for k in 0..<cols.count { part[k] += pdy[base + k] }
+            }
+        }
+    }
+
+    public func layerNorm(_ x: Tensor, gamma: Tensor, beta: Tensor, eps: Float,
+                          out y: Tensor, mean: Tensor, rstd: Tensor) throws {
+        try normForward(x, gamma: gamma, beta: beta, eps: eps, y: y, mean: mean, rstd: rstd)
+    }
+
+    public func layerNormBackward(dY: Tensor, x: Tensor, gamma: Tensor, mean: Tensor, rstd: Tensor,
+                                  dX: Tensor, dGamma: Tensor, dBeta: Tensor, accumulate: Bool) throws {
+        try normBackward(dY: dY, x: x, gamma: gamma, mean: mean, rstd: rstd, dX: dX, dGamma: dGamma, dBeta: dBeta,
+                         accumulate: accumulate)
+    }
+
+    public func rmsNorm(_ x: Tensor, gamma: Tensor, eps: Float, out y: Tensor, rstd: Tensor) throws {
+        try normForward(x, gamma: gamma, beta: nil, eps: eps, y: y, mean: nil, rstd: rstd)
+    }
+
+    public func rmsNormBackward(dY: Tensor, x: Tensor, gamma: Tensor, rstd: Tensor,
+                                dX: Tensor, dGamma: Tensor, accumulate: Bool) throws {
+        try normBackward(dY: dY, x: x, gamma: gamma, mean: nil, rstd: rstd, dX: dX, dGamma: dGamma, dBeta: nil,
+                         accumulate: accumulate)
+    }
+
+    // MARK: Broadcasts and reductions
+
+    public func addBroadcast(_ b: Tensor, to y: Tensor) throws {
+        try NNCheck.f32("addBroadcast", b, y)
+        let period = b.count
+        let rows = try NNCheck.rows("addBroadcast", y, features: period)
+        let pb = try f32(b), py = try f32(y)
+        Self.parallelFor(rows, work: y.count) { range in
+            for r in range {
+                let yr = py + r * period
+                for j in 0..<period { yr[j] += pb[j] }
+            }
+        }
+    }
+
+    public func sumRows(_ x: Tensor, into out: Tensor, accumulate: Bool) throws {
+        try NNCheck.f32("sumRows", x, out)
+        let cols = out.count
+        guard cols > 0 else { return }
+        let rows = try NNCheck.rows("sumRows", x, features: cols)
+        let px = try f32(x), po = try f32(out)
+        Self.columnSums(rows: rows, cols: cols, out: po, accumulate: accumulate) { r, cr, part in
+            let base = r * cols + cr.lowerBound
+            for k in 0..<cr.count { part[k] += px[base + k] }
+        }
+    }
+
+    // MARK: Activations
+
+    @inline(__always)
+    static func sigmoid(_ x: Float) -> Float { 1 / (1 + Foundation.exp(-x)) }
+
+    @inline(__always)
+    static func activate(_ f: ActivationFunction, _ x: Float) -> Float {
+        switch f {
+        case .geluErf: return 0.5 * x * (1 + Foundation.erf(x * 0.70710678118654752))
+        case .geluTanh: return 0.5 * x * (1 + Foundation.tanh(0.79788456080286536 * (x + 0.044715 * x * x * x)))
+        case .silu: return x * sigmoid(x)
+        }
+    }
+
+    @inline(__always)
+    static func derivative(_ f: ActivationFunction, _ x: Float) -> Float {
+        switch f {
+        case .geluErf:
+            return 0.5 * (1 + Foundation.erf(x * 0.70710678118654752)) + x * 0.39894228040143268 * Foundation.exp(-0.5 * x * x)
+        case .geluTanh:
+            let k: Float = 0.79788456080286536, c: Float = 0.044715
+            let t = Foundation.tanh(k * (x + c * x * x * x))
+            return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * c * x * x)
+        case .silu:
+            let s = sigmoid(x)
+            return s * (1 + x * (1 - s))
+        }
+    }
+
+    public func activation(_ f: ActivationFunction, _ x: Tensor, out y: Tensor) throws {
+        try ElementwiseCheck.same("activation", x, y)
+        let px = try f32(x), py = try f32(y)
+        Self.parallelFor(x.count, work: x.count * 8) { range in
+            for i in range { py[i] = Self.activate(f, px[i]) }
+        }
+    }
+
+    public func activationBackward(_ f: ActivationFunction, dY: Tensor, x: Tensor, dX: Tensor, accumulate: Bool) throws {
+        try ElementwiseCheck.same("activationBackward", dY, x, dX)
+        let pdy = try f32(dY), px = try f32(x), pdx = try f32(dX)
+        Self.parallelFor(x.count, work: x.count * 8) { range in
+            for i in range { Self.store(pdx, i, pdy[i] * Self.derivative(f, px[i]), accumulate) }
+        }
+    }
+
+    public func swiGLU(_ x: Tensor, out y: Tensor) throws {
+        let h = try NNCheck.swiGLU(x: x, y: y)
+        let px = try f32(x), py = try f32(y)
+        Self.parallelFor(y.count / h, work: y.count * 8) { range in
+            for r in range {
+                let a = px + r * 2 * h, b = a + h, yr = py + r * h
+                for i in 0..<h { yr[i] = Self.activate(.silu, a[i]) * b[i] }
+            }
+        }
+    }
+
+    public func swiGLUBackward(dY: Tensor, x: Tensor, dX: Tensor, accumulate: Bool) throws {
+        let h = try NNCheck.swiGLU(x: x, y: dY)
+        try NNCheck.f32("swiGLUBackward", dX)
+        try NNCheck.count("swiGLUBackward", dX, x.count, "dX")
+        let pdy = try f32(dY), px = try f32(x), pdx = try f32(dX)
+        Self.parallelFor(dY.count / h, work: dY.count * 8) { range in
+            for r in range {
+                let a = px + r * 2 * h, b = a + h, g = pdy + r * h
+                let da = pdx + r * 2 * h, db = da + h
+                for i in 0..<h {
+                    // da = dY * b * silu'(a), db = dY * silu(a)
+                    let vA = g[i] * b[i] * Self.derivative(.silu, a[i]), vB = g[i] * Self.activate(.silu, a[i])
+                    if accumulate { da[i] += vA; db[i] += vB } else { da[i] = vA; db[i] = vB }
+                }
+            }
+        }
+    }
+
+    // MARK: Softmax and layout
+
+    public func softmax(_ x: Tensor, out y: Tensor, scale: Float, causal: Bool) throws {
+        let (rows, f) = try NNCheck.softmax(x, y, causal: causal)
+        let px = try f32(x), py = try f32(y)
+        Self.parallelFor(rows, work: x.count * 4) { range in
+            for r in range {
+                let xr = px + r * f, yr = py + r * f
+                let visible = causal ? r % f + 1 : f
+                var m = -Float.infinity
+                for j in 0..<visible { m = max(m, scale * xr[j]) }
+                var s: Float = 0
+                for j in 0..<visible { let e = Foundation.exp(scale * xr[j] - m); yr[j] = e; s += e }
+                let inv = 1 / s
+                for j in 0..<visible { yr[j] *= inv }
+                for j in visible..<f { yr[j] = 0 }
+            }
+        }
+    }
+
+    public func softmaxBackward(dY: Tensor, y: Tensor, dX: Tensor, scale: Float, accumulate: Bool) throws {
+        let (rows, f) = try NNCheck.softmax(y, dY, causal: false)
+        try NNCheck.f32("softmaxBackward", dX)
+        try NNCheck.count("softmaxBackward", dX, y.count, "dX")
+        let pdy = try f32(dY), py = try f32(y), pdx = try f32(dX)
+        Self.parallelFor(rows, work: y.count) { range in
+            for r in range {
+                let dyr = pdy + r * f, yr = py + r * f, dxr = pdx + r * f
+                var dot: Float = 0
+                for j in 0..<f { dot += dyr[j] * yr[j] }
+                for j in 0..<f {
+                    let v = scale * yr[j] * (dyr[j] - dot)
+                    if accumulate { dxr[j] += v } else { dxr[j] = v }
+                }
+            }
+        }
+    }
+
+    public func transposeAxes(_ x: Tensor, permutation: [Int], out: Tensor) throws {
+        let (dims, strides) = try NNCheck.permutation(x, permutation, out)
+        let src = try raw(x).assumingMemoryBound(to: UInt32.self), dst = try raw(out).assumingMemoryBound(to: UInt32.self)
+        let n = x.count
+        guard n > 0 else { return }
+        // Copy whole innermost rows when the last axis stays last (the attention
+        // case), element by element otherwise.
+        let inner = dims.last!, innerStride = strides.last!
+        let outer = n / inner
+        let rank = dims.count
+        Self.parallelFor(outer, work: n) { range in
+            var coord = [Int](repeating: 0, count: rank)
+            for o in range {
+                var rem = o, base = 0
+                for a in stride(from: rank - 2, through: 0, by: -1) {
+                    coord[a] = rem % dims[a]; rem /= dims[a]
+                    base += coord[a] * strides[a]
+                }
+                let d = dst + o * inner
+                if innerStride == 1 {
+                    (d).update(from: src + base, count: inner)
+                } else {
+                    for k in 0..<inner { d[k] = src[base + k * innerStride] }
+                }
+            }
+        }
+    }
+
+    // MARK: Loss and evaluation
+
+    public func crossEntropy(logits: Tensor, labels: Tensor, labelSmoothing: Float,
+                             rowLoss: Tensor, meanLoss: Tensor, dLogits: Tensor?, gradientScale: Float) throws {
+        let (rows, c) = try NNCheck.crossEntropy(logits, labels, rowLoss, meanLoss, dLogits)
+        let pz = try f32(logits), pl = try i32(labels), ploss = try f32(rowLoss), pd = try dLogits.map(f32)
+        let s = labelSmoothing, gscale = gradientScale / Float(max(rows, 1))
+        Self.parallelFor(rows, work: logits.count * 4) { range in
+            for r in range {
+                let zr = pz + r * c
+                let label = Int(pl[r])
+                let valid = label >= 0 && label < c
+                var m = -Float.infinity, sz: Float = 0
+                for j in 0..<c { m = max(m, zr[j]); sz += zr[j] }
+                var se: Float = 0
+                for j in 0..<c { se += Foundation.exp(zr[j] - m) }
+                let lse = m + Foundation.log(se)
+                // loss = lse - (1 - s) z_label - (s / C) sum z
+                ploss[r] = valid ? lse - (1 - s) * zr[label] - s / Float(c) * sz : .nan
+                if let pd {
+                    let dr = pd + r * c
+                    for j in 0..<c {
+                        let q = (j == label ? 1 - s : 0) + s / Float(c)
+                        dr[j] = valid ? gscale * (Foundation.exp(zr[j] - lse) - q) : .nan
+                    }
+                }
+            }
+        }
+        var total: Double = 0
+        for r in 0..<rows { total += Double(ploss[r]) }
+        try f32(meanLoss)[0] = rows > 0 ? Float(total / Double(rows)) : .nan
+    }
+
+    public func argmaxRows(_ x: Tensor, out: Tensor) throws {
+        let (rows, f) = try NNCheck.argmax(x, out)
+        let px = try f32(x), po = try i32(out)
+        for r in 0..<rows {
+            let xr = px + r * f
+            var best = 0
+            for j in 1..<max(f, 1) where xr[j] > xr[best] { best = j }
+            po[r] = Int32(best)
+        }
+    }
+
+    // MARK: Regularisation and pooling
+
+    public func dropout(_ x: Tensor, p: Float, seed: UInt64, out y: Tensor, accumulate: Bool) throws {
+        try ElementwiseCheck.same("dropout", x, y)
+        try require(p >= 0 && !p.isNaN, "dropout probability must be >= 0, got \(p)")
+        let px = try f32(x), py = try f32(y)
+        let threshold = NNCheck.dropoutThreshold(p), scale: Float = p < 1 ? 1 / (1 - p) : 0, dropAll = p >= 1
+        Self.parallelFor(x.count, work: x.count * 4) { range in
+            for i in range {
+                let keep = !dropAll && Reference.dropoutHash(seed: seed, index: UInt32(truncatingIfNeeded: i)) >= threshold
+                Self.store(py, i, keep ? px[i] * scale : 0, accumulate)
+            }
+        }
+    }
+
+    public func scaleRows(_ x: Tensor, by m: Tensor, out y: Tensor, accumulate: Bool) throws {
+        try ElementwiseCheck.same("scaleRows", x, y)
+        let f = try NNCheck.scaleRows(x, m)
+        guard x.count > 0 else { return }
+        let px = try f32(x), pm = try f32(m), py = try f32(y)
+        Self.parallelFor(m.count, work: x.count) { range in
+            for r in range {
+                let s = pm[r], xr = px + r * f, yr = py + r * f
+                if accumulate { for j in 0..<f { yr[j] += xr[j] * s } } else { for j in 0..<f { yr[j] = xr[j] * s } }
+            }
+        }
+    }
+
+    public func meanPool(_ x: Tensor, tokens: Range<Int>, out y: Tensor) throws {
+        let (b, t, h) = try NNCheck.pool(x, tokens, y)
+        let px = try f32(x), py = try f32(y)
+        let inv = 1 / Float(tokens.count)
+        Self.parallelFor(b, work: b * tokens.count * h) { range in
+            for bi in range {
+                let yr = py + bi * h
+                for j in 0..<h { yr[j] = 0 }
+                for k in tokens {
+                    let xr = px + (bi * t + k) * h
+                    for j in 0..<h { yr[j] += xr[j] }
+                }
+                for j in 0..<h { yr[j] *= inv }
+            }
+        }
+    }
+
+    public func meanPoolBackward(dY: Tensor, tokens: Range<Int>, dX: Tensor, accumulate: Bool) throws {
+        let (b, t, h) = try NNCheck.pool(dX, tokens, dY)
+        let pdy = try f32(dY), pdx = try f32(dX)
+        let n = Float(tokens.count)
+        Self.parallelFor(b, work: b * t * h) { range in
+            for bi in range {
+                for k in 0..<t {
+                    let dxr = pdx + (bi * t + k) * h, dyr = pdy + bi * h
+                    if tokens.contains(k) {
+                        for j in 0..<h { Self.store(dxr, j, dyr[j] / n, accumulate) }
+                    } else if !accumulate {
+                        for j in 0..<h { dxr[j] = 0 }
+                    }
+                }
+            }
+        }
+    }
+}
