@@ -19,7 +19,8 @@ public enum OnlineUpcycle {
     /// over `calibration` patches ([N, P, patchDim]); without it, weight norms.
     /// Returns a line per upcycled block.
     @discardableResult
-    public static func apply(dense: ViT, into moe: ViT, method: ExpertInit, calibration: Tensor?, seed: UInt64) throws -> [String] {
+    /// `method` nil copies only the shared tensors (MoE layers keep their fresh init).
+    public static func apply(dense: ViT, into moe: ViT, method: ExpertInit?, calibration: Tensor?, seed: UInt64) throws -> [String] {
         guard dense.config.width == moe.config.width, dense.config.depth == moe.config.depth,
               dense.config.patchSize == moe.config.patchSize, dense.config.pool == moe.config.pool else {
             throw ModelError.badConfig("the dense and MoE models differ in width, depth, patch size or pooling")
@@ -27,6 +28,7 @@ public enum OnlineUpcycle {
         for p in moe.params.all {
             if let src = dense.params[p.name], src.shape == p.shape { try moe.backend.copy(src.value, to: p.value) }
         }
+        guard let method else { return [] }
         var importance: [Int: [Double]] = [:]
         if let calibration {
             try dense.forward(patches: calibration, training: false, step: 0)

@@ -1,0 +1,97 @@
+import Foundation
+import MoECompute
+
+/// The built-in recipes: what `moe-gpu train` runs with no arguments.
+public enum Recipe {
+    /// A small ViT for 28x28 images: 16 patches of 7x7, width 64, 4 blocks.
+    public static func denseModel() -> ViTConfig { ViTConfig() }
+
+    /// MoE settings per router, sized for the default model.
+    public static func moe(router: String, experts: Int? = nil) -> MoEConfig {
+        var m = MoEConfig()
+        m.router = router
+        switch router {
+        case "sphero":
+            // MoE Jetpack: a third core experts (half the dense MLP width, recycled),
+            // the rest universal experts at a quarter of that; cosine routing.
+            m.experts = experts ?? 6; m.slotsPerExpert = 2; m.coreExperts = max(1, m.experts / 3)
+            m.expertWidthRatio = 0.5; m.universalWidthRatio = 0.25
+            m.dropout = 0.1; m.stochasticDepth = 0.1; m.temperatureInit = 0.5
+        case "soft":
+            m.experts = experts ?? 6; m.slotsPerExpert = 2; m.expertWidthRatio = 0.5
+        case "expert-choice":
+            m.experts = experts ?? 8; m.capacityFactor = 2; m.expertWidthRatio = 1
+        default:
+            m.experts = experts ?? 8; m.topK = 2; m.expertWidthRatio = 1; m.renormalize = true
+        }
+        return m
+    }
+
+    /// The default fine-tuning run: MoE Jetpack (SpheroMoE in the last two blocks).
+    public static func defaultFineTune() -> TrainConfig {
+        var c = TrainConfig()
+        c.model = denseModel()
+        c.model.moeBlocks = [2, 3]
+        c.model.moe = moe(router: "sphero")
+        c.steps = 500
+        c.batchSize = 64
+        c.learningRate = 1e-3
+        c.warmupSteps = 10
+        c.evalEvery = 250
+        c.testExamples = nil
+        return c
+    }
+
+    /// The dense pretraining run the default recipe starts from.
+    public static func densePretrain(like c: TrainConfig, steps: Int?) -> TrainConfig {
+        var d = c
+        d.model.moeBlocks = []
+        d.model.moe = nil
+        d.steps = steps ?? 1200
+        d.warmupSteps = 50
+        d.evalEvery = 0
+        return d
+    }
+
+    public static var cacheDirectory: URL { ProgramCache.defaultDirectory.appendingPathComponent("models") }
+
+    /// The pretrained dense model for `c` (its MoE layers made dense), from the
+    /// cache when an earlier run trained the same config, else trained now.
+    /// Returns it with its test accuracy.
+    public static func pretrainedDense(for c: TrainConfig, steps: Int?, backend: Backend,
+                                       data: (train: ImageDataset, test: ImageDataset),
+                                       log: @escaping (String) -> Void = { print($0) }) throws -> (ViT, Double) {
+        let d = densePretrain(like: c, steps: steps)
+        let key = String(decoding: try JSONEncoder.sorted.encode(d), as: UTF8.self)
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in key.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        let dir = cacheDirectory.appendingPathComponent(String(format: "dense-%016llx", h))
+        let model = try ViT(config: d.model, backend: backend, seed: d.seed)
+        let trainer = try Trainer(config: d, model: model, train: data.train, test: data.test)
+        let file = dir.appendingPathComponent("model.safetensors")
+        if FileManager.default.fileExists(atPath: file.path),
+           (try? ModelCheckpoint.load(file.path, into: model)) != nil {
+            let acc = try trainer.evaluate(limit: c.testExamples)
+            log(String(format: "dense: reusing the pretrained ViT in %@ (test accuracy %.2f%%)", dir.path, 100 * acc))
+            return (model, acc)
+        }
+        log("dense: pretraining a \(model.params.parameterCount)-parameter ViT for \(d.steps) steps (cached in \(dir.path) for later runs)")
+        let run = try TrainRun(config: d, model: model, out: dir, data: data)
+        run.progress = { m, total in
+            if m.step % 100 == 0 || m.step == total {
+                log(String(format: "dense step %d/%d  loss %.4f  %.0f tok/s", m.step, total, m.loss, m.tokensPerSecond))
+            }
+        }
+        let (acc, _) = try run.run()
+        log(String(format: "dense: test accuracy %.2f%%", 100 * acc))
+        return (model, acc)
+    }
+
+    /// Patches of the first `count` training images, for recycling's importance statistics.
+    public static func calibrationPatches(_ data: ImageDataset, model: ViTConfig, count: Int, backend: Backend) throws -> Tensor {
+        let n = min(count, data.count)
+        var rng = SplitMix64(seed: 0)
+        let p = Patchify(patchSize: model.patchSize).patches(data, indices: Array(0..<n), rng: &rng, augment: false)
+        return try backend.tensor(p, shape: [n, model.patches, model.patchDim])
+    }
+}

@@ -1,0 +1,103 @@
+import Foundation
+import MoECheckpoint
+import MoECompute
+
+/// A training run on disk: `--out DIR` holds `config.json` (the resolved
+/// config), `metrics.jsonl`, `model.safetensors` + `optimizer.safetensors`
+/// (atomic writes at every evaluation and at the end) and `eval.json`.
+public final class TrainRun {
+    public let config: TrainConfig
+    public let out: URL
+    public let trainer: Trainer
+    public var log: (String) -> Void = { print($0) }
+    public var progress: ((StepMetrics, Int) -> Void)?
+    private let started = Date()
+
+    public init(config: TrainConfig, model: ViT, out: URL, data: (train: ImageDataset, test: ImageDataset)) throws {
+        self.config = config
+        self.out = out
+        trainer = try Trainer(config: config, model: model, train: data.train, test: data.test)
+        try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
+        try atomicWrite(try JSONEncoder.sorted.encode(config), to: out.appendingPathComponent("config.json"))
+    }
+
+    public static func loadConfig(_ path: String) throws -> TrainConfig {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ModelError.badConfig("cannot read config file \(path)")
+        }
+        do { return try JSONDecoder().decode(TrainConfig.self, from: data) } catch let DecodingError.keyNotFound(key, _) {
+            throw ModelError.badConfig("\(path): missing key '\(key.stringValue)'")
+        } catch let DecodingError.typeMismatch(_, ctx) {
+            throw ModelError.badConfig("\(path): wrong type at '\(ctx.codingPath.map(\.stringValue).joined(separator: "."))'")
+        } catch {
+            throw ModelError.badConfig("\(path) is not a valid JSON training config (\(error.localizedDescription))")
+        }
+    }
+
+    /// Restores model weights, AdamW moments and the step from a run folder.
+    public func resume(from dir: URL) throws {
+        let model = trainer.model
+        try ModelCheckpoint.load(dir.appendingPathComponent("model.safetensors").path, into: model)
+        let opt = try SafetensorsFile(path: dir.appendingPathComponent("optimizer.safetensors").path)
+        for p in model.params.all {
+            guard opt.entry("\(p.name).exp_avg") != nil, opt.entry("\(p.name).exp_avg_sq") != nil else {
+                throw ModelError.badInput("optimizer.safetensors in \(dir.path) lacks the moments of \(p.name)")
+            }
+            try p.m.write(try opt.floats("\(p.name).exp_avg"))
+            try p.v.write(try opt.floats("\(p.name).exp_avg_sq"))
+        }
+        guard let s = opt.metadata["step"], let step = Int(s) else { throw ModelError.badInput("optimizer.safetensors has no step") }
+        trainer.fastForward(to: step)
+    }
+
+    public func saveCheckpoint() throws {
+        let model = trainer.model
+        try ModelCheckpoint.save(model, to: out.appendingPathComponent("model.safetensors"), metadata: ["step": "\(trainer.step)"])
+        var tensors: [(name: String, dtype: StorageDType, shape: [Int], data: Data)] = []
+        for p in model.params.all {
+            tensors.append(("\(p.name).exp_avg", .F32, p.shape, encodeFloats(try p.m.floats(), as: .F32)))
+            tensors.append(("\(p.name).exp_avg_sq", .F32, p.shape, encodeFloats(try p.v.floats(), as: .F32)))
+        }
+        try writeSafetensors(to: out.appendingPathComponent("optimizer.safetensors"), tensors: tensors,
+                             metadata: ["format": "pt", "step": "\(trainer.step)"])
+    }
+
+    /// Trains to `config.steps`; returns the final test accuracy.
+    @discardableResult
+    public func run() throws -> (accuracy: Double, last: StepMetrics?) {
+        let metricsURL = out.appendingPathComponent("metrics.jsonl")
+        if !FileManager.default.fileExists(atPath: metricsURL.path) { FileManager.default.createFile(atPath: metricsURL.path, contents: nil) }
+        let metrics = try FileHandle(forWritingTo: metricsURL)
+        defer { try? metrics.close() }
+        try metrics.seekToEnd()
+        var last: StepMetrics?
+        var accuracy = 0.0
+        var window: [Double] = []
+        while trainer.step < config.steps {
+            var m = try trainer.trainStep()
+            window.append(m.tokensPerSecond)
+            if window.count > 20 { window.removeFirst() }
+            m.tokensPerSecond = window.reduce(0, +) / Double(window.count)
+            let isLast = trainer.step == config.steps
+            if (config.evalEvery > 0 && trainer.step % config.evalEvery == 0) || isLast {
+                accuracy = try trainer.evaluate(limit: config.testExamples)
+                m.accuracy = accuracy
+                try saveCheckpoint()
+            }
+            if trainer.step % config.logEvery == 0 || m.accuracy != nil || isLast {
+                let data = try JSONSerialization.data(withJSONObject: m.json, options: [.sortedKeys])
+                metrics.write(data + Data("\n".utf8))
+            }
+            progress?(m, config.steps)
+            last = m
+        }
+        if last == nil { accuracy = try trainer.evaluate(limit: config.testExamples) }
+        let summary: [String: Any] = ["accuracy": accuracy, "step": trainer.step, "test_examples": min(config.testExamples ?? trainer.test.count, trainer.test.count),
+                                      "final_loss": last?.loss ?? .nan, "tokens_per_s": last?.tokensPerSecond ?? 0,
+                                      "parameters": trainer.model.params.parameterCount,
+                                      "wall_s": Date().timeIntervalSince(started)]
+        try atomicWrite(try JSONSerialization.data(withJSONObject: summary, options: [.sortedKeys, .prettyPrinted]),
+                        to: out.appendingPathComponent("eval.json"))
+        return (accuracy, last)
+    }
+}

@@ -1,0 +1,196 @@
+import ArgumentParser
+import Foundation
+import MoECompute
+import MoEModel
+
+/// `moe-gpu train`: with no arguments, the MoE Jetpack recipe on Fashion-MNIST
+/// (pretrain a small dense ViT or reuse the cached one, recycle it into a
+/// SpheroMoE model, fine-tune); with flags or a config file, any recipe.
+struct Train: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Upcycle a dense ViT into an MoE and fine-tune it (default: the MoE Jetpack recipe on Fashion-MNIST).",
+        discussion: """
+            With no arguments: pretrain a small dense ViT on Fashion-MNIST (or reuse the one cached from an \
+            earlier run), recycle it into a SpheroMoE model (importance-sampled experts, cosine routing) and \
+            fine-tune it, printing the dense baseline beside the result. Outputs go to --out: config.json, \
+            metrics.jsonl, model.safetensors, optimizer.safetensors, eval.json.
+            """)
+
+    @Option(name: .long, help: "A JSON training config (see `moe-gpu train --print-config`).")
+    var config: String?
+    @Option(name: .long, help: "Where the model starts: scratch, dense (pretrain or reuse the cached dense ViT), or a checkpoint file.")
+    var `init`: String?
+    @Option(name: .long, help: "How experts come from the dense model: replicate, recycle or none.")
+    var upcycle: String?
+    @Option(name: .long, help: "Router of the MoE layers: dense (no MoE), topk, expert-choice, soft or sphero.")
+    var router: String?
+    @Option(name: .long, help: "Device: auto, cpu, opencl, opencl:P:D (or MOE_GPU_DEVICE).")
+    var device: String?
+    @Option(name: .long, help: "Optimiser steps of the (fine-)tuning run.")
+    var steps: Int?
+    @Option(name: .long, help: "Output folder.")
+    var out: String?
+    @Option(name: .long, help: "Resume the run in this output folder.")
+    var resume: String?
+    @Option(name: .long, help: "Folder of MNIST-format IDX files (default Fashion-MNIST).")
+    var data: String?
+    @Option(name: .long, help: "Peak learning rate.")
+    var lr: Float?
+    @Option(name: .long, help: "Batch size.")
+    var batchSize: Int?
+    @Option(name: .long, help: "Experts per MoE layer.")
+    var experts: Int?
+    @Option(name: .long, help: "k for top-k routing.")
+    var topK: Int?
+    @Option(name: .long, help: "Pretraining steps of the dense model (with --init dense).")
+    var denseSteps: Int?
+    @Option(name: .long, help: "Random seed.")
+    var seed: UInt64?
+    @Flag(name: .long, help: "Print the resolved config as JSON and exit.")
+    var printConfig = false
+
+    func run() throws {
+        let backend = try DeviceCatalog().makeBackend(try DeviceSelector.resolve(device))
+        if let resume {
+            let dir = URL(fileURLWithPath: resume)
+            var cfg = try TrainRun.loadConfig(dir.appendingPathComponent("config.json").path)
+            if let steps { cfg.steps = steps }
+            let model = try ViT(config: cfg.model, backend: backend, seed: cfg.seed)
+            let run = try TrainRun(config: cfg, model: model, out: dir, data: try loadData(cfg))
+            try run.resume(from: dir)
+            print("resuming \(dir.path) at step \(run.trainer.step) of \(cfg.steps) on \(backend.name)")
+            try finish(run, label: "resumed")
+            return
+        }
+
+        var cfg = try config.map(TrainRun.loadConfig) ?? Recipe.defaultFineTune()
+        apply(to: &cfg)
+        let start = config == nil ? "dense" : "scratch"
+        let initFrom = self.`init` ?? start
+        let method = upcycle ?? (initFrom == "scratch" ? "none" : "recycle")
+        if printConfig {
+            print(String(decoding: try JSONEncoder.pretty.encode(cfg), as: UTF8.self))
+            return
+        }
+        try cfg.validate()
+        guard ["replicate", "recycle", "none"].contains(method) else {
+            throw ValidationError("unknown --upcycle '\(method)': use replicate, recycle or none")
+        }
+        let outDir = URL(fileURLWithPath: out ?? "runs/\(cfg.model.moeBlocks.isEmpty ? "dense" : cfg.model.moe!.router)")
+        let data = try loadData(cfg)
+        print("device \(backend.name): \(backend.deviceDescription)")
+        print("data: \(data.train.count) train / \(data.test.count) test images of \(data.train.height)x\(data.train.width), \(data.train.classes) classes")
+
+        let model = try ViT(config: cfg.model, backend: backend, seed: cfg.seed)
+        var baseline: Double?
+        switch initFrom {
+        case "scratch":
+            break
+        case "dense":
+            let (dense, accuracy) = try Recipe.pretrainedDense(for: cfg, steps: denseSteps, backend: backend, data: data)
+            baseline = accuracy
+            try upcycleInto(model, from: dense, method: method, cfg: cfg, data: data)
+        default:
+            let denseConfig = try ModelCheckpoint.config(at: initFrom)
+            let dense = try ViT(config: denseConfig, backend: backend, seed: cfg.seed)
+            try ModelCheckpoint.load(initFrom, into: dense)
+            print("loaded \(initFrom)")
+            try upcycleInto(model, from: dense, method: method, cfg: cfg, data: data)
+        }
+        let run = try TrainRun(config: cfg, model: model, out: outDir, data: data)
+        let moe = cfg.model.moe.map { " with \($0.router) MoE in blocks \(cfg.model.moeBlocks)" } ?? ""
+        print("training \(model.params.parameterCount) parameters\(cfg.model.moeBlocks.isEmpty ? "" : moe) for \(cfg.steps) steps -> \(outDir.path)")
+        let accuracy = try finish(run, label: cfg.model.moeBlocks.isEmpty ? "dense" : cfg.model.moe!.router)
+        if let baseline {
+            print(String(format: "dense baseline %.2f%% -> upcycled %.2f%% (%+.2f points)", 100 * baseline, 100 * accuracy, 100 * (accuracy - baseline)))
+        }
+    }
+
+    func apply(to cfg: inout TrainConfig) {
+        if let steps { cfg.steps = steps }
+        if let data { cfg.data = data }
+        if let lr { cfg.learningRate = lr }
+        if let batchSize { cfg.batchSize = batchSize }
+        if let seed { cfg.seed = seed }
+        if let router {
+            if router == "dense" { cfg.model.moeBlocks = []; cfg.model.moe = nil } else {
+                var moe = cfg.model.moe ?? MoEConfig()
+                if moe.router != router { moe = Recipe.moe(router: router, experts: moe.experts) }
+                cfg.model.moe = moe
+                if cfg.model.moeBlocks.isEmpty { cfg.model.moeBlocks = Array((cfg.model.depth / 2)..<cfg.model.depth) }
+            }
+        }
+        if let experts { cfg.model.moe?.experts = experts }
+        if let topK { cfg.model.moe?.topK = topK }
+        if upcycle == "replicate" { cfg.model.moe?.expertWidthRatio = 1 }
+    }
+
+    func upcycleInto(_ model: ViT, from dense: ViT, method: String, cfg: TrainConfig, data: (train: ImageDataset, test: ImageDataset)) throws {
+        guard let expertInit = ExpertInit(rawValue: method) else {
+            // --upcycle none: copy what the models share and keep fresh experts.
+            try OnlineUpcycle.apply(dense: dense, into: model, method: nil, calibration: nil, seed: cfg.seed)
+            return
+        }
+        let calibration = try Recipe.calibrationPatches(data.train, model: cfg.model, count: 256, backend: model.backend)
+        for line in try OnlineUpcycle.apply(dense: dense, into: model, method: expertInit, calibration: calibration, seed: cfg.seed) {
+            print("upcycle: \(line)")
+        }
+    }
+
+    @discardableResult
+    func finish(_ run: TrainRun, label: String) throws -> Double {
+        let bar = ProgressLine(label: label)
+        run.progress = { m, total in bar.update(m, total: total) }
+        let (accuracy, last) = try run.run()
+        bar.done()
+        print(String(format: "%@: step %d, loss %.4f, test accuracy %.2f%% (%d images), %.0f tokens/s; outputs in %@",
+                     label, run.trainer.step, last?.loss ?? .nan, 100 * accuracy, min(run.config.testExamples ?? run.trainer.test.count, run.trainer.test.count),
+                     last?.tokensPerSecond ?? 0, run.out.path))
+        return accuracy
+    }
+
+    func loadData(_ cfg: TrainConfig) throws -> (train: ImageDataset, test: ImageDataset) {
+        var d = try BuiltinData.idxFolder(cfg.data ?? BuiltinData.fashionMNISTFolder)
+        if let n = cfg.trainExamples { d.train = try d.train.prefix(n) }
+        return d
+    }
+}
+
+/// A live progress line: step, loss, accuracy, tokens/s, ETA.
+final class ProgressLine {
+    let label: String
+    let start = Date()
+    let tty = isatty(STDOUT_FILENO) != 0
+    var lastPrinted = Date.distantPast
+    init(label: String) { self.label = label }
+
+    func update(_ m: StepMetrics, total: Int) {
+        let elapsed = Date().timeIntervalSince(start)
+        let eta = elapsed / Double(max(m.step, 1)) * Double(max(total - m.step, 0))
+        var line = String(format: "%@ step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  ETA %@", label, m.step, total, m.loss,
+                          m.learningRate, m.tokensPerSecond, formatDuration(eta))
+        if let acc = m.accuracy { line += String(format: "  test acc %.2f%%", 100 * acc) }
+        if tty {
+            print("\r\u{1B}[K" + line, terminator: m.accuracy != nil ? "\n" : "")
+            fflush(stdout)
+        } else if m.accuracy != nil || Date().timeIntervalSince(lastPrinted) > 10 || m.step == total {
+            print(line)
+            lastPrinted = Date()
+        }
+    }
+
+    func done() { if tty { print("") } }
+}
+
+func formatDuration(_ s: Double) -> String {
+    let t = Int(s.rounded())
+    return t >= 60 ? "\(t / 60)m\(String(format: "%02d", t % 60))s" : "\(t)s"
+}
+
+extension JSONEncoder {
+    static var pretty: JSONEncoder {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys, .prettyPrinted]
+        return e
+    }
+}
