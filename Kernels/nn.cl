@@ -45,8 +45,11 @@ static float group_max(float v, __local float* red)
 
 static void store(__global float* out, const size_t i, const float v, const int accumulate)
 {
-    // Overwrite without reading, so NaN in an uninitialised output cannot leak in.
-    if (accumulate) out[i] += v; else out[i] = v;
+    // Without accumulate the old value is never read, so NaN in an uninitialised
+    // output cannot leak in.
+    float r = v;
+    if (accumulate) r += out[i];
+    out[i] = r;
 }
 
 // ---------------------------------------------------------------------------
