@@ -330,7 +330,9 @@ public struct Upcycler {
             log("writing \(plan.count) tensors to \(outURL.path)")
             for (p, produce) in zip(plan, producers) {
                 switch try produce() {
-                case .raw(let bytes): try writer.write(p.name, bytes: bytes)
+                case .raw(let bytes):
+                    try writer.write(p.name, bytes: bytes)
+                    source.releasePages(p.name)
                 case .floats(let v): try writer.write(p.name, floats: v)
                 }
             }
