@@ -262,11 +262,12 @@ __kernel void softmax_forward(__global const float* x, const int offX, __global 
     float m = -INFINITY;
     for (int j = lid; j < visible; j += step) m = fmax(m, scale * xr[j]);
     m = group_max(m, red);
+    // One exp per element: e is parked in y, then scaled. y may be x: each item
+    // rewrites only the elements it alone reads, in the same order.
     float s = 0.0f;
-    for (int j = lid; j < visible; j += step) s += exp(scale * xr[j] - m);
+    for (int j = lid; j < visible; j += step) { const float e = exp(scale * xr[j] - m); yr[j] = e; s += e; }
     const float inv = 1.0f / group_sum(s, red);
-    // y may be x: every item rewrites only elements it alone read, after the reductions.
-    for (int j = lid; j < f; j += step) yr[j] = j < visible ? exp(scale * xr[j] - m) * inv : 0.0f;
+    for (int j = lid; j < f; j += step) yr[j] = j < visible ? yr[j] * inv : 0.0f;
 }
 
 // dX = scale * y * (dY - sum_j dY_j y_j), one work-group per row.
@@ -285,23 +286,26 @@ __kernel void softmax_backward(__global const float* dy, const int offDY, __glob
     }
 }
 
-// out[o] = x[src(o)]: o is decomposed over the output dims d0..d5 (unused = 1)
-// and each coordinate multiplied by the input stride of the axis it came from.
+// out[o] = x[src(o)] for a permutation of up to six axes. Output dims d0..d5
+// (unused = 1, on the left) and, per output axis, the input stride of the axis
+// it came from. Launch dimension 1 is the outer index o1 over d0..d4, so the
+// div/mod work is once per output row of d5; dimension 0 walks that row with a
+// stride of its global size (64 on GPUs: coalesced; 1 on CPUs: one sequential
+// loop per row). Reads are contiguous when the innermost axis stays innermost
+// (s5 == 1, the attention head split/merge).
 __kernel void transpose_axes(__global const float* x, const int offX, __global float* out, const int offOut,
-                             const int n,
                              const int d0, const int d1, const int d2, const int d3, const int d4, const int d5,
                              const int s0, const int s1, const int s2, const int s3, const int s4, const int s5)
 {
-    const int o = get_global_id(0);
-    if (o >= n) return;
-    int rem = o, src = 0;
-    src += (rem % d5) * s5; rem /= d5;
+    const int o1 = get_global_id(1);
+    int rem = o1, src = 0;
     src += (rem % d4) * s4; rem /= d4;
     src += (rem % d3) * s3; rem /= d3;
     src += (rem % d2) * s2; rem /= d2;
     src += (rem % d1) * s1; rem /= d1;
     src += rem * s0;
-    out[offOut + o] = x[offX + src];
+    for (int k = get_global_id(0); k < d5; k += get_global_size(0))
+        out[offOut + (size_t)o1 * d5 + k] = x[offX + src + k * s5];
 }
 
 // ---------------------------------------------------------------------------
@@ -324,17 +328,25 @@ __kernel void cross_entropy_rows(__global const float* z, const int offZ, __glob
     for (int j = lid; j < C; j += step) { m = fmax(m, zr[j]); sz += zr[j]; }
     m = group_max(m, red);
     sz = group_sum(sz, red);
+    // One exp per element: with a gradient, e = exp(z - m) is parked in dz.
+    __global float* dr = dz + offDZ + (size_t)row * C;
     float se = 0.0f;
-    for (int j = lid; j < C; j += step) se += exp(zr[j] - m);
-    const float lse = m + log(group_sum(se, red));
+    for (int j = lid; j < C; j += step) {
+        const float e = exp(zr[j] - m);
+        if (hasGrad) dr[j] = e;
+        se += e;
+    }
+    se = group_sum(se, red);
+    const float lse = m + log(se);
 
     if (lid == 0) {
         rowLoss[offLoss + row] = valid ? lse - (1.0f - smoothing) * zr[label] - smoothing / C * sz : NAN;
     }
     if (hasGrad) {
+        const float inv = 1.0f / se;
         for (int j = lid; j < C; j += step) {
             const float q = (j == label ? 1.0f - smoothing : 0.0f) + smoothing / C;
-            dz[offDZ + (size_t)row * C + j] = valid ? gscale * (exp(zr[j] - lse) - q) : NAN;
+            dr[j] = valid ? gscale * (dr[j] * inv - q) : NAN;
         }
     }
 }
