@@ -342,16 +342,16 @@ __kernel void zloss_rows(__global const float* logits, const int offL, const int
     }
 }
 
-// Load-balancing loss, step 1: work-item (c, e) sums probs[t, e] and counts
+// Load-balancing loss, step 1: work-item (e, c) sums probs[t, e] and counts
 // the choices of e over the tokens of chunk c (e fastest: coalesced reads).
 __kernel void lb_partials(__global const float* probs, const int offP, __global const int* index, const int offI,
                           const int T, const int E, const int K, const int chunk,
                           __global float* psum, __global int* pcount)
 {
-    const int gid = get_global_id(0);
-    const int c = gid / E, e = gid % E;
+    const int e = get_global_id(0), c = get_global_id(1);
+    const int gid = c * E + e;
     const int start = c * chunk, end = min(T, start + chunk);
-    if (start >= T) return;
+    if (e >= E || start >= T) return;
     float s = 0.0f;
     int n = 0;
     for (int t = start; t < end; t++) {
