@@ -43,6 +43,13 @@ static float group_max(float v, __local float* red)
     return total;
 }
 
+// Row reductions below read four consecutive features at a time (vload4: any
+// float alignment): items take quads q = lid, lid + step, ... and then the
+// f % 4 tail elements. Four independent partial sums per item keep a CPU
+// device's adds pipelined and give GPUs 16-byte loads; the final
+// (x + y) + (z + w) order is fixed, so results stay deterministic.
+static float hsum(const float4 v) { return (v.x + v.y) + (v.z + v.w); }
+
 static void store(__global float* out, const size_t i, const float v, const int accumulate)
 {
     // Without accumulate the old value is never read, so NaN in an uninitialised
@@ -71,14 +78,19 @@ __kernel void norm_forward(__global const float* x, const int offX,
     __global const float* xr = x + offX + (size_t)row * f;
     __global float* yr = y + offY + (size_t)row * f;
 
+    const int quads = f / 4;
     float mu = 0.0f;
     if (centered) {
-        float s = 0.0f;
-        for (int j = lid; j < f; j += step) s += xr[j];
+        float4 s4 = 0.0f;
+        for (int q = lid; q < quads; q += step) s4 += vload4(q, xr);
+        float s = hsum(s4);
+        for (int j = 4 * quads + lid; j < f; j += step) s += xr[j];
         mu = group_sum(s, red) / f;
     }
-    float ss = 0.0f;
-    for (int j = lid; j < f; j += step) { const float d = xr[j] - mu; ss += d * d; }
+    float4 ss4 = 0.0f;
+    for (int q = lid; q < quads; q += step) { const float4 d = vload4(q, xr) - mu; ss4 += d * d; }
+    float ss = hsum(ss4);
+    for (int j = 4 * quads + lid; j < f; j += step) { const float d = xr[j] - mu; ss += d * d; }
     const float rs = rsqrt(group_sum(ss, red) / f + eps);
 
     for (int j = lid; j < f; j += step) {
@@ -109,14 +121,24 @@ __kernel void norm_backward_dx(__global const float* dy, const int offDY,
     const float mu = centered ? mean[offM + row] : 0.0f;
     const float rs = rstd[offR + row];
 
-    float sg = 0.0f, sgx = 0.0f;
-    for (int j = lid; j < f; j += step) {
-        const float g = dy[offDY + base + j] * gamma[offG + j];
+    __global const float* dyr = dy + offDY + base;
+    __global const float* xr = x + offX + base;
+    __global const float* gr = gamma + offG;
+    const int quads = f / 4;
+    float4 sg4 = 0.0f, sgx4 = 0.0f;
+    for (int q = lid; q < quads; q += step) {
+        const float4 g = vload4(q, dyr) * vload4(q, gr);
+        sg4 += g;
+        sgx4 += g * (vload4(q, xr) - mu);
+    }
+    float sg = hsum(sg4), sgx = hsum(sgx4);
+    for (int j = 4 * quads + lid; j < f; j += step) {
+        const float g = dyr[j] * gr[j];
         sg += g;
-        sgx += g * (x[offX + base + j] - mu) * rs;
+        sgx += g * (xr[j] - mu);
     }
     const float meanG = centered ? group_sum(sg, red) / f : 0.0f;
-    const float meanGX = group_sum(sgx, red) / f;
+    const float meanGX = group_sum(sgx, red) * rs / f;   // mean(g * xhat), xhat = (x - mean) * rstd
 
     for (int j = lid; j < f; j += step) {
         const float g = dy[offDY + base + j] * gamma[offG + j];
@@ -278,7 +300,13 @@ __kernel void softmax_backward(__global const float* dy, const int offDY, __glob
     const int row = get_group_id(0), lid = get_local_id(0), step = get_local_size(0);
     const size_t base = (size_t)row * f;
     float s = 0.0f;
-    for (int j = lid; j < f; j += step) s += dy[offDY + base + j] * y[offY + base + j];
+    __global const float* dyr = dy + offDY + base;
+    __global const float* yr = y + offY + base;
+    const int quads = f / 4;
+    float4 s4 = 0.0f;
+    for (int q = lid; q < quads; q += step) s4 += vload4(q, dyr) * vload4(q, yr);
+    s += hsum(s4);
+    for (int j = 4 * quads + lid; j < f; j += step) s += dyr[j] * yr[j];
     const float dot = group_sum(s, red);
     for (int j = lid; j < f; j += step) {
         const float v = scale * y[offY + base + j] * (dy[offDY + base + j] - dot);
