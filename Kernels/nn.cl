@@ -184,6 +184,47 @@ __kernel void sum_rows_partials(__global const float* x, const int offX, __globa
     part[(size_t)c * cols + j] = s;
 }
 
+// The same two pass-1 sums for CPU devices: one work-item per chunk walks its
+// rows in order and adds each row into its partial row part[c, :], so reads
+// are sequential. Every column is still summed over the chunk in row order:
+// the partials are the same numbers as the column-per-item kernels give.
+__kernel void norm_param_partials_rowwise(__global const float* dy, const int offDY,
+                                          __global const float* x, const int offX,
+                                          __global const float* mean, const int offM,
+                                          __global const float* rstd, const int offR,
+                                          __global float* partG, __global float* partB,
+                                          const int rows, const int f, const int centered)
+{
+    const int c = get_global_id(0);
+    if (c * ROW_CHUNK >= max(rows, 1)) return;
+    __global float* pg = partG + (size_t)c * f;
+    __global float* pb = partB + (size_t)c * f;
+    for (int j = 0; j < f; j++) pg[j] = 0.0f;
+    if (centered) for (int j = 0; j < f; j++) pb[j] = 0.0f;
+    const int r1 = min(rows, (c + 1) * ROW_CHUNK);
+    for (int r = c * ROW_CHUNK; r < r1; r++) {
+        __global const float* dyr = dy + offDY + (size_t)r * f;
+        __global const float* xr = x + offX + (size_t)r * f;
+        const float mu = centered ? mean[offM + r] : 0.0f, rs = rstd[offR + r];
+        for (int j = 0; j < f; j++) pg[j] += dyr[j] * (xr[j] - mu) * rs;
+        if (centered) for (int j = 0; j < f; j++) pb[j] += dyr[j];
+    }
+}
+
+__kernel void sum_rows_partials_rowwise(__global const float* x, const int offX, __global float* part,
+                                        const int rows, const int cols)
+{
+    const int c = get_global_id(0);
+    if (c * ROW_CHUNK >= max(rows, 1)) return;
+    __global float* p = part + (size_t)c * cols;
+    for (int j = 0; j < cols; j++) p[j] = 0.0f;
+    const int r1 = min(rows, (c + 1) * ROW_CHUNK);
+    for (int r = c * ROW_CHUNK; r < r1; r++) {
+        __global const float* xr = x + offX + (size_t)r * cols;
+        for (int j = 0; j < cols; j++) p[j] += xr[j];
+    }
+}
+
 // Pass 2: out[j] (+)= sum over chunks in order of part[c, j].
 __kernel void sum_partials_finalize(__global const float* part, const int chunks, const int cols,
                                     __global float* out, const int offOut, const int accumulate)

@@ -80,7 +80,11 @@ extension OpenCLBackend {
         // An empty input still launches one chunk, which writes zeros.
         let args: [CLArg] = try arg(dY) + arg(x) + arg(mean ?? rstd) + arg(rstd)
             + [.buffer(partG), .buffer(partB), int(rows), int(f), flag(centered)]
-        try kernel("norm_param_partials", in: "nn.cl").launch(args, global: [f, chunks], local: [min(f, 64), 1])
+        if device.kind == .cpu {
+            try kernel("norm_param_partials_rowwise", in: "nn.cl").launch(args, global: [chunks], local: [1])
+        } else {
+            try kernel("norm_param_partials", in: "nn.cl").launch(args, global: [f, chunks], local: [min(f, 64), 1])
+        }
         try finalizeColumns(partG, chunks: chunks, cols: f, out: dGamma, accumulate: accumulate)
         if let dBeta { try finalizeColumns(partB, chunks: chunks, cols: f, out: dBeta, accumulate: accumulate) }
     }
@@ -121,8 +125,12 @@ extension OpenCLBackend {
         let rows = try NNCheck.rows("sumRows", x, features: cols)
         let chunks = max(1, (rows + Self.rowChunk - 1) / Self.rowChunk)
         let part = try scratch(chunks * cols)
-        try kernel("sum_rows_partials", in: "nn.cl").launch(
-            try arg(x) + [.buffer(part), int(rows), int(cols)], global: [cols, chunks], local: [min(cols, 64), 1])
+        let args: [CLArg] = try arg(x) + [.buffer(part), int(rows), int(cols)]
+        if device.kind == .cpu {
+            try kernel("sum_rows_partials_rowwise", in: "nn.cl").launch(args, global: [chunks], local: [1])
+        } else {
+            try kernel("sum_rows_partials", in: "nn.cl").launch(args, global: [cols, chunks], local: [min(cols, 64), 1])
+        }
         try finalizeColumns(part, chunks: chunks, cols: cols, out: out, accumulate: accumulate)
     }
 
