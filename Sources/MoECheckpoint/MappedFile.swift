@@ -47,4 +47,17 @@ public final class MappedFile: @unchecked Sendable {
     }
 
     public var all: UnsafeRawBufferPointer { bytes(0..<count) }
+
+    /// Drops the pages of `range` from this process (they are clean and are read
+    /// again from the file if touched). Called after a tensor has been converted
+    /// or copied, so streaming a whole checkpoint keeps the resident set near
+    /// one tensor instead of growing to the size of the file.
+    public func release(_ range: Range<Int>) {
+        guard let base, !range.isEmpty else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = range.lowerBound / page * page
+        let end = min(count, (range.upperBound + page - 1) / page * page)
+        guard end > start else { return }
+        _ = madvise(UnsafeMutableRawPointer(mutating: base + start), end - start, Int32(MADV_DONTNEED))
+    }
 }

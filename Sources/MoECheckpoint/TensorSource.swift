@@ -26,6 +26,8 @@ public protocol TensorSource: AnyObject {
     func passthrough(_ name: String) -> (StorageDType, UnsafeRawBufferPointer)?
     /// The folder holding the checkpoint (for a `config.json` beside it).
     var directory: URL { get }
+    /// Lets the operating system drop the mapped pages of a tensor already used.
+    func releasePages(_ name: String)
 }
 
 extension TensorSource {
@@ -125,7 +127,14 @@ public final class SafetensorsCheckpoint: TensorSource, @unchecked Sendable {
 
     public func floats(_ name: String) throws -> [Float] {
         guard let l = location[name] else { throw CheckpointError(.usage, "no tensor named \(name) in \(sourceDescription)") }
+        defer { releasePages(name) }
         return try convertToFloats(files[l.file].rawBytes(l.entry), dtype: l.entry.dtype, count: l.entry.shape.reduce(1, *), name: name)
+    }
+
+    public func releasePages(_ name: String) {
+        guard let l = location[name] else { return }
+        let f = files[l.file]
+        f.file.release(f.dataStart + l.entry.begin..<f.dataStart + l.entry.end)
     }
 
     public func passthrough(_ name: String) -> (StorageDType, UnsafeRawBufferPointer)? {

@@ -254,9 +254,9 @@ public struct Upcycler {
             outURL = dir.appendingPathComponent("model.safetensors")
             configURL = format == .mixtral ? dir.appendingPathComponent("config.json") : nil
         }
-        let inputPaths = Set(((source as? SafetensorsCheckpoint)?.files.map(\.path) ?? [(source as! GGUFCheckpoint).gguf.path])
-            .map { URL(fileURLWithPath: $0).standardizedFileURL.path })
-        guard !inputPaths.contains(outURL.standardizedFileURL.path) else {
+        let inputFiles = (source as? SafetensorsCheckpoint)?.files.map(\.path) ?? (source as? GGUFCheckpoint).map { [$0.gguf.path] } ?? []
+        let inputPaths = Set(inputFiles.map { URL(fileURLWithPath: $0).resolvingSymlinksInPath().path })
+        guard !inputPaths.contains(outURL.resolvingSymlinksInPath().path) else {
             throw CheckpointError(.usage, "--to would overwrite the input checkpoint; choose another path")
         }
 
@@ -330,7 +330,9 @@ public struct Upcycler {
             log("writing \(plan.count) tensors to \(outURL.path)")
             for (p, produce) in zip(plan, producers) {
                 switch try produce() {
-                case .raw(let bytes): try writer.write(p.name, bytes: bytes)
+                case .raw(let bytes):
+                    try writer.write(p.name, bytes: bytes)
+                    source.releasePages(p.name)
                 case .floats(let v): try writer.write(p.name, floats: v)
                 }
             }

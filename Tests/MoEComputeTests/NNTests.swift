@@ -270,7 +270,7 @@ final class NNTests: XCTestCase {
             try backend.transposeAxes(x, permutation: perm, out: out)
             XCTAssertEqual(try out.floats(), Reference.transposeAxes(xs, shape: shape, permutation: perm), "split \(backend.name)")
             let back = try backend.zeros(shape)
-            try backend.transposeAxes(out, permutation: Reference.inversePermutation(perm), out: back)
+            try backend.transposeAxesBackward(dY: out, permutation: perm, dX: back)
             XCTAssertEqual(try back.floats(), xs, "inverse \(backend.name)")
             // Merge heads [B, heads, T, d] -> [B, T, heads, d]; a view of the Q part as input.
             let q = try out.view(offset: 0, shape: [2, 4, 5, 3])

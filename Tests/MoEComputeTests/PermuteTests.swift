@@ -206,4 +206,5 @@ final class PermuteTests: XCTestCase {
             XCTAssertThrowsError(try b.combine(try b.zeros([2, 4]), weights: try b.zeros([2, 2]), plan: plan, into: try b.zeros([2, 4])), b.name)
         }
     }
+
 }

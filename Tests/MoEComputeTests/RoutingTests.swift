@@ -337,6 +337,75 @@ final class RoutingTests: XCTestCase {
         }
     }
 
+    /// Every routing and permute kernel once on tiny shapes, as one pipeline
+    /// (gate -> plan -> permute -> combine and back), against the references.
+    /// Small enough to run under oclgrind: `--filter RoutingTests.testTinyPipeline`.
+    func testTinyPipelineOnEveryKernel() throws {
+        let (T, E, k, h) = (5, 3, 2, 6)
+        let logits = randomFloats(T * E, seed: 1, in: -2...2), x = randomFloats(T * h, seed: 2), g = randomFloats(T * h, seed: 3)
+        let c = GateConfig(k: k, renormalize: true, jitter: GateJitter(epsilon: 0.05, seed: 4))
+        let ref = Reference.gate(logits: RT.doubles(logits), tokens: T, experts: E, config: c)
+        for policy in DropPolicy.allCases {
+            let config = DispatchConfig(experts: E, capacity: .fixed(3), dropPolicy: policy)
+            for b in try TestDevices.all() {
+                let out = try b.gate(logits: try b.tensor(logits, shape: [T, E]), config: c)
+                XCTAssertEqual(try out.expertIndex.ints(), ref.expertIndex, b.name)
+                let plan = try b.dispatchPlan(expertIndex: out.expertIndex, gateWeight: out.gateWeight, config: config)
+                let refPlan = Reference.dispatchPlan(expertIndex: ref.expertIndex, gateWeight: ref.gateWeight, tokens: T, k: k, config: config)
+                XCTAssertEqual(try plan.destination.ints(), refPlan.destination, "\(b.name) \(policy)")
+                XCTAssertEqual(try plan.sourceOfRow.ints(), refPlan.sourceOfRow, "\(b.name) \(policy)")
+                XCTAssertEqual(try plan.offsets.ints(), refPlan.offsets, "\(b.name) \(policy)")
+                let xp = try b.zeros([plan.maxRows, h]), y = try b.zeros([T, h])
+                try b.permute(try b.tensor(x, shape: [T, h]), plan: plan, into: xp)
+                try b.combine(xp, weights: out.gateWeight, plan: plan, into: y)
+                let xpRef = Reference.permute(x: RT.doubles(x), hidden: h, plan: refPlan, slots: k, rows: plan.maxRows)
+                assertRelativeError(try y.floats(), Reference.combine(yp: xpRef, weights: ref.gateWeight, hidden: h, plan: refPlan, tokens: T, slots: k),
+                                    below: 1e-5, "pipeline output \(b.name) \(policy)")
+                let dyp = try b.zeros([plan.maxRows, h]), dw = try b.zeros([T, k]), dx = try b.zeros([T, h])
+                try b.combineBackward(dOut: try b.tensor(g, shape: [T, h]), yp: xp, weights: out.gateWeight, plan: plan, dYp: dyp, dWeights: dw)
+                try b.unpermute(dyp, plan: plan, into: dx)
+                let back = Reference.combineBackward(dOut: RT.doubles(g), yp: xpRef, weights: ref.gateWeight, hidden: h, plan: refPlan,
+                                                     tokens: T, slots: k, rows: plan.maxRows)
+                assertRelativeError(try dx.floats(), Reference.combine(yp: back.dYp, weights: nil, hidden: h, plan: refPlan, tokens: T, slots: k),
+                                    below: 1e-5, "pipeline dX \(b.name) \(policy)")
+                assertRelativeError(try dw.floats(), back.dWeights, below: 1e-5, "pipeline dWeights \(b.name)")
+                let loss = try b.zeros([1]), dProbs = try b.zeros([T, E])
+                try b.loadBalancingLoss(probs: out.probs, expertIndex: out.expertIndex, coefficient: 1, loss: loss, dProbs: dProbs)
+                let dLogits = try b.gateBackward(config: c, gate: out, dGateWeight: dw, dProbs: dProbs)
+                try b.zLoss(logits: try b.tensor(logits, shape: [T, E]), coefficient: 1, loss: loss, dLogits: dLogits, accumulate: true)
+                let lb = Reference.loadBalancingLoss(probs: ref.probs, expertIndex: ref.expertIndex, tokens: T, experts: E, k: k)
+                let z = Reference.zLoss(logits: RT.doubles(logits), tokens: T, experts: E)
+                let refDL = Reference.gateBackward(config: c, tokens: T, experts: E, expertIndex: ref.expertIndex, gateWeight: ref.gateWeight,
+                                                   probs: ref.probs, dGateWeight: back.dWeights, dProbs: lb.dProbs)
+                assertRelativeError(try dLogits.floats(), zip(refDL, z.dLogits).map { $0 + $1 }, below: 1e-5, "pipeline dLogits \(b.name)")
+                assertRelativeError(try loss.floats(), [z.loss], below: 1e-5, "pipeline z-loss \(b.name)")
+                // Expert choice and the Soft-MoE pieces on the same tiny shapes.
+                let (ecPlan, cw) = try b.expertChoice(probs: out.probs, capacity: 2)
+                let ecRef = Reference.expertChoice(probs: RT.doubles(try out.probs.floats()), tokens: T, experts: E, capacity: 2)
+                XCTAssertEqual(try ecPlan.destination.ints(), ecRef.plan.destination, b.name)
+                XCTAssertEqual(try cw.floats().map(Double.init), ecRef.combineWeight, b.name)
+                let dl2 = try b.zeros([T, E])
+                try b.expertChoiceBackward(probs: out.probs, destination: ecPlan.destination, dCombineWeight: try b.tensor(randomFloats(T * E, seed: 5), shape: [T, E]), dLogits: dl2)
+                let xn = try b.zeros([T, h]), dxn = try b.zeros([T, h])
+                try b.l2NormalizeRows(try b.tensor(x, shape: [T, h]), into: xn, epsilon: 1e-6)
+                try b.l2NormalizeRowsBackward(x: try b.tensor(x, shape: [T, h]), dY: try b.tensor(g, shape: [T, h]), dX: dxn, epsilon: 1e-6)
+                assertRelativeError(try xn.floats(), Reference.l2NormalizeRows(RT.doubles(x), rows: T, cols: h, epsilon: 1e-6), below: 1e-5, b.name)
+                let tau = try b.tensor([0.5], shape: [1]), lt = try b.zeros([T, h]), ds = try b.zeros([T, h]), dt = try b.zeros([1])
+                try b.scaleByTemperature(xn, temperature: tau, into: lt)
+                try b.scaleByTemperatureBackward(dLogits: try b.tensor(g, shape: [T, h]), logits: lt, temperature: tau, dScores: ds, dTemperature: dt)
+                let sw = try b.zeros([T, h]), dsw = try b.zeros([T, h])
+                try b.softmaxOverTokens(lt, into: sw)
+                try b.softmaxOverTokensBackward(weights: sw, dWeights: try b.tensor(g, shape: [T, h]), dLogits: dsw)
+                try b.softmaxOverSlots(lt, into: sw)
+                try b.softmaxOverSlotsBackward(weights: sw, dWeights: try b.tensor(g, shape: [T, h]), dLogits: dsw)
+                let ltRef = Reference.l2NormalizeRows(RT.doubles(x), rows: T, cols: h, epsilon: 1e-6).map { $0 / 0.5 }
+                assertRelativeError(try dt.floats(), [-RT.dot(RT.doubles(g), ltRef) / 0.5], below: 1e-5, "pipeline dTemperature \(b.name)")
+                assertRelativeError(try dsw.floats(), Reference.rowSoftmaxBackward(y: Reference.rowSoftmax(ltRef, rows: T, cols: h), dy: RT.doubles(g), rows: T, cols: h),
+                                    below: 1e-5, "pipeline combine softmax backward \(b.name)")
+            }
+        }
+    }
+
     func testShapeErrorsThrow() throws {
         for b in try TestDevices.all() {
             let l = try b.zeros([4, 3])

@@ -28,24 +28,59 @@ extension CPUBackend {
 
     /// `out[j] (+)= sum_r term(r, j)` for columns `cols`, in row order per column;
     /// rows are added in blocks of 64 into a partial row first (as the OpenCL
-    /// kernels do), which keeps the float error small for many rows.
+    /// kernels do), which keeps the float error small for many rows. `addRow`
+    /// adds row r's terms for a range of columns into the partial row.
+    @inline(__always)
     static func columnSums(rows: Int, cols: Int, out: UnsafeMutablePointer<Float>, accumulate: Bool,
                            _ addRow: (Int, Range<Int>, UnsafeMutablePointer<Float>) -> Void) {
+        columnSums(rows: rows, cols: cols, out: out, out2: nil, accumulate: accumulate) { r, cr, part, _ in addRow(r, cr, part) }
+    }
+
+    /// Two column sums in one pass over the rows (`out2` gets the second partial row).
+    static func columnSums(rows: Int, cols: Int, out: UnsafeMutablePointer<Float>, out2: UnsafeMutablePointer<Float>?,
+                           accumulate: Bool,
+                           _ addRow: (Int, Range<Int>, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>) -> Void) {
         parallelFor(cols, work: rows * cols) { cr in
             let width = cr.count
-            let total = UnsafeMutablePointer<Float>.allocate(capacity: width)
-            let part = UnsafeMutablePointer<Float>.allocate(capacity: width)
-            defer { total.deallocate(); part.deallocate() }
+            let buffer = UnsafeMutablePointer<Float>.allocate(capacity: 4 * width)
+            defer { buffer.deallocate() }
+            let total = buffer, part = buffer + width, total2 = buffer + 2 * width, part2 = buffer + 3 * width
             total.initialize(repeating: 0, count: width)
+            total2.initialize(repeating: 0, count: width)
             var r0 = 0
             while r0 < rows {
                 part.initialize(repeating: 0, count: width)
-                for r in r0..<min(rows, r0 + 64) { addRow(r, cr, part) }
-                for k in 0..<width { total[k] += part[k] }
+                part2.initialize(repeating: 0, count: width)
+                for r in r0..<min(rows, r0 + 64) { addRow(r, cr, part, part2) }
+                for k in 0..<width { total[k] += part[k]; total2[k] += part2[k] }
                 r0 += 64
             }
             for k in 0..<width { store(out, cr.lowerBound + k, total[k], accumulate) }
+            if let out2 { for k in 0..<width { store(out2, cr.lowerBound + k, total2[k], accumulate) } }
         }
+    }
+
+    // MARK: Row reductions in eight lanes
+
+    // Float sums are not reassociated by the compiler, so a plain loop runs one
+    // add at a time. These keep eight partial sums (SIMD8) and add them in a
+    // fixed order at the end: vectorised and still deterministic.
+
+    @inline(__always)
+    static func load8(_ p: UnsafePointer<Float>, _ i: Int) -> SIMD8<Float> {
+        UnsafeRawPointer(p + i).loadUnaligned(as: SIMD8<Float>.self)
+    }
+
+    /// `sum_j f(j)` over `0..<n`, where `f8` gives eight consecutive terms at once
+    /// and `f1` one term (for the tail).
+    @inline(__always)
+    static func laneSum(_ n: Int, _ f8: (Int) -> SIMD8<Float>, _ f1: (Int) -> Float) -> Float {
+        var acc = SIMD8<Float>(repeating: 0)
+        var j = 0
+        while j + 8 <= n { acc += f8(j); j += 8 }
+        var s = acc.sum()
+        while j < n { s += f1(j); j += 1 }
+        return s
     }
 
     // MARK: Normalisation
@@ -67,13 +102,12 @@ extension CPUBackend {
                 let xr = px + r * f, yr = py + r * f
                 var mu: Float = 0
                 if pb != nil {
-                    var s: Float = 0
-                    for j in 0..<f { s += xr[j] }
-                    mu = s / Float(f)
+                    mu = Self.laneSum(f, { Self.load8(xr, $0) }, { xr[$0] }) / Float(f)
                 }
                 // Two passes: the variance of (x - mean), not E[x^2] - mean^2.
-                var ss: Float = 0
-                for j in 0..<f { let d = xr[j] - mu; ss += d * d }
+                let mu8 = SIMD8<Float>(repeating: mu)
+                let ss = Self.laneSum(f, { let d = Self.load8(xr, $0) - mu8; return d * d },
+                                      { let d = xr[$0] - mu; return d * d })
                 let rs = 1 / (ss / Float(f) + eps).squareRoot()
                 if let pb {
                     for j in 0..<f { yr[j] = (xr[j] - mu) * rs * pg[j] + pb[j] }
@@ -106,11 +140,10 @@ extension CPUBackend {
             for r in range {
                 let dyr = pdy + r * f, xr = px + r * f, dxr = pdx + r * f
                 let mu = pm?[r] ?? 0, rs = pr[r]
-                var sg: Float = 0, sgx: Float = 0
-                for j in 0..<f {
-                    let g = dyr[j] * pg[j]
-                    sg += g; sgx += g * (xr[j] - mu) * rs
-                }
+                let mu8 = SIMD8<Float>(repeating: mu)
+                let sg = centered ? Self.laneSum(f, { Self.load8(dyr, $0) * Self.load8(pg, $0) }, { dyr[$0] * pg[$0] }) : 0
+                let sgx = Self.laneSum(f, { Self.load8(dyr, $0) * Self.load8(pg, $0) * (Self.load8(xr, $0) - mu8) },
+                                       { dyr[$0] * pg[$0] * (xr[$0] - mu) }) * rs
                 let meanG = centered ? sg / Float(f) : 0, meanGX = sgx / Float(f)
                 for j in 0..<f {
                     let v = rs * (dyr[j] * pg[j] - meanG - (xr[j] - mu) * rs * meanGX)
@@ -119,14 +152,19 @@ extension CPUBackend {
             }
         }
         // dGamma = sum_r dY * xhat, dBeta = sum_r dY.
-        Self.columnSums(rows: rows, cols: f, out: pdg, accumulate: accumulate) { r, cols, part in
-            let mu = pm?[r] ?? 0, rs = pr[r], base = r * f + cols.lowerBound
-            for k in 0..<cols.count { part[k] += pdy[base + k] * (px[base + k] - mu) * rs }
-        }
         if let pdb {
-            Self.columnSums(rows: rows, cols: f, out: pdb, accumulate: accumulate) { r, cols, part in
-                let base = r * f + cols.lowerBound
-                for k in 0..<cols.count { part[k] += pdy[base + k] }
+            Self.columnSums(rows: rows, cols: f, out: pdg, out2: pdb, accumulate: accumulate) { r, cols, part, part2 in
+                let mu = pm?[r] ?? 0, rs = pr[r], base = r * f + cols.lowerBound
+                for k in 0..<cols.count {
+                    let d = pdy[base + k]
+                    part[k] += d * (px[base + k] - mu) * rs
+                    part2[k] += d
+                }
+            }
+        } else {
+            Self.columnSums(rows: rows, cols: f, out: pdg, accumulate: accumulate) { r, cols, part in
+                let rs = pr[r], base = r * f + cols.lowerBound
+                for k in 0..<cols.count { part[k] += pdy[base + k] * px[base + k] * rs }
             }
         }
     }
@@ -184,35 +222,49 @@ extension CPUBackend {
     @inline(__always)
     static func sigmoid(_ x: Float) -> Float { 1 / (1 + Foundation.exp(-x)) }
 
+    /// tanh through one exp (several times faster than libm's tanhf on this
+    /// path): exact limits +-1, absolute error a few ulp.
     @inline(__always)
-    static func activate(_ f: ActivationFunction, _ x: Float) -> Float {
-        switch f {
-        case .geluErf: return 0.5 * x * (1 + Foundation.erf(x * 0.70710678118654752))
-        case .geluTanh: return 0.5 * x * (1 + Foundation.tanh(0.79788456080286536 * (x + 0.044715 * x * x * x)))
-        case .silu: return x * sigmoid(x)
-        }
+    static func tanhViaExp(_ u: Float) -> Float { 1 - 2 / (1 + Foundation.exp(2 * u)) }
+
+    @inline(__always)
+    static func geluErf(_ x: Float) -> Float { 0.5 * x * (1 + Foundation.erf(x * 0.70710678118654752)) }
+
+    @inline(__always)
+    static func geluErfGrad(_ x: Float) -> Float {
+        0.5 * (1 + Foundation.erf(x * 0.70710678118654752)) + x * 0.39894228040143268 * Foundation.exp(-0.5 * x * x)
+    }
+
+    // tanh GELU: 0.5 x (1 + tanh(k (x + c x^3))), k = sqrt(2/pi), c = 0.044715
+    @inline(__always)
+    static func geluTanh(_ x: Float) -> Float { 0.5 * x * (1 + tanhViaExp(0.79788456080286536 * (x + 0.044715 * x * x * x))) }
+
+    @inline(__always)
+    static func geluTanhGrad(_ x: Float) -> Float {
+        let k: Float = 0.79788456080286536, c: Float = 0.044715
+        let t = tanhViaExp(k * (x + c * x * x * x))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * c * x * x)
     }
 
     @inline(__always)
-    static func derivative(_ f: ActivationFunction, _ x: Float) -> Float {
-        switch f {
-        case .geluErf:
-            return 0.5 * (1 + Foundation.erf(x * 0.70710678118654752)) + x * 0.39894228040143268 * Foundation.exp(-0.5 * x * x)
-        case .geluTanh:
-            let k: Float = 0.79788456080286536, c: Float = 0.044715
-            let t = Foundation.tanh(k * (x + c * x * x * x))
-            return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * c * x * x)
-        case .silu:
-            let s = sigmoid(x)
-            return s * (1 + x * (1 - s))
-        }
+    static func silu(_ x: Float) -> Float { x * sigmoid(x) }
+
+    @inline(__always)
+    static func siluGrad(_ x: Float) -> Float {
+        let s = sigmoid(x)
+        return s * (1 + x * (1 - s))
     }
 
     public func activation(_ f: ActivationFunction, _ x: Tensor, out y: Tensor) throws {
         try ElementwiseCheck.same("activation", x, y)
         let px = try f32(x), py = try f32(y)
+        // One loop per function, so each inlines into a tight loop.
         Self.parallelFor(x.count, work: x.count * 8) { range in
-            for i in range { py[i] = Self.activate(f, px[i]) }
+            switch f {
+            case .geluErf: for i in range { py[i] = Self.geluErf(px[i]) }
+            case .geluTanh: for i in range { py[i] = Self.geluTanh(px[i]) }
+            case .silu: for i in range { py[i] = Self.silu(px[i]) }
+            }
         }
     }
 
@@ -220,7 +272,11 @@ extension CPUBackend {
         try ElementwiseCheck.same("activationBackward", dY, x, dX)
         let pdy = try f32(dY), px = try f32(x), pdx = try f32(dX)
         Self.parallelFor(x.count, work: x.count * 8) { range in
-            for i in range { Self.store(pdx, i, pdy[i] * Self.derivative(f, px[i]), accumulate) }
+            switch f {
+            case .geluErf: for i in range { Self.store(pdx, i, pdy[i] * Self.geluErfGrad(px[i]), accumulate) }
+            case .geluTanh: for i in range { Self.store(pdx, i, pdy[i] * Self.geluTanhGrad(px[i]), accumulate) }
+            case .silu: for i in range { Self.store(pdx, i, pdy[i] * Self.siluGrad(px[i]), accumulate) }
+            }
         }
     }
 
@@ -230,7 +286,7 @@ extension CPUBackend {
         Self.parallelFor(y.count / h, work: y.count * 8) { range in
             for r in range {
                 let a = px + r * 2 * h, b = a + h, yr = py + r * h
-                for i in 0..<h { yr[i] = Self.activate(.silu, a[i]) * b[i] }
+                for i in 0..<h { yr[i] = Self.silu(a[i]) * b[i] }
             }
         }
     }
@@ -246,7 +302,7 @@ extension CPUBackend {
                 let da = pdx + r * 2 * h, db = da + h
                 for i in 0..<h {
                     // da = dY * b * silu'(a), db = dY * silu(a)
-                    let vA = g[i] * b[i] * Self.derivative(.silu, a[i]), vB = g[i] * Self.activate(.silu, a[i])
+                    let vA = g[i] * b[i] * Self.siluGrad(a[i]), vB = g[i] * Self.silu(a[i])
                     if accumulate { da[i] += vA; db[i] += vB } else { da[i] = vA; db[i] = vB }
                 }
             }
@@ -281,8 +337,7 @@ extension CPUBackend {
         Self.parallelFor(rows, work: y.count) { range in
             for r in range {
                 let dyr = pdy + r * f, yr = py + r * f, dxr = pdx + r * f
-                var dot: Float = 0
-                for j in 0..<f { dot += dyr[j] * yr[j] }
+                let dot = Self.laneSum(f, { Self.load8(dyr, $0) * Self.load8(yr, $0) }, { dyr[$0] * yr[$0] })
                 for j in 0..<f {
                     let v = scale * yr[j] * (dyr[j] - dot)
                     if accumulate { dxr[j] += v } else { dxr[j] = v }
@@ -334,15 +389,23 @@ extension CPUBackend {
                 var m = -Float.infinity, sz: Float = 0
                 for j in 0..<c { m = max(m, zr[j]); sz += zr[j] }
                 var se: Float = 0
-                for j in 0..<c { se += Foundation.exp(zr[j] - m) }
+                if let pd {
+                    // One exp per element: park exp(z - m) in dLogits.
+                    let dr = pd + r * c
+                    for j in 0..<c { let e = Foundation.exp(zr[j] - m); dr[j] = e; se += e }
+                } else {
+                    for j in 0..<c { se += Foundation.exp(zr[j] - m) }
+                }
                 let lse = m + Foundation.log(se)
                 // loss = lse - (1 - s) z_label - (s / C) sum z
                 ploss[r] = valid ? lse - (1 - s) * zr[label] - s / Float(c) * sz : .nan
                 if let pd {
-                    let dr = pd + r * c
-                    for j in 0..<c {
-                        let q = (j == label ? 1 - s : 0) + s / Float(c)
-                        dr[j] = valid ? gscale * (Foundation.exp(zr[j] - lse) - q) : .nan
+                    let dr = pd + r * c, inv = 1 / se, base = s / Float(c)
+                    if valid {
+                        for j in 0..<c { dr[j] = gscale * (dr[j] * inv - base) }
+                        dr[label] -= gscale * (1 - s)
+                    } else {
+                        for j in 0..<c { dr[j] = .nan }
                     }
                 }
             }

@@ -5,10 +5,14 @@ extension OpenCLBackend {
     /// Rows summed per work-item in the first pass of a column reduction (ROW_CHUNK in nn.cl).
     static let rowChunk = 64
 
-    /// The work-group size for a row kernel over `features`: a power of two
-    /// <= 256 (the kernels' local buffers) and <= the device limit, no larger
-    /// than the row needs.
+    /// The work-group size for a row kernel over `features`. On a CPU device
+    /// (PoCL runs a work-group as loops on one core) one work-item per row,
+    /// looping over contiguous features, is fastest: no barriers, sequential
+    /// reads (4-5x the bandwidth of 256-item groups on PoCL). On GPUs a power
+    /// of two <= 256 (the kernels' local buffers) and <= the device limit, no
+    /// larger than the row needs.
     func rowGroup(_ features: Int) -> Int {
+        if device.kind == .cpu { return 1 }
         var limit = 1
         while limit * 2 <= min(256, tuning.elementwiseGroup) { limit *= 2 }
         var g = 1
@@ -76,7 +80,11 @@ extension OpenCLBackend {
         // An empty input still launches one chunk, which writes zeros.
         let args: [CLArg] = try arg(dY) + arg(x) + arg(mean ?? rstd) + arg(rstd)
             + [.buffer(partG), .buffer(partB), int(rows), int(f), flag(centered)]
-        try kernel("norm_param_partials", in: "nn.cl").launch(args, global: [f, chunks], local: [min(f, 64), 1])
+        if device.kind == .cpu {
+            try kernel("norm_param_partials_rowwise", in: "nn.cl").launch(args, global: [chunks], local: [1])
+        } else {
+            try kernel("norm_param_partials", in: "nn.cl").launch(args, global: [f, chunks], local: [min(f, 64), 1])
+        }
         try finalizeColumns(partG, chunks: chunks, cols: f, out: dGamma, accumulate: accumulate)
         if let dBeta { try finalizeColumns(partB, chunks: chunks, cols: f, out: dBeta, accumulate: accumulate) }
     }
@@ -117,8 +125,12 @@ extension OpenCLBackend {
         let rows = try NNCheck.rows("sumRows", x, features: cols)
         let chunks = max(1, (rows + Self.rowChunk - 1) / Self.rowChunk)
         let part = try scratch(chunks * cols)
-        try kernel("sum_rows_partials", in: "nn.cl").launch(
-            try arg(x) + [.buffer(part), int(rows), int(cols)], global: [cols, chunks], local: [min(cols, 64), 1])
+        let args: [CLArg] = try arg(x) + [.buffer(part), int(rows), int(cols)]
+        if device.kind == .cpu {
+            try kernel("sum_rows_partials_rowwise", in: "nn.cl").launch(args, global: [chunks], local: [1])
+        } else {
+            try kernel("sum_rows_partials", in: "nn.cl").launch(args, global: [cols, chunks], local: [min(cols, 64), 1])
+        }
         try finalizeColumns(part, chunks: chunks, cols: cols, out: out, accumulate: accumulate)
     }
 
@@ -168,11 +180,13 @@ extension OpenCLBackend {
 
     public func transposeAxes(_ x: Tensor, permutation: [Int], out: Tensor) throws {
         let (dims, strides) = try NNCheck.permutation(x, permutation, out)
+        guard x.count > 0 else { return }
         // Pad to six axes on the left: size-1 axes contribute nothing to the index.
         let pad = 6 - dims.count
         let d = [Int](repeating: 1, count: pad) + dims, s = [Int](repeating: 0, count: pad) + strides
-        try launch1D("transpose_axes", in: "nn.cl", try arg(x) + arg(out) + [int(x.count)] + d.map(int) + s.map(int),
-                     count: x.count)
+        let outer = x.count / d[5], walkers = device.kind == .cpu ? 1 : min(d[5], 64)
+        try kernel("transpose_axes", in: "nn.cl").launch(
+            try arg(x) + arg(out) + d.map(int) + s.map(int), global: [walkers, outer], local: [walkers, 1])
     }
 
     // MARK: Loss and evaluation

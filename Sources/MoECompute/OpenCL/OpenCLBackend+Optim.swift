@@ -6,8 +6,11 @@ extension OpenCLBackend {
     /// device, few enough that the second pass (one work-group) stays short.
     static let normGroups = 64
 
-    /// The local size of the reduction kernels: a power of two <= 256 and the device limit.
+    /// The local size of the reduction kernels: 1 on a CPU device (each
+    /// work-group then streams its block sequentially), else a power of two
+    /// <= 256 and the device limit.
     private var reductionGroup: Int {
+        if device.kind == .cpu { return 1 }
         var g = 1
         while g * 2 <= min(256, tuning.elementwiseGroup) { g *= 2 }
         return g
@@ -32,7 +35,7 @@ extension OpenCLBackend {
         let local = reductionGroup
         // Each tensor gets a fixed number of work-groups (by its size), each
         // writing one partial at its own slot: the order of the sum is fixed.
-        let groupsPer = tensors.map { min(Self.normGroups, max(1, ($0.count + local - 1) / local)) }
+        let groupsPer = tensors.map { min(Self.normGroups, max(1, ($0.count + 4095) / 4096)) }
         let total = groupsPer.reduce(0, +)
         let partials = try scratch(total)
         var slot = 0

@@ -67,9 +67,9 @@ extension OpenCLBackend: RoutingOps {
         let psum = try makeTensor(shape: [chunks * E], dtype: .f32)
         let pcount = try makeTensor(shape: [chunks * E], dtype: .i32)
         let gradE = try makeTensor(shape: [E], dtype: .f32)
-        try launch1D("lb_partials", in: "routing.cl",
-                     try arg(probs) + arg(expertIndex) + [i(T), i(E), i(k), i(chunk), .buffer(try buffer(psum)), .buffer(try buffer(pcount))],
-                     count: chunks * E)
+        try kernel("lb_partials", in: "routing.cl").launch(
+            try arg(probs) + arg(expertIndex) + [i(T), i(E), i(k), i(chunk), .buffer(try buffer(psum)), .buffer(try buffer(pcount))],
+            global: [E, chunks])
         try kernel("lb_final", in: "routing.cl").launch(
             [.buffer(try buffer(psum)), .buffer(try buffer(pcount)), i(chunks), i(T), i(E), i(k), .float(coefficient)]
                 + (try arg(loss)) + [.buffer(try buffer(gradE))],

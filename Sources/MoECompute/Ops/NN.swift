@@ -93,7 +93,8 @@ public protocol NNOps: AnyObject {
     /// Writes `rowLoss[r] = -sum_c q_c log softmax(z_r)_c` (`[rows]`), their mean
     /// into `meanLoss` (`[1]`, a fixed-order reduction, stays on the device), and,
     /// when `dLogits` is given, the gradient of `gradientScale * meanLoss`:
-    /// `dLogits = gradientScale * (softmax(z) - q) / rows` (overwritten).
+    /// `dLogits = gradientScale * (softmax(z) - q) / rows` (overwritten; not the
+    /// `logits` tensor itself: the rows are read after dLogits is written).
     func crossEntropy(logits: Tensor, labels: Tensor, labelSmoothing: Float,
                       rowLoss: Tensor, meanLoss: Tensor, dLogits: Tensor?, gradientScale: Float) throws
 
@@ -150,6 +151,12 @@ extension NNOps {
     /// The backward of `dropout`: the same mask applied to `dY`.
     public func dropoutBackward(dY: Tensor, p: Float, seed: UInt64, dX: Tensor, accumulate: Bool) throws {
         try dropout(dY, p: p, seed: seed, out: dX, accumulate: accumulate)
+    }
+
+    /// The backward of `transposeAxes(x, permutation: p, out: y)`: `dY` has the
+    /// permuted shape (`y.shape`), `dX` gets `x`'s layout (inverse permutation).
+    public func transposeAxesBackward(dY: Tensor, permutation: [Int], dX: Tensor) throws {
+        try transposeAxes(dY, permutation: Reference.inversePermutation(permutation), out: dX)
     }
 
     /// The backward of `scaleRows`: `dX (+)= dY * m` per row.
