@@ -62,9 +62,10 @@ public final class TrainRun {
                              metadata: ["format": "pt", "step": "\(trainer.step)"])
     }
 
-    /// Trains to `config.steps`; returns the final test accuracy.
+    /// Trains to `config.steps` (or stops after step `until`, as an interrupted
+    /// run would); returns the final test accuracy.
     @discardableResult
-    public func run() throws -> (accuracy: Double, last: StepMetrics?) {
+    public func run(until: Int? = nil) throws -> (accuracy: Double, last: StepMetrics?) {
         let metricsURL = out.appendingPathComponent("metrics.jsonl")
         if !FileManager.default.fileExists(atPath: metricsURL.path) { FileManager.default.createFile(atPath: metricsURL.path, contents: nil) }
         let metrics = try FileHandle(forWritingTo: metricsURL)
@@ -73,12 +74,12 @@ public final class TrainRun {
         var last: StepMetrics?
         var accuracy = 0.0
         var window: [Double] = []
-        while trainer.step < config.steps {
+        while trainer.step < min(config.steps, until ?? config.steps) {
             var m = try trainer.trainStep()
             window.append(m.tokensPerSecond)
             if window.count > 20 { window.removeFirst() }
             m.tokensPerSecond = window.reduce(0, +) / Double(window.count)
-            let isLast = trainer.step == config.steps
+            let isLast = trainer.step == config.steps || trainer.step == until
             if (config.evalEvery > 0 && trainer.step % config.evalEvery == 0) || isLast {
                 accuracy = try trainer.evaluate(limit: config.testExamples)
                 m.accuracy = accuracy

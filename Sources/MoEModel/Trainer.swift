@@ -137,9 +137,12 @@ public final class Trainer {
         let rowLoss = try b.zeros([batch]), meanLoss = try b.zeros([1]), dLogits = try b.zeros([batch, c.classes])
         var lossSum: Float = 0
         var aux: [String: Float] = [:]
+        // Augmentation draws from a generator keyed by the step, so a resumed run
+        // sees exactly the batches it would have seen.
+        var augmentRng = SplitMix64(seed: config.seed ^ (UInt64(step) &* 0xD1B5_4A32_D192_ED03))
         for _ in 0..<config.gradientAccumulation {
             let idx = nextIndices(batch)
-            let patches = try b.tensor(patchify.patches(train, indices: idx, rng: &rng, augment: config.augment),
+            let patches = try b.tensor(patchify.patches(train, indices: idx, rng: &augmentRng, augment: config.augment),
                                        shape: [batch, c.patches, c.patchDim])
             try labels.write(idx.map { train.labels[$0] })
             let logits = try model.forward(patches: patches, training: true, step: step)

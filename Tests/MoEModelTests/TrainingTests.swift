@@ -1,0 +1,114 @@
+import Foundation
+import MoECompute
+@testable import MoEModel
+import XCTest
+
+/// Fashion-MNIST from Debian's dataset-fashion-mnist, or a skip naming the install command.
+func fashionMNIST() throws -> (train: ImageDataset, test: ImageDataset) {
+    do { return try BuiltinData.idxFolder(BuiltinData.fashionMNISTFolder) } catch let e as DataError {
+        throw XCTSkip("real-data test skipped: \(e)")
+    }
+}
+
+func smallTrainConfig(router: String?) -> TrainConfig {
+    var c = TrainConfig()
+    c.model.width = 32; c.model.depth = 2; c.model.heads = 2; c.model.mlpRatio = 2
+    if let router {
+        c.model.moeBlocks = [1]
+        c.model.moe = Recipe.moe(router: router, experts: 4)
+        c.model.moe?.dropout = 0; c.model.moe?.stochasticDepth = 0
+    }
+    c.batchSize = 32; c.steps = 20; c.warmupSteps = 2; c.learningRate = 2e-3
+    c.augment = false; c.evalEvery = 0; c.testExamples = 200
+    return c
+}
+
+final class TrainingTests: XCTestCase {
+    /// Training on real images: the loss falls and accuracy beats chance (10%) by far.
+    func testTinyModelLearnsFashionMNIST() throws {
+        let data = try fashionMNIST()
+        var c = smallTrainConfig(router: "topk")
+        c.steps = 150
+        let model = try ViT(config: c.model, backend: CPUBackend(), seed: 1)
+        let trainer = try Trainer(config: c, model: model, train: data.train, test: data.test)
+        var losses: [Float] = []
+        for _ in 0..<c.steps { losses.append(try trainer.trainStep().loss) }
+        let first = losses.prefix(10).reduce(0, +) / 10, last = losses.suffix(10).reduce(0, +) / 10
+        XCTAssertLessThan(last, first * 0.75, "loss should fall: \(first) -> \(last)")
+        let accuracy = try trainer.evaluate(limit: 500)
+        XCTAssertGreaterThan(accuracy, 0.5, "accuracy \(accuracy) should beat chance (0.1) by a wide margin")
+    }
+
+    /// The same seed gives the same loss curve on the OpenCL device (PoCL) and the CPU backend.
+    func testOpenCLAndCPUGiveTheSameLossCurve() throws {
+        let cl = try TestBackends.openCLOrSkip()
+        let data = try fashionMNIST()
+        for router in [nil, "topk", "sphero"] as [String?] {
+            let c = smallTrainConfig(router: router)
+            var curves: [[Float]] = []
+            for backend in [CPUBackend(), cl] as [Backend] {
+                let model = try ViT(config: c.model, backend: backend, seed: 2)
+                let trainer = try Trainer(config: c, model: model, train: data.train, test: data.test)
+                curves.append(try (0..<20).map { _ in try trainer.trainStep().loss })
+            }
+            for (step, (a, b)) in zip(curves[0], curves[1]).enumerated() {
+                XCTAssertLessThan(abs(a - b) / abs(a), 1e-4, "\(router ?? "dense") step \(step + 1): cpu \(a) vs opencl \(b)")
+            }
+        }
+    }
+
+    func testSameSeedSameCurveOnOneBackend() throws {
+        let data = try fashionMNIST()
+        let c = smallTrainConfig(router: "sphero")
+        var curves: [[Float]] = []
+        for _ in 0..<2 {
+            let trainer = try Trainer(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 3), train: data.train, test: data.test)
+            curves.append(try (0..<5).map { _ in try trainer.trainStep().loss })
+        }
+        XCTAssertEqual(curves[0], curves[1])
+    }
+
+    /// A run folder resumed from its checkpoint continues exactly where it stopped.
+    func testResumeContinuesTheSameRun() throws {
+        let data = try fashionMNIST()
+        var c = smallTrainConfig(router: "topk")
+        c.steps = 6; c.evalEvery = 3; c.augment = true
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("moe-gpu-resume-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let full = try TrainRun(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 4), out: dir.appendingPathComponent("full"), data: data)
+        let straight = try full.run().last!.loss
+
+        // A run stopped after step 3 (as a crash would), then resumed from its folder.
+        let partDir = dir.appendingPathComponent("part")
+        _ = try TrainRun(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 4), out: partDir, data: data).run(until: 3)
+        let resumed = try TrainRun(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 99), out: partDir, data: data)
+        try resumed.resume(from: partDir)
+        XCTAssertEqual(resumed.trainer.step, 3)
+        let after = try resumed.run().last!.loss
+        XCTAssertEqual(after, straight, accuracy: 1e-5 * abs(straight))
+        let lines = try String(contentsOf: partDir.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n")
+        XCTAssertGreaterThanOrEqual(lines.count, 2)
+        for line in lines { XCTAssertNoThrow(try JSONSerialization.jsonObject(with: Data(line.utf8))) }
+    }
+
+    func testLearningRateScheduleWarmsUpAndDecays() {
+        var c = TrainConfig()
+        c.steps = 100; c.warmupSteps = 10; c.learningRate = 1; c.minLearningRate = 0.1
+        XCTAssertEqual(c.learningRate(at: 5), 0.5, accuracy: 1e-6)
+        XCTAssertEqual(c.learningRate(at: 10), 1, accuracy: 1e-6)
+        XCTAssertEqual(c.learningRate(at: 55), 0.55, accuracy: 1e-5)
+        XCTAssertEqual(c.learningRate(at: 100), 0.1, accuracy: 1e-6)
+    }
+
+    func testBadConfigsAreRejectedWithTheReason() {
+        var c = TrainConfig()
+        c.model.moeBlocks = [1]
+        c.model.moe = MoEConfig()
+        c.model.moe!.router = "hash"
+        XCTAssertThrowsError(try c.validate()) { XCTAssertTrue("\($0)".contains("unknown router \"hash\"")) }
+        c.model.moe!.router = "topk"; c.model.moe!.topK = 9
+        XCTAssertThrowsError(try c.validate()) { XCTAssertTrue("\($0)".contains("topK 9")) }
+        c = TrainConfig(); c.model.width = 30; c.model.heads = 4
+        XCTAssertThrowsError(try c.validate())
+    }
+}
