@@ -21,17 +21,53 @@ public final class TrainRun {
         try atomicWrite(try JSONEncoder.sorted.encode(config), to: out.appendingPathComponent("config.json"))
     }
 
+    /// Reads a JSON config. Keys left out keep their defaults (`moe-gpu train
+    /// --print-config` shows them all); an unknown key is an error naming it.
     public static func loadConfig(_ path: String) throws -> TrainConfig {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw ModelError.badConfig("cannot read config file \(path)")
         }
-        do { return try JSONDecoder().decode(TrainConfig.self, from: data) } catch let DecodingError.keyNotFound(key, _) {
-            throw ModelError.badConfig("\(path): missing key '\(key.stringValue)'")
-        } catch let DecodingError.typeMismatch(_, ctx) {
-            throw ModelError.badConfig("\(path): wrong type at '\(ctx.codingPath.map(\.stringValue).joined(separator: "."))'")
-        } catch {
-            throw ModelError.badConfig("\(path) is not a valid JSON training config (\(error.localizedDescription))")
+        guard let user = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+            throw ModelError.badConfig("\(path) is not a JSON object")
         }
+        var defaults = try JSONSerialization.jsonObject(with: try JSONEncoder().encode(TrainConfig())) as! [String: Any]
+        // An MoE section the user gives starts from the MoE defaults for its router.
+        if let moe = (user["model"] as? [String: Any])?["moe"] as? [String: Any] {
+            let router = moe["router"] as? String ?? "sphero"
+            var model = defaults["model"] as! [String: Any]
+            model["moe"] = try JSONSerialization.jsonObject(with: try JSONEncoder().encode(Recipe.moe(router: router)))
+            defaults["model"] = model
+        }
+        var unknown: [String] = []
+        let merged = merge(defaults, user, path: "", unknown: &unknown)
+        guard unknown.isEmpty else {
+            throw ModelError.badConfig("\(path): unknown key\(unknown.count > 1 ? "s" : "") \(unknown.joined(separator: ", ")) (see moe-gpu train --print-config)")
+        }
+        do {
+            return try JSONDecoder().decode(TrainConfig.self, from: try JSONSerialization.data(withJSONObject: merged))
+        } catch let DecodingError.typeMismatch(_, ctx) {
+            throw ModelError.badConfig("\(path): wrong type for '\(ctx.codingPath.map(\.stringValue).joined(separator: "."))'")
+        } catch {
+            throw ModelError.badConfig("\(path) is not a valid training config (\(error))")
+        }
+    }
+
+    /// `user` laid over `defaults`, recursively; keys the defaults lack are reported.
+    /// Optional settings (absent from the defaults) are accepted where known.
+    static func merge(_ defaults: [String: Any], _ user: [String: Any], path: String, unknown: inout [String]) -> [String: Any] {
+        let optional: Set<String> = ["data", "trainExamples", "testExamples", "moe", "capacityFactor", "logitNoise"]
+        var out = defaults
+        for (k, v) in user {
+            let full = path.isEmpty ? k : "\(path).\(k)"
+            if let d = defaults[k] as? [String: Any], let u = v as? [String: Any] {
+                out[k] = merge(d, u, path: full, unknown: &unknown)
+            } else if defaults[k] != nil || optional.contains(k) {
+                out[k] = v
+            } else {
+                unknown.append(full)
+            }
+        }
+        return out
     }
 
     /// Restores model weights, AdamW moments and the step from a run folder.

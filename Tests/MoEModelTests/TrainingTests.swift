@@ -112,3 +112,29 @@ final class TrainingTests: XCTestCase {
         XCTAssertThrowsError(try c.validate())
     }
 }
+
+final class ConfigFileTests: XCTestCase {
+    func write(_ text: String) throws -> String {
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("cfg-\(UUID().uuidString).json")
+        try text.write(to: url, atomically: true, encoding: .utf8)
+        addTeardownBlock { try? FileManager.default.removeItem(at: url) }
+        return url.path
+    }
+
+    func testPartialConfigKeepsDefaults() throws {
+        let c = try TrainRun.loadConfig(try write(#"{"steps": 7, "model": {"width": 32, "moeBlocks": [3], "moe": {"router": "topk", "experts": 4}}}"#))
+        XCTAssertEqual(c.steps, 7)
+        XCTAssertEqual(c.model.width, 32)
+        XCTAssertEqual(c.model.depth, ViTConfig().depth)
+        XCTAssertEqual(c.model.moe?.router, "topk")
+        XCTAssertEqual(c.model.moe?.experts, 4)
+        XCTAssertEqual(c.model.moe?.topK, Recipe.moe(router: "topk").topK)
+        XCTAssertEqual(c.batchSize, TrainConfig().batchSize)
+    }
+
+    func testUnknownKeysAreNamed() throws {
+        XCTAssertThrowsError(try TrainRun.loadConfig(try write(#"{"stpes": 7, "model": {"widht": 3}}"#))) { e in
+            XCTAssertTrue("\(e)".contains("stpes") && "\(e)".contains("model.widht"), "\(e)")
+        }
+    }
+}

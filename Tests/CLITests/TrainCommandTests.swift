@@ -1,0 +1,74 @@
+import Foundation
+import XCTest
+
+final class TrainCommandTests: XCTestCase {
+    var hasFashionMNIST: Bool { FileManager.default.fileExists(atPath: "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz") }
+
+    func smallConfig(_ dir: URL, lr: Double = 0.002) throws -> URL {
+        let config = """
+            {"model": {"imageSize": 28, "channels": 1, "patchSize": 7, "width": 16, "depth": 2, "heads": 2, "mlpRatio": 2,
+                       "classes": 10, "pool": "mean", "moeBlocks": [1],
+                       "moe": {"router": "topk", "experts": 4, "topK": 2, "gateOrder": "softmax-topk", "renormalize": true,
+                               "dropPolicy": "position", "jitter": 0, "auxLossCoefficient": 0.01, "zLossCoefficient": 0.001,
+                               "expertWidthRatio": 1, "dropout": 0, "slotsPerExpert": 1, "coreExperts": 0,
+                               "universalWidthRatio": 0.25, "temperatureInit": 0.5, "stochasticDepth": 0}},
+             "testExamples": 100, "batchSize": 16, "steps": 4, "learningRate": \(lr), "minLearningRate": 0, "warmupSteps": 1,
+             "weightDecay": 0.05, "beta1": 0.9, "beta2": 0.999, "clipNorm": 1, "labelSmoothing": 0.1,
+             "gradientAccumulation": 1, "evalEvery": 2, "logEvery": 1, "augment": false, "seed": 0}
+            """
+        let url = dir.appendingPathComponent("config.json")
+        try config.write(to: url, atomically: true, encoding: .utf8)
+        return url
+    }
+
+    func testTrainWithAConfigFileWritesEveryOutputAndEvalReadsIt() throws {
+        guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
+        let dir = try CLI.temporaryDirectory(self)
+        let out = dir.appendingPathComponent("run")
+        let r = try CLI.run(["train", "--config", try smallConfig(dir).path, "--device", "cpu", "--out", out.path])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        for f in ["config.json", "metrics.jsonl", "model.safetensors", "optimizer.safetensors", "eval.json"] {
+            XCTAssertTrue(FileManager.default.fileExists(atPath: out.appendingPathComponent(f).path), "\(f) missing")
+        }
+        let metrics = try String(contentsOf: out.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n")
+        XCTAssertEqual(metrics.count, 4)
+        let last = try JSONSerialization.jsonObject(with: Data(metrics.last!.utf8)) as! [String: Any]
+        for key in ["step", "loss", "aux_loss", "z_loss", "lr", "accuracy", "tokens_per_s", "expert_load"] {
+            XCTAssertNotNil(last[key], "metrics line lacks \(key): \(last)")
+        }
+        let e = try CLI.run(["eval", "--checkpoint", out.appendingPathComponent("model.safetensors").path, "--limit", "100", "--json"])
+        XCTAssertEqual(e.status, 0, e.stderr)
+        let evalObject = try JSONSerialization.jsonObject(with: Data(e.stdout.utf8)) as! [String: Any]
+        let written = try JSONSerialization.jsonObject(with: Data(contentsOf: out.appendingPathComponent("eval.json"))) as! [String: Any]
+        XCTAssertEqual(evalObject["accuracy"] as! Double, written["accuracy"] as! Double, accuracy: 1e-12)
+    }
+
+    func testMissingDataNamesTheFolder() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let r = try CLI.run(["train", "--config", try smallConfig(dir).path, "--data", dir.appendingPathComponent("nowhere").path,
+                             "--out", dir.appendingPathComponent("out").path])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("nowhere/train-images-idx3-ubyte"), r.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("out/model.safetensors").path))
+    }
+
+    func testBadConfigIsOneClearLine() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let url = dir.appendingPathComponent("bad.json")
+        try "{\"steps\": \"many\"}".write(to: url, atomically: true, encoding: .utf8)
+        let r = try CLI.run(["train", "--config", url.path])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("bad.json"), r.stderr)
+    }
+
+    func testDivergingLossStopsWithAClearErrorAndKeepsNoHalfFile() throws {
+        guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
+        let dir = try CLI.temporaryDirectory(self)
+        let out = dir.appendingPathComponent("run")
+        let r = try CLI.run(["train", "--config", try smallConfig(dir, lr: 1e30).path, "--device", "cpu", "--out", out.path])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("NaN or infinite"), r.stderr)
+        let leftovers = (try? FileManager.default.contentsOfDirectory(atPath: out.path)) ?? []
+        XCTAssertFalse(leftovers.contains { $0.contains(".tmp") }, "temporary files left: \(leftovers)")
+    }
+}
