@@ -84,6 +84,26 @@ public final class CPUBackend: Backend, @unchecked Sendable {
         guard g.m > 0, g.n > 0, g.batch > 0 else { return }
         switch grouping {
         case .batch:
+            let perBatch = Double(g.m) * Double(g.n) * Double(g.k)
+            if g.batch >= 2 && perBatch < CPUBackend.threadedGemmMACs {
+                // Many small multiplies (attention heads): one single-threaded BLAS call
+                // per batch, the batches spread over the cores. Each batch writes its own C.
+                let (ua, ub, uc) = (UInt(bitPattern: pa), UInt(bitPattern: pb), UInt(bitPattern: pc))
+                let biasAddress = bias.map { UInt(bitPattern: $0) }
+                let workers = min(g.batch, ProcessInfo.processInfo.activeProcessorCount)
+                CPUBackend.withBLASThreads(1) {
+                    DispatchQueue.concurrentPerform(iterations: workers) { w in
+                        let a = UnsafeMutablePointer<Float>(bitPattern: ua)!, b = UnsafeMutablePointer<Float>(bitPattern: ub)!
+                        let c = UnsafeMutablePointer<Float>(bitPattern: uc)!
+                        let biasPointer = biasAddress.flatMap { UnsafeMutablePointer<Float>(bitPattern: $0) }
+                        for bi in stride(from: w, to: g.batch, by: workers) {
+                            self.sgemm(g, m: g.m, k: g.k, a + bi * g.strideA, b + bi * g.strideB, c + bi * g.strideC, manageThreads: false)
+                            self.applyEpilogue(c + bi * g.strideC, rows: g.m, g, bias: biasPointer, activation: epilogue.activation)
+                        }
+                    }
+                }
+                return
+            }
             for bi in 0..<g.batch {
                 sgemm(g, m: g.m, k: g.k, pa + bi * g.strideA, pb + bi * g.strideB, pc + bi * g.strideC)
                 applyEpilogue(pc + bi * g.strideC, rows: g.m, g, bias: bias, activation: epilogue.activation)
@@ -108,15 +128,36 @@ public final class CPUBackend: Backend, @unchecked Sendable {
         }
     }
 
+    /// Below this many multiply-adds OpenBLAS's threads cost more than they save.
+    static let threadedGemmMACs = 4_000_000.0
+    static let blasThreads = Int(openblas_get_num_threads())
+    private static let blasLock = NSLock()
+
+    /// Runs `body` with OpenBLAS limited to `n` threads.
+    static func withBLASThreads(_ n: Int, _ body: () -> Void) {
+        blasLock.lock(); defer { blasLock.unlock() }
+        openblas_set_num_threads(Int32(n))
+        body()
+        openblas_set_num_threads(Int32(blasThreads))
+    }
+
     /// One OpenBLAS sgemm of `m` rows and contraction `k` with g's transposes, scalars and leading dims.
-    private func sgemm(_ g: Gemm, m: Int, k: Int, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>) {
+    private func sgemm(_ g: Gemm, m: Int, k: Int, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>,
+                       manageThreads: Bool = true) {
         if k == 0 {
             // BLAS leaves C untouched for k == 0 only when beta == 1; make it exact.
             for i in 0..<m { for j in 0..<g.n { c[i * g.ldc + j] = g.beta == 0 ? 0 : g.beta * c[i * g.ldc + j] } }
             return
         }
-        cblas_sgemm(CblasRowMajor, g.transA ? CblasTrans : CblasNoTrans, g.transB ? CblasTrans : CblasNoTrans,
-                    Int32(m), Int32(g.n), Int32(k), g.alpha, a, Int32(g.lda), b, Int32(g.ldb), g.beta, c, Int32(g.ldc))
+        let call = {
+            cblas_sgemm(CblasRowMajor, g.transA ? CblasTrans : CblasNoTrans, g.transB ? CblasTrans : CblasNoTrans,
+                        Int32(m), Int32(g.n), Int32(k), g.alpha, a, Int32(g.lda), b, Int32(g.ldb), g.beta, c, Int32(g.ldc))
+        }
+        if manageThreads && Double(m) * Double(g.n) * Double(k) < CPUBackend.threadedGemmMACs && CPUBackend.blasThreads > 1 {
+            CPUBackend.withBLASThreads(1, call)
+        } else {
+            call()
+        }
     }
 
     private func applyEpilogue(_ c: UnsafeMutablePointer<Float>, rows: Int, _ g: Gemm, bias: UnsafeMutablePointer<Float>?,
