@@ -148,6 +148,16 @@ public func writeSafetensors(to url: URL, tensors: [(name: String, dtype: Storag
     try w.finish()
 }
 
+/// Little-endian bytes of f32 values converted to `dtype` (F32, F16 or BF16),
+/// for `writeSafetensors`.
+public func encodeFloats(_ values: [Float], as dtype: StorageDType) -> Data {
+    switch dtype {
+    case .F16: return values.map { HalfConversion.f32ToF16($0) }.withUnsafeBytes { Data($0) }
+    case .BF16: return values.map { HalfConversion.f32ToBF16($0) }.withUnsafeBytes { Data($0) }
+    default: return values.withUnsafeBytes { Data($0) }
+    }
+}
+
 /// `write(2)`, named apart from the writer's own `write` methods.
 @inline(__always) func posixWrite(_ fd: Int32, _ p: UnsafeRawPointer, _ n: Int) -> Int {
     #if canImport(Glibc)
