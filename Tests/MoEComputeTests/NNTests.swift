@@ -453,6 +453,24 @@ final class NNTests: XCTestCase {
         }
     }
 
+    /// The GPU launch shapes (work-groups of 64 and 256 items with tree reductions
+    /// in local memory, column-per-item partial sums, 64-wide transposes) on the
+    /// CI's CPU OpenCL device, which otherwise runs one work-item per row.
+    func testOpenCLWorkGroupShapesMatchReference() throws {
+        _ = try TestDevices.openCLOrSkip()
+        for g in [64, 256] {
+            OpenCLBackend.workGroupOverride = g
+            defer { OpenCLBackend.workGroupOverride = nil }
+            try testLayerNormForwardAndBackwardMatchReference()
+            try testRMSNormForwardAndBackwardMatchReference()
+            try testAddBroadcastAndSumRowsMatchReference()
+            try testSoftmaxMatchesReference()
+            try testCrossEntropyMatchesReference()
+            try testTransposeAxesSplitsAndMergesHeads()
+            try testBackendsAgreeOnAChainOfOps()
+        }
+    }
+
     func testShapeMistakesThrow() throws {
         for backend in try TestDevices.all() {
             let x = try backend.zeros([3, 7]), g = try backend.zeros([5])
