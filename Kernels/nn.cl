@@ -4,7 +4,9 @@
 // Conventions: every buffer argument is followed by its offset in elements;
 // "rows x f" means rows of f features, row-major. Row kernels (norms, softmax,
 // cross-entropy) run one work-group per row; the local size is a power of two
-// <= 256 chosen by the host. Reductions use a fixed tree in local memory and
+// <= 256 chosen by the host (1 on CPU devices, where a work-item looping over
+// a contiguous row beats a group of items and barriers). Reductions use a
+// fixed tree in local memory and
 // reductions over rows use fixed chunks then a fixed-order second pass, so
 // results depend only on the shapes: deterministic, no float atomics.
 // `accumulate` (0 or 1) selects out += value over out = value.
