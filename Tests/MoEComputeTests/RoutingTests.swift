@@ -432,6 +432,21 @@ final class RoutingTests: XCTestCase {
         }
     }
 
+    /// Other work-group sizes for the selection scans and the reductions, and the
+    /// GPU row shape in the pipeline, on the CI's CPU OpenCL device.
+    func testOpenCLWorkGroupShapesMatchReference() throws {
+        _ = try TestDevices.openCLOrSkip()
+        for g in [1, 64] {
+            OpenCLBackend.workGroupOverride = g
+            defer { OpenCLBackend.workGroupOverride = nil }
+            try testExpertChoiceMatchesReference()
+            try testZLossValueAndGradient()
+            try testLoadBalancingLossAndGradientThroughTheGate()
+            try testTemperatureScaleAndGradient()
+            try testTinyPipelineOnEveryKernel()
+        }
+    }
+
     func testShapeErrorsThrow() throws {
         for b in try TestDevices.all() {
             let l = try b.zeros([4, 3])
