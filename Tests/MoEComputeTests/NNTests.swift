@@ -291,6 +291,57 @@ final class NNTests: XCTestCase {
         }
     }
 
+    /// Multi-head attention composed from these ops and batched GEMM, forward and
+    /// backward, as the model does it: split heads with transposeAxes, scores
+    /// Q K^T, scaled (causal) softmax, P V, merge heads; the backward through the
+    /// same ops against finite differences of the float64 reference.
+    func testAttentionThroughBatchedGemmMatchesReference() throws {
+        let (b, t, h, d) = (2, 5, 2, 3)
+        let bh = b * h, scale = 1 / Float(d).squareRoot()
+        let qkvs = randomFloats(b * t * 3 * h * d, seed: 141, in: -1.5...1.5), dOuts = randomFloats(b * t * h * d, seed: 142)
+        for causal in [false, true] {
+            let ref = Reference.attention(dbl(qkvs), batch: b, tokens: t, heads: h, headDim: d, scale: Double(scale), causal: causal)
+            let refGrad = numericGradient(at: dbl(qkvs)) {
+                dot(dbl(dOuts), Reference.attention($0, batch: b, tokens: t, heads: h, headDim: d, scale: Double(scale), causal: causal))
+            }
+            for backend in try TestDevices.all() {
+                let what = "attention \(backend.name) causal=\(causal)"
+                // Forward.
+                let qkv = try backend.tensor(qkvs, shape: [b, t, 3, h, d])
+                let split = try backend.zeros([3, b, h, t, d])
+                try backend.transposeAxes(qkv, permutation: [2, 0, 3, 1, 4], out: split)
+                let q = try split.view(offset: 0, shape: [bh, t, d])
+                let k = try split.view(offset: bh * t * d, shape: [bh, t, d])
+                let v = try split.view(offset: 2 * bh * t * d, shape: [bh, t, d])
+                let p = try backend.zeros([bh, t, t])
+                try backend.gemm(Gemm(m: t, n: t, k: d, transB: true, batch: bh), q, k, p)
+                try backend.softmax(p, out: p, scale: scale, causal: causal)
+                let o = try backend.zeros([b, h, t, d])
+                try backend.gemm(Gemm(m: t, n: d, k: t, batch: bh), p, v, o)
+                let out = try backend.zeros([b, t, h, d])
+                try backend.transposeAxes(o, permutation: [0, 2, 1, 3], out: out)
+                assertRelativeError(try out.floats(), ref, below: Bound.rows, what)
+                // Backward.
+                let dOut = try backend.tensor(dOuts, shape: [b, t, h, d])
+                let dO = try backend.zeros([b, h, t, d])
+                try backend.transposeAxesBackward(dY: dOut, permutation: [0, 2, 1, 3], dX: dO)
+                let dSplit = try backend.zeros([3, b, h, t, d])
+                let dQ = try dSplit.view(offset: 0, shape: [bh, t, d])
+                let dK = try dSplit.view(offset: bh * t * d, shape: [bh, t, d])
+                let dV = try dSplit.view(offset: 2 * bh * t * d, shape: [bh, t, d])
+                let dP = try backend.zeros([bh, t, t])
+                try backend.gemm(Gemm(m: t, n: t, k: d, transB: true, batch: bh), dO, v, dP)        // dP = dO V^T
+                try backend.gemm(Gemm(m: t, n: d, k: t, transA: true, batch: bh), p, dO, dV)        // dV = P^T dO
+                try backend.softmaxBackward(dY: dP, y: p, dX: dP, scale: scale, accumulate: false)  // dS (scale included)
+                try backend.gemm(Gemm(m: t, n: d, k: t, batch: bh), dP, k, dQ)                      // dQ = dS K
+                try backend.gemm(Gemm(m: t, n: d, k: t, transA: true, batch: bh), dP, q, dK)        // dK = dS^T Q
+                let dQKV = try backend.zeros([b, t, 3, h, d])
+                try backend.transposeAxesBackward(dY: dSplit, permutation: [2, 0, 3, 1, 4], dX: dQKV)
+                assertRelativeError(try dQKV.floats(), refGrad, below: Bound.rows, what + " backward")
+            }
+        }
+    }
+
     // MARK: Cross-entropy and argmax
 
     func testCrossEntropyMatchesReference() throws {
