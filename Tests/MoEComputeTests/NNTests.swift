@@ -284,6 +284,12 @@ final class NNTests: XCTestCase {
             try backend.transposeAxes(src, permutation: [0, 2, 1, 4, 3], out: t2)
             XCTAssertEqual(try t2.floats(), Reference.transposeAxes(try src.floats(), shape: [3, 4, 2, 5, 3], permutation: [0, 2, 1, 4, 3]),
                            "gather \(backend.name)")
+            // Rank 6, patch extraction: images [B, C, Hp, p, Wp, p] -> patches [B, Hp, Wp, C, p, p].
+            let img = [2, 3, 2, 4, 3, 4], patchPerm = [0, 2, 4, 1, 3, 5]
+            let pixels = randomFloats(img.reduce(1, *), seed: 74)
+            let patches = try backend.zeros(patchPerm.map { img[$0] })
+            try backend.transposeAxes(try backend.tensor(pixels, shape: img), permutation: patchPerm, out: patches)
+            XCTAssertEqual(try patches.floats(), Reference.transposeAxes(pixels, shape: img, permutation: patchPerm), "patches \(backend.name)")
             let one = try backend.zeros([7])
             try backend.transposeAxes(try backend.tensor(randomFloats(7, seed: 73), shape: [7]), permutation: [0], out: one)
             XCTAssertEqual(try one.floats(), randomFloats(7, seed: 73), "rank 1 \(backend.name)")
@@ -339,6 +345,37 @@ final class NNTests: XCTestCase {
                 try backend.transposeAxesBackward(dY: dSplit, permutation: [2, 0, 3, 1, 4], dX: dQKV)
                 assertRelativeError(try dQKV.floats(), refGrad, below: Bound.rows, what + " backward")
             }
+        }
+    }
+
+    /// The token assembly NNOps' doc describes: patch embeddings written by a
+    /// batched GEMM straight into tokens 1...N, the CLS row by a stride-0 GEMM,
+    /// the CLS gradient by one GEMM with a leading dimension, positions by addBroadcast.
+    func testTokenAssemblyThroughStridedGemm() throws {
+        let (b, n, dm, cpp) = (2, 3, 4, 5)
+        let patchs = randomFloats(b * n * cpp, seed: 151), ws = randomFloats(cpp * dm, seed: 152)
+        let clss = randomFloats(dm, seed: 153), poss = randomFloats((1 + n) * dm, seed: 154)
+        var expected = [Double](repeating: 0, count: b * (1 + n) * dm)
+        for bi in 0..<b { for tk in 0...n { for j in 0..<dm {
+            var v = tk == 0 ? Double(clss[j]) : (0..<cpp).reduce(0.0) { $0 + Double(patchs[(bi * n + tk - 1) * cpp + $1]) * Double(ws[$1 * dm + j]) }
+            v += Double(poss[tk * dm + j])
+            expected[(bi * (1 + n) + tk) * dm + j] = v
+        } } }
+        for backend in try TestDevices.all() {
+            let x = try backend.zeros([b, 1 + n, dm])
+            let tokens = try x.view(offset: dm, shape: [b * (1 + n) * dm - dm])
+            try backend.gemm(Gemm(m: n, n: dm, k: cpp, batch: b, strideA: n * cpp, strideB: 0, strideC: (1 + n) * dm),
+                             try backend.tensor(patchs, shape: [b, n, cpp]), try backend.tensor(ws, shape: [cpp, dm]), tokens)
+            let one = try backend.tensor([1], shape: [1, 1]), cls = try backend.tensor(clss, shape: [1, dm])
+            try backend.gemm(Gemm(m: 1, n: dm, k: 1, batch: b, strideA: 0, strideB: 0, strideC: (1 + n) * dm), one, cls, x)
+            try backend.addBroadcast(try backend.tensor(poss, shape: [1 + n, dm]), to: x)
+            assertRelativeError(try x.floats(), expected, below: Bound.rows, "tokens \(backend.name)")
+            // dCLS = sum over images of dX[b, 0, :].
+            let dcls = try backend.zeros([1, dm])
+            try backend.gemm(Gemm(m: 1, n: dm, k: b, ldb: (1 + n) * dm), try backend.tensor([Float](repeating: 1, count: b), shape: [1, b]), x, dcls)
+            let xs = try x.floats()
+            assertRelativeError(try dcls.floats(), (0..<dm).map { j in (0..<b).reduce(0.0) { $0 + Double(xs[$1 * (1 + n) * dm + j]) } },
+                                below: Bound.rows, "dCLS \(backend.name)")
         }
     }
 
