@@ -192,6 +192,37 @@ final class NNTests: XCTestCase {
         }
     }
 
+    /// Saturated inputs stay finite and right; NaN stays NaN (the vectorised exp paths clamp).
+    func testActivationsAndSoftmaxAtExtremes() throws {
+        let xs: [Float] = [-1000, -100, -88.5, -30, 30, 88.5, 100, 1000, -3, 3, 0, 1]   // 12: one lane group + tail
+        for backend in try TestDevices.all() {
+            for f in ActivationFunction.allCases {
+                let x = try backend.tensor(xs, shape: [xs.count]), y = try backend.zeros([xs.count])
+                try backend.activation(f, x, out: y)
+                let got = try y.floats()
+                let ref = Reference.activation(f, dbl(xs))
+                for i in xs.indices {
+                    XCTAssertEqual(Double(got[i]), ref[i], accuracy: 1e-6 * max(1, abs(ref[i])), "\(f) \(backend.name) x=\(xs[i])")
+                }
+                let dx = try backend.zeros([xs.count])
+                try backend.activationBackward(f, dY: try backend.tensor([Float](repeating: 1, count: xs.count), shape: [xs.count]),
+                                               x: x, dX: dx, accumulate: false)
+                let dref = Reference.activationBackward(f, [Double](repeating: 1, count: xs.count), x: dbl(xs))
+                for (i, g) in try dx.floats().enumerated() {
+                    XCTAssertEqual(Double(g), dref[i], accuracy: 1e-5, "\(f)' \(backend.name) x=\(xs[i])")
+                }
+                let nan = try backend.tensor([.nan, 1, 2, 3, 4, 5, 6, 7, 8], shape: [9]), out = try backend.zeros([9])
+                try backend.activation(f, nan, out: out)
+                XCTAssertTrue((try out.floats())[0].isNaN, "\(f) of NaN \(backend.name)")
+            }
+            let row: [Float] = [0, -200, -90, 5, -1e30, 2, 3, 4, 1, 0]
+            let x = try backend.tensor(row, shape: [1, row.count]), y = try backend.zeros([1, row.count])
+            try backend.softmax(x, out: y, scale: 1, causal: false)
+            let ref = Reference.softmax(dbl(row), features: row.count)
+            for (i, v) in try y.floats().enumerated() { XCTAssertEqual(Double(v), ref[i], accuracy: 1e-7, "softmax \(backend.name) \(i)") }
+        }
+    }
+
     func testSwiGLUMatchesReference() throws {
         for backend in try TestDevices.all() {
             for (rows, h) in [(1, 1), (3, 7), (130, 37), (2, 769)] {
