@@ -4,7 +4,9 @@
 // Conventions: every buffer argument is followed by its offset in elements;
 // "rows x f" means rows of f features, row-major. Row kernels (norms, softmax,
 // cross-entropy) run one work-group per row; the local size is a power of two
-// <= 256 chosen by the host. Reductions use a fixed tree in local memory and
+// <= 256 chosen by the host (1 on CPU devices, where a work-item looping over
+// a contiguous row beats a group of items and barriers). Reductions use a
+// fixed tree in local memory and
 // reductions over rows use fixed chunks then a fixed-order second pass, so
 // results depend only on the shapes: deterministic, no float atomics.
 // `accumulate` (0 or 1) selects out += value over out = value.
@@ -43,12 +45,20 @@ static float group_max(float v, __local float* red)
     return total;
 }
 
-// Row reductions below read four consecutive features at a time (vload4: any
-// float alignment): items take quads q = lid, lid + step, ... and then the
-// f % 4 tail elements. Four independent partial sums per item keep a CPU
-// device's adds pipelined and give GPUs 16-byte loads; the final
-// (x + y) + (z + w) order is fixed, so results stay deterministic.
+// Row kernels walk a row four consecutive features at a time (vload4: any
+// float alignment): item lid takes quads q = lid, lid + step, ... and then the
+// tail elements 4*quads + lid, + step, ... Every pass of a kernel uses this
+// same split, so each element is read and written by one work-item only (no
+// cross-item global memory hazards, in-place use is safe). Four partial sums
+// per item keep a CPU device's adds pipelined and give GPUs 16-byte loads; the
+// final (x + y) + (z + w) order is fixed, so results stay deterministic.
 static float hsum(const float4 v) { return (v.x + v.y) + (v.z + v.w); }
+
+static void store4(__global float* out, const int q, const float4 v, const int accumulate)
+{
+    const float4 old = vload4(q, out);
+    vstore4(accumulate ? old + v : v, q, out);
+}
 
 static void store(__global float* out, const size_t i, const float v, const int accumulate)
 {
@@ -93,9 +103,15 @@ __kernel void norm_forward(__global const float* x, const int offX,
     for (int j = 4 * quads + lid; j < f; j += step) { const float d = xr[j] - mu; ss += d * d; }
     const float rs = rsqrt(group_sum(ss, red) / f + eps);
 
-    for (int j = lid; j < f; j += step) {
-        const float xhat = (xr[j] - mu) * rs;
-        yr[j] = centered ? xhat * gamma[offG + j] + beta[offB + j] : xhat * gamma[offG + j];
+    __global const float* gr = gamma + offG;
+    __global const float* br = beta + offB;
+    for (int q = lid; q < quads; q += step) {
+        const float4 v = (vload4(q, xr) - mu) * rs * vload4(q, gr);
+        vstore4(centered ? v + vload4(q, br) : v, q, yr);
+    }
+    for (int j = 4 * quads + lid; j < f; j += step) {
+        const float v = (xr[j] - mu) * rs * gr[j];
+        yr[j] = centered ? v + br[j] : v;
     }
     if (lid == 0) {
         if (centered) mean[offM + row] = mu;
@@ -140,10 +156,14 @@ __kernel void norm_backward_dx(__global const float* dy, const int offDY,
     const float meanG = centered ? group_sum(sg, red) / f : 0.0f;
     const float meanGX = group_sum(sgx, red) * rs / f;   // mean(g * xhat), xhat = (x - mean) * rstd
 
-    for (int j = lid; j < f; j += step) {
-        const float g = dy[offDY + base + j] * gamma[offG + j];
-        const float xhat = (x[offX + base + j] - mu) * rs;
-        store(dx, offDX + base + j, rs * (g - meanG - xhat * meanGX), accumulate);
+    __global float* dxr = dx + offDX + base;
+    for (int q = lid; q < quads; q += step) {
+        const float4 xhat = (vload4(q, xr) - mu) * rs;
+        store4(dxr, q, rs * (vload4(q, dyr) * vload4(q, gr) - meanG - xhat * meanGX), accumulate);
+    }
+    for (int j = 4 * quads + lid; j < f; j += step) {
+        const float xhat = (xr[j] - mu) * rs;
+        store(dxr, j, rs * (dyr[j] * gr[j] - meanG - xhat * meanGX), accumulate);
     }
 }
 
@@ -338,9 +358,10 @@ __kernel void softmax_forward(__global const float* x, const int offX, __global 
     for (int q = lid; q < quads; q += step) { const float4 e = exp(scale * vload4(q, xr) - m); vstore4(e, q, yr); s4 += e; }
     float s = hsum(s4);
     for (int j = 4 * quads + lid; j < visible; j += step) { const float e = exp(scale * xr[j] - m); yr[j] = e; s += e; }
-    const float inv = 1.0f / group_sum(s, red);   // its barriers order the writes above before the reads below
-    for (int j = lid; j < visible; j += step) yr[j] *= inv;
-    for (int j = visible + lid; j < f; j += step) yr[j] = 0.0f;   // masked keys
+    const float inv = 1.0f / group_sum(s, red);
+    for (int q = lid; q < quads; q += step) vstore4(vload4(q, yr) * inv, q, yr);
+    for (int j = 4 * quads + lid; j < visible; j += step) yr[j] *= inv;
+    for (int j = visible + lid; j < f; j += step) yr[j] = 0.0f;   // masked keys, untouched above
 }
 
 // dX = scale * y * (dY - sum_j dY_j y_j), one work-group per row.
@@ -359,10 +380,9 @@ __kernel void softmax_backward(__global const float* dy, const int offDY, __glob
     s += hsum(s4);
     for (int j = 4 * quads + lid; j < f; j += step) s += dyr[j] * yr[j];
     const float dot = group_sum(s, red);
-    for (int j = lid; j < f; j += step) {
-        const float v = scale * y[offY + base + j] * (dy[offDY + base + j] - dot);
-        store(dx, offDX + base + j, v, accumulate);
-    }
+    __global float* dxr = dx + offDX + base;
+    for (int q = lid; q < quads; q += step) store4(dxr, q, scale * vload4(q, yr) * (vload4(q, dyr) - dot), accumulate);
+    for (int j = 4 * quads + lid; j < f; j += step) store(dxr, j, scale * yr[j] * (dyr[j] - dot), accumulate);
 }
 
 // out[o] = x[src(o)] for a permutation of up to six axes. Output dims d0..d5
@@ -424,17 +444,24 @@ __kernel void cross_entropy_rows(__global const float* z, const int offZ, __glob
         if (hasGrad) dr[j] = e;
         se += e;
     }
-    se = group_sum(se, red);   // its barriers order the writes above before the reads below
+    se = group_sum(se, red);
     const float lse = m + log(se);
 
     if (lid == 0) {
         rowLoss[offLoss + row] = valid ? lse - (1.0f - smoothing) * zr[label] - smoothing / C * sz : NAN;
     }
     if (hasGrad) {
-        const float inv = 1.0f / se;
-        for (int j = lid; j < C; j += step) {
-            const float q = (j == label ? 1.0f - smoothing : 0.0f) + smoothing / C;
-            dr[j] = valid ? gscale * (dr[j] * inv - q) : NAN;
+        // dz = gscale * (e / se - q); the same split as the exp pass, so each
+        // item rescales only what it parked.
+        const float inv = 1.0f / se, hit = 1.0f - smoothing, base = smoothing / C;
+        for (int q = lid; q < quads; q += step) {
+            const int d = label - 4 * q;   // the label's lane in this quad, if any
+            const float4 q4 = (float4)(d == 0 ? hit : 0.0f, d == 1 ? hit : 0.0f, d == 2 ? hit : 0.0f, d == 3 ? hit : 0.0f) + base;
+            vstore4(valid ? gscale * (vload4(q, dr) * inv - q4) : (float4)NAN, q, dr);
+        }
+        for (int j = 4 * quads + lid; j < C; j += step) {
+            const float qj = (j == label ? hit : 0.0f) + base;
+            dr[j] = valid ? gscale * (dr[j] * inv - qj) : NAN;
         }
     }
 }

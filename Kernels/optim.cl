@@ -42,18 +42,23 @@ __kernel void adamw(__global float* p, const int offP, __global const float* g, 
 }
 
 // Pass 1 of the norm: work-group k of G sums x^2 over its contiguous block
-// [k*B, (k+1)*B), B = ceil(n/G), its items striding by the local size (coalesced
-// on GPUs, a sequential stream with one item per group on CPUs), and writes
-// partial[offPart + k].
+// [k*B, (k+1)*B), B = ceil(n/G), its items striding by the local size over
+// quads (coalesced on GPUs, a sequential stream with one item per group on
+// CPUs), and writes partial[offPart + k].
 __kernel void sumsq_partials(__global const float* x, const int offX, const int n,
                              __global float* partial, const int offPart)
 {
     __local float red[MAX_GROUP];
-    const int groups = get_num_groups(0), k = get_group_id(0);
+    const int groups = get_num_groups(0), k = get_group_id(0), lid = get_local_id(0), step = get_local_size(0);
     const int block = (n + groups - 1) / groups;
-    const int end = min(n, (k + 1) * block);
-    float s = 0.0f;
-    for (int i = k * block + get_local_id(0); i < end; i += get_local_size(0)) { const float xi = x[offX + i]; s += xi * xi; }
+    const int start = min(n, k * block), len = min(n, (k + 1) * block) - start;
+    __global const float* xb = x + offX + start;
+    // Quads of four (vload4, four partial sums), then the tail; fixed order.
+    const int quads = len / 4;
+    float4 s4 = 0.0f;
+    for (int q = lid; q < quads; q += step) { const float4 v = vload4(q, xb); s4 += v * v; }
+    float s = (s4.x + s4.y) + (s4.z + s4.w);
+    for (int i = 4 * quads + lid; i < len; i += step) s += xb[i] * xb[i];
     s = group_sum(s, red);
     if (get_local_id(0) == 0) partial[offPart + k] = s;
 }

@@ -148,7 +148,8 @@ public func writeSafetensors(to url: URL, tensors: [(name: String, dtype: Storag
     try w.finish()
 }
 
-/// Little-endian bytes of f32 values converted to `dtype` (F32, F16 or BF16).
+/// Little-endian bytes of f32 values converted to `dtype` (F32, F16 or BF16),
+/// for `writeSafetensors`.
 public func encodeFloats(_ values: [Float], as dtype: StorageDType) -> Data {
     switch dtype {
     case .F16: return values.map { HalfConversion.f32ToF16($0) }.withUnsafeBytes { Data($0) }

@@ -282,8 +282,7 @@ public struct Upcycler {
             if let l = mlpOwner[t.name] {
                 guard emitted.insert(l).inserted else { continue }
                 let names = MoENames(format: format, layer: l, dense: desc.denseMLPs[l]!)
-                let routerRows = o.experts
-                plan.append(PlannedTensor(name: names.router, dtype: .F32, shape: [routerRows, H]))
+                plan.append(PlannedTensor(name: names.router, dtype: .F32, shape: [o.experts, H]))
                 producers.append { .floats(try builder.router(layer: l)) }
                 for e in 0..<o.experts {
                     for part in names.expertParts(e, gated: desc.gated, hasB1: desc.denseMLPs[l]!.fc1Bias != nil,
@@ -366,12 +365,10 @@ enum Payload {
 struct MoENames {
     enum Kind { case w1, b1, wg, w2, b2 }
     let format: OutputFormat
-    let layer: Int
     let prefix: String
 
     init(format: OutputFormat, layer: Int, dense: DenseMLPNames) {
         self.format = format
-        self.layer = layer
         if format == .mixtral, let g = dense.gate, g.hasSuffix("mlp.gate_proj.weight") {
             prefix = String(g.dropLast("mlp.gate_proj.weight".count)) + "block_sparse_moe."
         } else {
@@ -573,11 +570,11 @@ public enum KMeans {
             for ci in 0..<k where counts[ci] > 0 { for j in 0..<dim { c[ci * dim + j] = sums[ci * dim + j] / Double(counts[ci]) } }
             if !changed { break }
         }
-        return orthonormalIfNeeded(c, k: k, dim: dim)
+        return unitRows(c, k: k, dim: dim)
     }
 
     /// Unit-length rows (not orthogonalised: the centroids' directions are the point).
-    static func orthonormalIfNeeded(_ c: [Double], k: Int, dim: Int) -> [Float] {
+    static func unitRows(_ c: [Double], k: Int, dim: Int) -> [Float] {
         var out = [Float](repeating: 0, count: c.count)
         for r in 0..<k {
             var n = 0.0

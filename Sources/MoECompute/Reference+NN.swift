@@ -181,6 +181,28 @@ extension Reference {
         return inv
     }
 
+    /// Multi-head attention on a packed projection `qkv: [B, T, 3, heads, d]`:
+    /// `softmax(Q K^T * scale (+ causal mask)) V` per batch and head, returned as
+    /// `[B, T, heads, d]` (heads merged).
+    public static func attention(_ qkv: [Double], batch: Int, tokens t: Int, heads h: Int, headDim d: Int,
+                                 scale: Double, causal: Bool) -> [Double] {
+        func at(_ b: Int, _ i: Int, _ which: Int, _ head: Int, _ k: Int) -> Double {
+            qkv[(((b * t + i) * 3 + which) * h + head) * d + k]
+        }
+        var out = [Double](repeating: 0, count: batch * t * h * d)
+        for b in 0..<batch { for head in 0..<h { for i in 0..<t {
+            let visible = causal ? i + 1 : t
+            var scores = (0..<visible).map { j in scale * (0..<d).reduce(0.0) { $0 + at(b, i, 0, head, $1) * at(b, j, 1, head, $1) } }
+            let m = scores.max()!
+            scores = scores.map { exp($0 - m) }
+            let z = scores.reduce(0, +)
+            for k in 0..<d {
+                out[((b * t + i) * h + head) * d + k] = (0..<visible).reduce(0.0) { $0 + scores[$1] / z * at(b, $1, 2, head, k) }
+            }
+        } } }
+        return out
+    }
+
     // MARK: Loss and evaluation
 
     /// Row losses, their mean and `d(mean loss)/d logits`.

@@ -65,6 +65,19 @@ final class GGUFTests: XCTestCase {
         XCTAssertEqual(try roundTrip(type: 12, block: block, count: 256), expected)
     }
 
+    func testQ6_KBlock() throws {
+        // ql bytes 0x21 (low nibble 1, high 2), qh bytes 0xE4 (2-bit fields 0, 1, 2, 3),
+        // 16 int8 scales of 2, d = 0.5: each quarter of 32 values is (nibbles | high bits << 4) - 32.
+        var block = Data(repeating: 0x21, count: 128)
+        block += Data(repeating: 0xE4, count: 64)
+        block += Data(repeating: 2, count: 16)
+        block += GGUFBuilder.le(UInt16(0x3800))
+        let quarter: [Float] = [-31, -15, 2, 18]
+        var expected: [Float] = []
+        for _ in 0..<2 { for q in quarter { expected += [Float](repeating: q, count: 32) } }
+        XCTAssertEqual(try roundTrip(type: 14, block: block, count: 256), expected)
+    }
+
     func testHuggingFaceNames() {
         XCTAssertEqual(GGUFCheckpoint.huggingFaceName("blk.7.ffn_gate.weight"), "model.layers.7.mlp.gate_proj.weight")
         XCTAssertEqual(GGUFCheckpoint.huggingFaceName("blk.0.attn_output.weight"), "model.layers.0.self_attn.o_proj.weight")

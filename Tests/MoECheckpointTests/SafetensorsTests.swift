@@ -46,6 +46,9 @@ final class SafetensorsTests: XCTestCase {
         XCTAssertEqual(HalfConversion.f32ToBF16(3.14159265), 0x4049)
         XCTAssertEqual(HalfConversion.f32ToBF16(1.00390625), 0x3F80, "ties round to even")
         XCTAssertEqual(HalfConversion.f32ToF16(0.5), 0x3800)
+        XCTAssertEqual(Array(encodeFloats([1, -3], as: .BF16)), [0x80, 0x3F, 0x40, 0xC0])
+        XCTAssertEqual(Array(encodeFloats([0.5], as: .F16)), [0x00, 0x38])
+        XCTAssertEqual(encodeFloats([2.5], as: .F32), f32Data([2.5]))
     }
 
     func testShardedIndex() throws {

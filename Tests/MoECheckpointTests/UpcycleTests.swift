@@ -258,6 +258,9 @@ final class UpcycleTests: XCTestCase {
         expectError("--router-init hidden needs --calibration") { $0.routerInit = .hidden }
         expectError("--format mixtral needs a Llama-family input") { $0.format = .mixtral }
         expectError("--layers names layer 9") { $0.layers = .list([9]) }
+        XCTAssertThrowsError(try Upcycler(options: UpcycleOptions()).run(from: dense.path, to: dense.path)) {
+            XCTAssertTrue("\($0)".contains("would overwrite the input"), "\($0)")
+        }
         XCTAssertThrowsError(try LayerSelection(parsing: "1,x"))
         XCTAssertEqual(try LayerSelection(parsing: "0,2-4"), .list([0, 2, 3, 4]))
     }

@@ -192,6 +192,37 @@ final class NNTests: XCTestCase {
         }
     }
 
+    /// Saturated inputs stay finite and right; NaN stays NaN (the vectorised exp paths clamp).
+    func testActivationsAndSoftmaxAtExtremes() throws {
+        let xs: [Float] = [-1000, -100, -88.5, -30, 30, 88.5, 100, 1000, -3, 3, 0, 1]   // 12: one lane group + tail
+        for backend in try TestDevices.all() {
+            for f in ActivationFunction.allCases {
+                let x = try backend.tensor(xs, shape: [xs.count]), y = try backend.zeros([xs.count])
+                try backend.activation(f, x, out: y)
+                let got = try y.floats()
+                let ref = Reference.activation(f, dbl(xs))
+                for i in xs.indices {
+                    XCTAssertEqual(Double(got[i]), ref[i], accuracy: 1e-6 * max(1, abs(ref[i])), "\(f) \(backend.name) x=\(xs[i])")
+                }
+                let dx = try backend.zeros([xs.count])
+                try backend.activationBackward(f, dY: try backend.tensor([Float](repeating: 1, count: xs.count), shape: [xs.count]),
+                                               x: x, dX: dx, accumulate: false)
+                let dref = Reference.activationBackward(f, [Double](repeating: 1, count: xs.count), x: dbl(xs))
+                for (i, g) in try dx.floats().enumerated() {
+                    XCTAssertEqual(Double(g), dref[i], accuracy: 1e-5, "\(f)' \(backend.name) x=\(xs[i])")
+                }
+                let nan = try backend.tensor([.nan, 1, 2, 3, 4, 5, 6, 7, 8], shape: [9]), out = try backend.zeros([9])
+                try backend.activation(f, nan, out: out)
+                XCTAssertTrue((try out.floats())[0].isNaN, "\(f) of NaN \(backend.name)")
+            }
+            let row: [Float] = [0, -200, -90, 5, -1e30, 2, 3, 4, 1, 0]
+            let x = try backend.tensor(row, shape: [1, row.count]), y = try backend.zeros([1, row.count])
+            try backend.softmax(x, out: y, scale: 1, causal: false)
+            let ref = Reference.softmax(dbl(row), features: row.count)
+            for (i, v) in try y.floats().enumerated() { XCTAssertEqual(Double(v), ref[i], accuracy: 1e-7, "softmax \(backend.name) \(i)") }
+        }
+    }
+
     func testSwiGLUMatchesReference() throws {
         for backend in try TestDevices.all() {
             for (rows, h) in [(1, 1), (3, 7), (130, 37), (2, 769)] {
@@ -284,10 +315,98 @@ final class NNTests: XCTestCase {
             try backend.transposeAxes(src, permutation: [0, 2, 1, 4, 3], out: t2)
             XCTAssertEqual(try t2.floats(), Reference.transposeAxes(try src.floats(), shape: [3, 4, 2, 5, 3], permutation: [0, 2, 1, 4, 3]),
                            "gather \(backend.name)")
+            // Rank 6, patch extraction: images [B, C, Hp, p, Wp, p] -> patches [B, Hp, Wp, C, p, p].
+            let img = [2, 3, 2, 4, 3, 4], patchPerm = [0, 2, 4, 1, 3, 5]
+            let pixels = randomFloats(img.reduce(1, *), seed: 74)
+            let patches = try backend.zeros(patchPerm.map { img[$0] })
+            try backend.transposeAxes(try backend.tensor(pixels, shape: img), permutation: patchPerm, out: patches)
+            XCTAssertEqual(try patches.floats(), Reference.transposeAxes(pixels, shape: img, permutation: patchPerm), "patches \(backend.name)")
             let one = try backend.zeros([7])
             try backend.transposeAxes(try backend.tensor(randomFloats(7, seed: 73), shape: [7]), permutation: [0], out: one)
             XCTAssertEqual(try one.floats(), randomFloats(7, seed: 73), "rank 1 \(backend.name)")
             XCTAssertThrowsError(try backend.transposeAxes(x, permutation: [0, 1, 1, 2, 3], out: out), "bad permutation \(backend.name)")
+        }
+    }
+
+    /// Multi-head attention composed from these ops and batched GEMM, forward and
+    /// backward, as the model does it: split heads with transposeAxes, scores
+    /// Q K^T, scaled (causal) softmax, P V, merge heads; the backward through the
+    /// same ops against finite differences of the float64 reference.
+    func testAttentionThroughBatchedGemmMatchesReference() throws {
+        let (b, t, h, d) = (2, 5, 2, 3)
+        let bh = b * h, scale = 1 / Float(d).squareRoot()
+        let qkvs = randomFloats(b * t * 3 * h * d, seed: 141, in: -1.5...1.5), dOuts = randomFloats(b * t * h * d, seed: 142)
+        for causal in [false, true] {
+            let ref = Reference.attention(dbl(qkvs), batch: b, tokens: t, heads: h, headDim: d, scale: Double(scale), causal: causal)
+            let refGrad = numericGradient(at: dbl(qkvs)) {
+                dot(dbl(dOuts), Reference.attention($0, batch: b, tokens: t, heads: h, headDim: d, scale: Double(scale), causal: causal))
+            }
+            for backend in try TestDevices.all() {
+                let what = "attention \(backend.name) causal=\(causal)"
+                // Forward.
+                let qkv = try backend.tensor(qkvs, shape: [b, t, 3, h, d])
+                let split = try backend.zeros([3, b, h, t, d])
+                try backend.transposeAxes(qkv, permutation: [2, 0, 3, 1, 4], out: split)
+                let q = try split.view(offset: 0, shape: [bh, t, d])
+                let k = try split.view(offset: bh * t * d, shape: [bh, t, d])
+                let v = try split.view(offset: 2 * bh * t * d, shape: [bh, t, d])
+                let p = try backend.zeros([bh, t, t])
+                try backend.gemm(Gemm(m: t, n: t, k: d, transB: true, batch: bh), q, k, p)
+                try backend.softmax(p, out: p, scale: scale, causal: causal)
+                let o = try backend.zeros([b, h, t, d])
+                try backend.gemm(Gemm(m: t, n: d, k: t, batch: bh), p, v, o)
+                let out = try backend.zeros([b, t, h, d])
+                try backend.transposeAxes(o, permutation: [0, 2, 1, 3], out: out)
+                assertRelativeError(try out.floats(), ref, below: Bound.rows, what)
+                // Backward.
+                let dOut = try backend.tensor(dOuts, shape: [b, t, h, d])
+                let dO = try backend.zeros([b, h, t, d])
+                try backend.transposeAxesBackward(dY: dOut, permutation: [0, 2, 1, 3], dX: dO)
+                let dSplit = try backend.zeros([3, b, h, t, d])
+                let dQ = try dSplit.view(offset: 0, shape: [bh, t, d])
+                let dK = try dSplit.view(offset: bh * t * d, shape: [bh, t, d])
+                let dV = try dSplit.view(offset: 2 * bh * t * d, shape: [bh, t, d])
+                let dP = try backend.zeros([bh, t, t])
+                try backend.gemm(Gemm(m: t, n: t, k: d, transB: true, batch: bh), dO, v, dP)        // dP = dO V^T
+                try backend.gemm(Gemm(m: t, n: d, k: t, transA: true, batch: bh), p, dO, dV)        // dV = P^T dO
+                try backend.softmaxBackward(dY: dP, y: p, dX: dP, scale: scale, accumulate: false)  // dS (scale included)
+                try backend.gemm(Gemm(m: t, n: d, k: t, batch: bh), dP, k, dQ)                      // dQ = dS K
+                try backend.gemm(Gemm(m: t, n: d, k: t, transA: true, batch: bh), dP, q, dK)        // dK = dS^T Q
+                let dQKV = try backend.zeros([b, t, 3, h, d])
+                try backend.transposeAxesBackward(dY: dSplit, permutation: [2, 0, 3, 1, 4], dX: dQKV)
+                assertRelativeError(try dQKV.floats(), refGrad, below: Bound.rows, what + " backward")
+            }
+        }
+    }
+
+    /// The token assembly NNOps' doc describes: patch embeddings written by a
+    /// batched GEMM straight into tokens 1...N, the CLS row by a stride-0 GEMM,
+    /// the CLS gradient by one GEMM with a leading dimension, positions by addBroadcast.
+    func testTokenAssemblyThroughStridedGemm() throws {
+        let (b, n, dm, cpp) = (2, 3, 4, 5)
+        let patchs = randomFloats(b * n * cpp, seed: 151), ws = randomFloats(cpp * dm, seed: 152)
+        let clss = randomFloats(dm, seed: 153), poss = randomFloats((1 + n) * dm, seed: 154)
+        var expected = [Double](repeating: 0, count: b * (1 + n) * dm)
+        for bi in 0..<b { for tk in 0...n { for j in 0..<dm {
+            var v = tk == 0 ? Double(clss[j]) : (0..<cpp).reduce(0.0) { $0 + Double(patchs[(bi * n + tk - 1) * cpp + $1]) * Double(ws[$1 * dm + j]) }
+            v += Double(poss[tk * dm + j])
+            expected[(bi * (1 + n) + tk) * dm + j] = v
+        } } }
+        for backend in try TestDevices.all() {
+            let x = try backend.zeros([b, 1 + n, dm])
+            let tokens = try x.view(offset: dm, shape: [b * (1 + n) * dm - dm])
+            try backend.gemm(Gemm(m: n, n: dm, k: cpp, batch: b, strideA: n * cpp, strideB: 0, strideC: (1 + n) * dm),
+                             try backend.tensor(patchs, shape: [b, n, cpp]), try backend.tensor(ws, shape: [cpp, dm]), tokens)
+            let one = try backend.tensor([1], shape: [1, 1]), cls = try backend.tensor(clss, shape: [1, dm])
+            try backend.gemm(Gemm(m: 1, n: dm, k: 1, batch: b, strideA: 0, strideB: 0, strideC: (1 + n) * dm), one, cls, x)
+            try backend.addBroadcast(try backend.tensor(poss, shape: [1 + n, dm]), to: x)
+            assertRelativeError(try x.floats(), expected, below: Bound.rows, "tokens \(backend.name)")
+            // dCLS = sum over images of dX[b, 0, :].
+            let dcls = try backend.zeros([1, dm])
+            try backend.gemm(Gemm(m: 1, n: dm, k: b, ldb: (1 + n) * dm), try backend.tensor([Float](repeating: 1, count: b), shape: [1, b]), x, dcls)
+            let xs = try x.floats()
+            assertRelativeError(try dcls.floats(), (0..<dm).map { j in (0..<b).reduce(0.0) { $0 + Double(xs[$1 * (1 + n) * dm + j]) } },
+                                below: Bound.rows, "dCLS \(backend.name)")
         }
     }
 
@@ -450,6 +569,24 @@ final class NNTests: XCTestCase {
         guard results.count == 2 else { return }
         for key in results[0].keys.sorted() {
             assertRelativeError(results[1][key]!, dbl(results[0][key]!), below: Bound.rows, "cpu vs opencl: \(key)")
+        }
+    }
+
+    /// The GPU launch shapes (work-groups of 64 and 256 items with tree reductions
+    /// in local memory, column-per-item partial sums, 64-wide transposes) on the
+    /// CI's CPU OpenCL device, which otherwise runs one work-item per row.
+    func testOpenCLWorkGroupShapesMatchReference() throws {
+        _ = try TestDevices.openCLOrSkip()
+        for g in [64, 256] {
+            OpenCLBackend.workGroupOverride = g
+            defer { OpenCLBackend.workGroupOverride = nil }
+            try testLayerNormForwardAndBackwardMatchReference()
+            try testRMSNormForwardAndBackwardMatchReference()
+            try testAddBroadcastAndSumRowsMatchReference()
+            try testSoftmaxMatchesReference()
+            try testCrossEntropyMatchesReference()
+            try testTransposeAxesSplitsAndMergesHeads()
+            try testBackendsAgreeOnAChainOfOps()
         }
     }
 

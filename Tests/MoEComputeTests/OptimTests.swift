@@ -74,6 +74,15 @@ final class OptimTests: XCTestCase {
         if norms.count == 2 { XCTAssertEqual(Double(norms[0]), Double(norms[1]), accuracy: 1e-6 * ref, "cpu vs opencl") }
     }
 
+    /// The GPU reduction shape (work-groups of 256 items) on the CI's CPU OpenCL device.
+    func testGlobalNormWithWorkGroupsOfManyItems() throws {
+        _ = try TestDevices.openCLOrSkip()
+        OpenCLBackend.workGroupOverride = 256
+        defer { OpenCLBackend.workGroupOverride = nil }
+        try testGlobalNormMatchesReferenceAndIsDeterministic()
+        try testClippingScalesByMaxNormOverNorm()
+    }
+
     func testClippingScalesByMaxNormOverNorm() throws {
         for backend in try TestDevices.all() {
             let a = randomFloats(37, seed: 301, in: -2...2), b = randomFloats(1000, seed: 302, in: -2...2)

@@ -196,6 +196,21 @@ final class PermuteTests: XCTestCase {
         XCTAssertTrue(results[0].2 == results[1].2, "permuted rows differ between backends")
     }
 
+    /// The GPU launch shapes (64 work-items across a row) and other group sizes
+    /// for the plan chunks and scans, on the CI's CPU OpenCL device.
+    func testOpenCLWorkGroupShapesMatchReference() throws {
+        _ = try TestDevices.openCLOrSkip()
+        for g in [1, 64] {
+            OpenCLBackend.workGroupOverride = g
+            defer { OpenCLBackend.workGroupOverride = nil }
+            try testDispatchPlanMatchesReferenceExactly()
+            try testDispatchPlanKnownAnswer()
+            try testPermuteUnpermuteAndCombineMatchReference()
+            try testCombineBackwardMatchesReference()
+            try testBackendsAgreeBitwiseOnPlansAndPermute()
+        }
+    }
+
     func testShapeErrorsThrow() throws {
         for b in try TestDevices.all() {
             let idx = try b.tensor(ints: [0, 1], shape: [2, 1])

@@ -406,6 +406,47 @@ final class RoutingTests: XCTestCase {
         }
     }
 
+    /// The composed cosine-logit op and its backward (x, queries, temperature)
+    /// against finite differences of the float64 composition.
+    func testCosineLogitsAndGradients() throws {
+        let (T, S, D) = (7, 3, 5)
+        let xs = randomFloats(T * D, seed: 61), qs = randomFloats(S * D, seed: 62), gs = randomFloats(T * S, seed: 63)
+        let tau = 0.7
+        func logits(_ x: [Double], _ q: [Double], _ t: Double) -> [Double] {
+            let xn = Reference.l2NormalizeRows(x, rows: T, cols: D, epsilon: 1e-6)
+            let qn = Reference.l2NormalizeRows(q, rows: S, cols: D, epsilon: 1e-6)
+            return (0..<T * S).map { i in (0..<D).reduce(0.0) { $0 + xn[(i / S) * D + $1] * qn[(i % S) * D + $1] } / t }
+        }
+        let (x, q, g) = (RT.doubles(xs), RT.doubles(qs), RT.doubles(gs))
+        let fdX = RT.numericGradient({ RT.dot(logits($0, q, tau), g) }, at: x)
+        let fdQ = RT.numericGradient({ RT.dot(logits(x, $0, tau), g) }, at: q)
+        let fdT = RT.numericGradient({ RT.dot(logits(x, q, $0[0]), g) }, at: [tau])
+        for b in try TestDevices.all() {
+            let tx = try b.tensor(xs, shape: [T, D]), tq = try b.tensor(qs, shape: [S, D]), tt = try b.tensor([Float(tau)], shape: [1])
+            let f = try b.cosineLogits(x: tx, queries: tq, temperature: tt)
+            assertRelativeError(try f.logits.floats(), logits(x, q, Double(Float(tau))), below: 1e-5, "cosine logits \(b.name)")
+            let d = try b.cosineLogitsBackward(x: tx, queries: tq, temperature: tt, forward: f, dLogits: try b.tensor(gs, shape: [T, S]))
+            assertRelativeError(try d.dX.floats(), fdX, below: 1e-4, "cosine dX \(b.name)")
+            assertRelativeError(try d.dQueries.floats(), fdQ, below: 1e-4, "cosine dQueries \(b.name)")
+            assertRelativeError(try d.dTemperature.floats(), fdT, below: 1e-4, "cosine dTemperature \(b.name)")
+        }
+    }
+
+    /// Other work-group sizes for the selection scans and the reductions, and the
+    /// GPU row shape in the pipeline, on the CI's CPU OpenCL device.
+    func testOpenCLWorkGroupShapesMatchReference() throws {
+        _ = try TestDevices.openCLOrSkip()
+        for g in [1, 64] {
+            OpenCLBackend.workGroupOverride = g
+            defer { OpenCLBackend.workGroupOverride = nil }
+            try testExpertChoiceMatchesReference()
+            try testZLossValueAndGradient()
+            try testLoadBalancingLossAndGradientThroughTheGate()
+            try testTemperatureScaleAndGradient()
+            try testTinyPipelineOnEveryKernel()
+        }
+    }
+
     func testShapeErrorsThrow() throws {
         for b in try TestDevices.all() {
             let l = try b.zeros([4, 3])

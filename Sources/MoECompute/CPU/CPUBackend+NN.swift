@@ -83,6 +83,57 @@ extension CPUBackend {
         return s
     }
 
+    @inline(__always)
+    static func store8(_ p: UnsafeMutablePointer<Float>, _ i: Int, _ v: SIMD8<Float>) {
+        UnsafeMutableRawPointer(p + i).storeBytes(of: v, as: SIMD8<Float>.self)
+    }
+
+    /// `exp` on eight lanes (Cephes expf: n = round(x / ln 2), r = x - n ln 2 with
+    /// ln 2 in two parts, a degree-5 polynomial, times 2^n from exponent bits);
+    /// within 2 ulp of libm over [-87, 88], saturating outside, NaN in gives NaN.
+    /// libm's expf is scalar, and exp dominates softmax, cross-entropy and the
+    /// sigmoid-based activations.
+    @inline(__always)
+    static func exp8(_ x: SIMD8<Float>) -> SIMD8<Float> {
+        let xc = pointwiseMin(pointwiseMax(x, SIMD8(repeating: -87.0)), SIMD8(repeating: 88.0))
+        // Adding 1.5 * 2^23 rounds x / ln 2 to the nearest integer n and leaves n in
+        // the low mantissa bits (no float-to-int conversion, which would trap on NaN).
+        let magic = SIMD8<Float>(repeating: 12582912)
+        let shifted = xc * 1.44269504088896341 + magic
+        let n = shifted - magic
+        let r = (xc - n * 0.693359375) - n * -2.12194440e-4
+        var p = SIMD8<Float>(repeating: 1.9875691500e-4)
+        p = p * r + 1.3981999507e-3
+        p = p * r + 8.3334519073e-3
+        p = p * r + 4.1665795894e-2
+        p = p * r + 1.6666665459e-1
+        p = p * r + 5.0000001201e-1
+        let e = p * (r * r) + r + 1
+        // 2^n from the exponent bits.
+        let nBits = unsafeBitCast(shifted, to: SIMD8<UInt32>.self) &- unsafeBitCast(magic, to: SIMD8<UInt32>.self)
+        let scale = unsafeBitCast((nBits &+ 127) &<< 23, to: SIMD8<Float>.self)
+        return e * scale
+    }
+
+    /// `max_j scale * p[j]` over `0..<n` (-inf for n = 0), eight lanes at a time.
+    @inline(__always)
+    static func scaledMax(_ p: UnsafePointer<Float>, _ n: Int, scale: Float) -> Float {
+        var m8 = SIMD8<Float>(repeating: -.infinity)
+        var j = 0
+        while j + 8 <= n { m8 = pointwiseMax(m8, scale * load8(p, j)); j += 8 }
+        var m = m8.max()
+        while j < n { m = max(m, scale * p[j]); j += 1 }
+        return m
+    }
+
+    /// Runs `f8` on each full group of eight indices of `range` and `f1` on the rest.
+    @inline(__always)
+    static func forEight(_ range: Range<Int>, _ f8: (Int) -> Void, _ f1: (Int) -> Void) {
+        var i = range.lowerBound
+        while i + 8 <= range.upperBound { f8(i); i += 8 }
+        while i < range.upperBound { f1(i); i += 1 }
+    }
+
     // MARK: Normalisation
 
     private func normForward(_ x: Tensor, gamma: Tensor, beta: Tensor?, eps: Float, y: Tensor,
@@ -249,6 +300,38 @@ extension CPUBackend {
     @inline(__always)
     static func silu(_ x: Float) -> Float { x * sigmoid(x) }
 
+    // Eight-lane versions of the exp-based activations (same formulas).
+    @inline(__always)
+    static func sigmoid8(_ x: SIMD8<Float>) -> SIMD8<Float> { 1 / (1 + exp8(-x)) }
+
+    @inline(__always)
+    static func tanh8(_ u: SIMD8<Float>) -> SIMD8<Float> { 1 - 2 / (1 + exp8(2 * u)) }
+
+    @inline(__always)
+    static func geluTanh8(_ x: SIMD8<Float>) -> SIMD8<Float> {
+        let u: SIMD8<Float> = 0.79788456080286536 * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1 + tanh8(u))
+    }
+
+    @inline(__always)
+    static func geluTanhGrad8(_ x: SIMD8<Float>) -> SIMD8<Float> {
+        let k: Float = 0.79788456080286536, c: Float = 0.044715
+        let x2: SIMD8<Float> = x * x
+        let t: SIMD8<Float> = tanh8(k * (x + c * x2 * x))
+        let outer: SIMD8<Float> = 0.5 * (1 + t)
+        let inner: SIMD8<Float> = (0.5 * k) * x * (1 - t * t) * (1 + (3 * c) * x2)
+        return outer + inner
+    }
+
+    @inline(__always)
+    static func silu8(_ x: SIMD8<Float>) -> SIMD8<Float> { x * sigmoid8(x) }
+
+    @inline(__always)
+    static func siluGrad8(_ x: SIMD8<Float>) -> SIMD8<Float> {
+        let s = sigmoid8(x)
+        return s * (1 + x * (1 - s))
+    }
+
     @inline(__always)
     static func siluGrad(_ x: Float) -> Float {
         let s = sigmoid(x)
@@ -262,8 +345,10 @@ extension CPUBackend {
         Self.parallelFor(x.count, work: x.count * 8) { range in
             switch f {
             case .geluErf: for i in range { py[i] = Self.geluErf(px[i]) }
-            case .geluTanh: for i in range { py[i] = Self.geluTanh(px[i]) }
-            case .silu: for i in range { py[i] = Self.silu(px[i]) }
+            case .geluTanh:
+                Self.forEight(range, { Self.store8(py, $0, Self.geluTanh8(Self.load8(px, $0))) }, { py[$0] = Self.geluTanh(px[$0]) })
+            case .silu:
+                Self.forEight(range, { Self.store8(py, $0, Self.silu8(Self.load8(px, $0))) }, { py[$0] = Self.silu(px[$0]) })
             }
         }
     }
@@ -274,8 +359,16 @@ extension CPUBackend {
         Self.parallelFor(x.count, work: x.count * 8) { range in
             switch f {
             case .geluErf: for i in range { Self.store(pdx, i, pdy[i] * Self.geluErfGrad(px[i]), accumulate) }
-            case .geluTanh: for i in range { Self.store(pdx, i, pdy[i] * Self.geluTanhGrad(px[i]), accumulate) }
-            case .silu: for i in range { Self.store(pdx, i, pdy[i] * Self.siluGrad(px[i]), accumulate) }
+            case .geluTanh:
+                Self.forEight(range, { i in
+                    let v = Self.load8(pdy, i) * Self.geluTanhGrad8(Self.load8(px, i))
+                    Self.store8(pdx, i, accumulate ? Self.load8(pdx, i) + v : v)
+                }, { Self.store(pdx, $0, pdy[$0] * Self.geluTanhGrad(px[$0]), accumulate) })
+            case .silu:
+                Self.forEight(range, { i in
+                    let v = Self.load8(pdy, i) * Self.siluGrad8(Self.load8(px, i))
+                    Self.store8(pdx, i, accumulate ? Self.load8(pdx, i) + v : v)
+                }, { Self.store(pdx, $0, pdy[$0] * Self.siluGrad(px[$0]), accumulate) })
             }
         }
     }
@@ -318,10 +411,14 @@ extension CPUBackend {
             for r in range {
                 let xr = px + r * f, yr = py + r * f
                 let visible = causal ? r % f + 1 : f
-                var m = -Float.infinity
-                for j in 0..<visible { m = max(m, scale * xr[j]) }
-                var s: Float = 0
-                for j in 0..<visible { let e = Foundation.exp(scale * xr[j] - m); yr[j] = e; s += e }
+                let m = Self.scaledMax(xr, visible, scale: scale)
+                // One exp per element, eight at a time: e parked in y, then scaled.
+                let m8 = SIMD8<Float>(repeating: m)
+                let s = Self.laneSum(visible, { j in
+                    let e = Self.exp8(scale * Self.load8(xr, j) - m8); Self.store8(yr, j, e); return e
+                }, { j in
+                    let e = Foundation.exp(scale * xr[j] - m); yr[j] = e; return e
+                })
                 let inv = 1 / s
                 for j in 0..<visible { yr[j] *= inv }
                 for j in visible..<f { yr[j] = 0 }
@@ -386,15 +483,17 @@ extension CPUBackend {
                 let zr = pz + r * c
                 let label = Int(pl[r])
                 let valid = label >= 0 && label < c
-                var m = -Float.infinity, sz: Float = 0
-                for j in 0..<c { m = max(m, zr[j]); sz += zr[j] }
-                var se: Float = 0
+                let m = Self.scaledMax(zr, c, scale: 1)
+                let sz = Self.laneSum(c, { Self.load8(zr, $0) }, { zr[$0] })
+                let m8 = SIMD8<Float>(repeating: m)
+                let se: Float
                 if let pd {
-                    // One exp per element: park exp(z - m) in dLogits.
+                    // One exp per element, eight at a time: park exp(z - m) in dLogits.
                     let dr = pd + r * c
-                    for j in 0..<c { let e = Foundation.exp(zr[j] - m); dr[j] = e; se += e }
+                    se = Self.laneSum(c, { j in let e = Self.exp8(Self.load8(zr, j) - m8); Self.store8(dr, j, e); return e },
+                                      { j in let e = Foundation.exp(zr[j] - m); dr[j] = e; return e })
                 } else {
-                    for j in 0..<c { se += Foundation.exp(zr[j] - m) }
+                    se = Self.laneSum(c, { Self.exp8(Self.load8(zr, $0) - m8) }, { Foundation.exp(zr[$0] - m) })
                 }
                 let lse = m + Foundation.log(se)
                 // loss = lse - (1 - s) z_label - (s / C) sum z

@@ -1,7 +1,27 @@
 import Foundation
 
+private let workGroupOverrideLock = NSLock()
+nonisolated(unsafe) private var workGroupOverrideValue: Int?
+
 /// `NNOps` as kernels from Kernels/nn.cl.
 extension OpenCLBackend {
+    /// Forces the work-group size of the nn.cl row kernels and the optim.cl
+    /// reductions (a power of two in 1...256, and the GPU-style launch shapes
+    /// with it) instead of the per-device choice; `nil` restores that. For tests,
+    /// which run the GPU code paths on a CPU device, and for tuning.
+    public static var workGroupOverride: Int? {
+        get { workGroupOverrideLock.lock(); defer { workGroupOverrideLock.unlock() }; return workGroupOverrideValue }
+        set {
+            precondition(newValue.map { $0 >= 1 && $0 <= 256 && $0 & ($0 - 1) == 0 } ?? true,
+                         "work-group override must be a power of two in 1...256")
+            workGroupOverrideLock.lock(); workGroupOverrideValue = newValue; workGroupOverrideLock.unlock()
+        }
+    }
+
+    /// Whether to use the launch shapes for CPU devices (one work-item per row,
+    /// per reduction block, per column chunk) rather than the GPU ones.
+    var cpuShapes: Bool { device.kind == .cpu && Self.workGroupOverride == nil }
+
     /// Rows summed per work-item in the first pass of a column reduction (ROW_CHUNK in nn.cl).
     static let rowChunk = 64
 
@@ -12,11 +32,17 @@ extension OpenCLBackend {
     /// of two <= 256 (the kernels' local buffers) and <= the device limit, no
     /// larger than the row needs.
     func rowGroup(_ features: Int) -> Int {
-        if device.kind == .cpu { return 1 }
-        var limit = 1
-        while limit * 2 <= min(256, tuning.elementwiseGroup) { limit *= 2 }
+        if let g = Self.workGroupOverride { return min(g, maxReductionGroup) }
+        if cpuShapes { return 1 }
         var g = 1
-        while g < features && g < limit { g *= 2 }
+        while g < features && g < maxReductionGroup { g *= 2 }
+        return g
+    }
+
+    /// The largest power of two <= 256 (the kernels' local buffers) and <= the device limit.
+    var maxReductionGroup: Int {
+        var g = 1
+        while g * 2 <= min(256, tuning.elementwiseGroup) { g *= 2 }
         return g
     }
 
@@ -80,7 +106,7 @@ extension OpenCLBackend {
         // An empty input still launches one chunk, which writes zeros.
         let args: [CLArg] = try arg(dY) + arg(x) + arg(mean ?? rstd) + arg(rstd)
             + [.buffer(partG), .buffer(partB), int(rows), int(f), flag(centered)]
-        if device.kind == .cpu {
+        if cpuShapes {
             try kernel("norm_param_partials_rowwise", in: "nn.cl").launch(args, global: [chunks], local: [1])
         } else {
             try kernel("norm_param_partials", in: "nn.cl").launch(args, global: [f, chunks], local: [min(f, 64), 1])
@@ -126,7 +152,7 @@ extension OpenCLBackend {
         let chunks = max(1, (rows + Self.rowChunk - 1) / Self.rowChunk)
         let part = try scratch(chunks * cols)
         let args: [CLArg] = try arg(x) + [.buffer(part), int(rows), int(cols)]
-        if device.kind == .cpu {
+        if cpuShapes {
             try kernel("sum_rows_partials_rowwise", in: "nn.cl").launch(args, global: [chunks], local: [1])
         } else {
             try kernel("sum_rows_partials", in: "nn.cl").launch(args, global: [cols, chunks], local: [min(cols, 64), 1])
@@ -184,7 +210,7 @@ extension OpenCLBackend {
         // Pad to six axes on the left: size-1 axes contribute nothing to the index.
         let pad = 6 - dims.count
         let d = [Int](repeating: 1, count: pad) + dims, s = [Int](repeating: 0, count: pad) + strides
-        let outer = x.count / d[5], walkers = device.kind == .cpu ? 1 : min(d[5], 64)
+        let outer = x.count / d[5], walkers = cpuShapes ? 1 : min(d[5], 64)
         try kernel("transpose_axes", in: "nn.cl").launch(
             try arg(x) + arg(out) + d.map(int) + s.map(int), global: [walkers, outer], local: [walkers, 1])
     }

@@ -10,10 +10,8 @@ extension OpenCLBackend {
     /// work-group then streams its block sequentially), else a power of two
     /// <= 256 and the device limit.
     private var reductionGroup: Int {
-        if device.kind == .cpu { return 1 }
-        var g = 1
-        while g * 2 <= min(256, tuning.elementwiseGroup) { g *= 2 }
-        return g
+        if let g = Self.workGroupOverride { return min(g, maxReductionGroup) }
+        return cpuShapes ? 1 : maxReductionGroup
     }
 
     public func adamWStep(_ groups: [AdamWTensors], config: AdamWConfig, step: Int) throws {

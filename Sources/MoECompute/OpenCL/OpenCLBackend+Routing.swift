@@ -4,8 +4,9 @@ import Foundation
 /// host: reductions finish on the device and scalars (temperature, losses)
 /// stay in one-element tensors.
 extension OpenCLBackend: RoutingOps {
-    /// Work-group size for the group-wide reductions and scans (<= GROUP_MAX = 256 in the kernels).
-    var routingGroup: Int { min(256, tuning.elementwiseGroup) }
+    /// Work-group size for the group-wide reductions, scans and plan chunks
+    /// (<= GROUP_MAX = 256 in the kernels); `workGroupOverride` lets tests try others.
+    var routingGroup: Int { min(Self.workGroupOverride ?? 256, tuning.elementwiseGroup) }
 
     private func i(_ v: Int) -> CLArg { .int(Int32(v)) }
 

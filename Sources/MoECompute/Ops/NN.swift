@@ -14,6 +14,23 @@
 ///   bit-identical results on the same backend. No float atomics.
 /// - Element-wise ops may run in place (`out` the same tensor as the input)
 ///   unless the doc says otherwise.
+///
+/// A ViT from these ops and `gemm` (forward; each backward is the matching
+/// `...Backward` op or the GEMMs transposed):
+/// - patches: `transposeAxes` of images `[B, C, Hp, p, Wp, p]` with `[0, 2, 4, 1, 3, 5]`
+///   to `[B*N, C*p*p]`, then one GEMM with the patch weights; the batched GEMM can
+///   write straight into tokens `1...N` of `x: [B, 1+N, D]` (`strideC = (1+N)*D`,
+///   a view at offset `D`). The CLS row of every image is a batched GEMM of a
+///   `[1, 1]` one by `cls` (`strideA = strideB = 0`); its gradient one GEMM
+///   `ones[1, B] x dX[:, 0, :]` (`ldb = (1+N)*D`). Positions: `addBroadcast(pos, to: x)`,
+///   gradient `sumRows(dX, into: dPos)`.
+/// - attention: `qkv = LN(x) W` as `[B, T, 3, heads, d]` -> `transposeAxes(.., [2, 0, 3, 1, 4])`
+///   -> Q, K, V views `[B*heads, T, d]`; `S = Q K^T` (batched GEMM, transB);
+///   `softmax(S, scale: 1/sqrt(d), causal:)`; `O = P V`; merge with `[0, 2, 1, 3]`.
+///   The backward is spelled out in `NNTests.testAttentionThroughBatchedGemmMatchesReference`.
+/// - MLP: GEMM, `addBroadcast` bias, `activation(.geluErf)`, GEMM; or `swiGLU` on `[rows, 2I]`.
+/// - head: `layerNorm`, `meanPool` (or `tokens: 0..<1` for CLS), GEMM, `crossEntropy`,
+///   `argmaxRows` for accuracy. Optimiser: `clipGradients`, `adamWStep`, `zeroGradients`.
 public protocol NNOps: AnyObject {
     // MARK: Normalisation
 

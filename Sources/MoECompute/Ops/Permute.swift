@@ -41,7 +41,8 @@ public enum DropPolicy: String, Sendable, CaseIterable {
 public enum Capacity: Sendable, Equatable {
     /// Every assignment is kept.
     case dropless
-    /// `ceil(T*k/E * factor)` assignments per expert.
+    /// `ceil(T*k/E * factor)` assignments per expert (evaluated in float64, as
+    /// Megatron and Switch compute it).
     case factor(Double)
     /// A fixed number of assignments per expert.
     case fixed(Int)

@@ -167,6 +167,51 @@ extension RoutingOps where Self: Backend {
     }
 }
 
+/// The forward values of `cosineLogits`, kept for its backward.
+public struct CosineLogits {
+    /// [T,D] tokens normalised to unit rows.
+    public let xn: Tensor
+    /// [S,D] queries (one per slot or expert) normalised to unit rows.
+    public let qn: Tensor
+    /// [T,S] `(xn qn^T) / tau`.
+    public let logits: Tensor
+}
+
+extension RoutingOps where Self: Backend {
+    /// Hyperspherical routing logits `L = normalize(x) normalize(q)^T / tau`
+    /// (SpheroMoE / cosine routing): two row normalisations, one `gemm`, and
+    /// `scaleByTemperature`. `x [T,D]`, `queries [S,D]`, `temperature [1]` on the device.
+    public func cosineLogits(x: Tensor, queries: Tensor, temperature: Tensor, epsilon: Float = 1e-6) throws -> CosineLogits {
+        try require(x.rank == 2 && queries.rank == 2 && x.shape[1] == queries.shape[1],
+                    "cosineLogits: x \(x.shape) and queries \(queries.shape) must be [T,D] and [S,D]")
+        let (t, d, s) = (x.shape[0], x.shape[1], queries.shape[0])
+        let xn = try zeros([t, d]), qn = try zeros([s, d]), scores = try zeros([t, s])
+        try l2NormalizeRows(x, into: xn, epsilon: epsilon)
+        try l2NormalizeRows(queries, into: qn, epsilon: epsilon)
+        try gemm(Gemm(m: t, n: s, k: d, transB: true), xn, qn, scores)
+        let logits = try zeros([t, s])
+        try scaleByTemperature(scores, temperature: temperature, into: logits)
+        return CosineLogits(xn: xn, qn: qn, logits: logits)
+    }
+
+    /// Gradients of `cosineLogits` w.r.t. x, the queries and the temperature, from `dLogits [T,S]`.
+    public func cosineLogitsBackward(x: Tensor, queries: Tensor, temperature: Tensor, forward f: CosineLogits,
+                                     dLogits: Tensor, epsilon: Float = 1e-6) throws -> (dX: Tensor, dQueries: Tensor, dTemperature: Tensor) {
+        let (t, d, s) = (x.shape[0], x.shape[1], queries.shape[0])
+        let dScores = try zeros([t, s]), dTemperature = try zeros([1])
+        try scaleByTemperatureBackward(dLogits: dLogits, logits: f.logits, temperature: temperature,
+                                       dScores: dScores, dTemperature: dTemperature)
+        // scores = xn qn^T: dxn = dScores qn, dqn = dScores^T xn.
+        let dxn = try zeros([t, d]), dqn = try zeros([s, d])
+        try gemm(Gemm(m: t, n: d, k: s), dScores, f.qn, dxn)
+        try gemm(Gemm(m: s, n: d, k: t, transA: true), dScores, f.xn, dqn)
+        let dX = try zeros([t, d]), dQ = try zeros([s, d])
+        try l2NormalizeRowsBackward(x: x, dY: dxn, dX: dX, epsilon: epsilon)
+        try l2NormalizeRowsBackward(x: queries, dY: dqn, dX: dQ, epsilon: epsilon)
+        return (dX, dQ, dTemperature)
+    }
+}
+
 /// Shape checks shared by both backends.
 enum RoutingCheck {
     static func matrix(_ t: Tensor, _ dtype: DType, _ what: String) throws -> (Int, Int) {
