@@ -4,10 +4,12 @@ export PATH := $(PATH):/opt/swift/usr/bin
 
 .PHONY: run test build release check clean
 
-# Installs what is missing, builds in release mode and runs the built-in default job.
+# Installs what is missing, builds in release mode and runs the built-in default job:
+# pretrain (or reuse) a small dense ViT on Fashion-MNIST, recycle it into a
+# SpheroMoE model (MoE Jetpack) and fine-tune it, on the best device here.
 run: release
 	.build/release/moe-gpu devices
-	.build/release/moe-gpu check
+	.build/release/moe-gpu train
 
 # Installs what is missing (packages, real checkpoints) and runs every test.
 test:

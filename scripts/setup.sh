@@ -4,7 +4,8 @@
 set -euo pipefail
 need=(ocl-icd-opencl-dev opencl-headers pocl-opencl-icd libopenblas-dev zlib1g-dev)
 case "${1:-build}" in
-  run|test) need+=(dataset-fashion-mnist python3 python3-pip) ;;
+  run) need+=(dataset-fashion-mnist) ;;
+  test) need+=(dataset-fashion-mnist python3 python3-pip unzip) ;;
 esac
 missing=()
 for p in "${need[@]}"; do
