@@ -16,7 +16,7 @@ test:
 	scripts/setup.sh test
 	scripts/fetch-checkpoints.sh || echo "test: checkpoints could not be fetched; the tests that need them will say so"
 	$(SWIFT) build --build-tests
-	$(SWIFT) test --skip-build
+	$(SWIFT) test --skip-build --disable-swift-testing
 
 release:
 	scripts/setup.sh run
