@@ -12,6 +12,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
     ],
     targets: [
         // C libraries from Debian: the OpenCL ICD loader and OpenBLAS.
@@ -29,7 +30,8 @@ let package = Package(
         .target(name: "MoECompute", dependencies: ["COpenCL", "CBLAS"],
                 plugins: ["EmbedKernelsPlugin"]),
         .target(name: "MoECheckpoint", dependencies: ["MoECompute"]),
-        .target(name: "MoEModel", dependencies: ["MoECompute", "MoECheckpoint", "CZlib"]),
+        .target(name: "MoEModel", dependencies: ["MoECompute", "MoECheckpoint", "CZlib",
+                                               .product(name: "Yams", package: "Yams")]),
         .executableTarget(name: "moe-gpu", dependencies: [
             "MoECompute", "MoEModel", "MoECheckpoint",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

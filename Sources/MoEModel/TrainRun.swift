@@ -1,6 +1,7 @@
 import Foundation
 import MoECheckpoint
 import MoECompute
+import Yams
 
 /// A training run on disk: `--out DIR` holds `config.json` (the resolved
 /// config), `metrics.jsonl`, `model.safetensors` + `optimizer.safetensors`
@@ -21,14 +22,28 @@ public final class TrainRun {
         try atomicWrite(try JSONEncoder.sorted.encode(config), to: out.appendingPathComponent("config.json"))
     }
 
-    /// Reads a JSON config. Keys left out keep their defaults (`moe-gpu train
-    /// --print-config` shows them all); an unknown key is an error naming it.
+    /// Reads a JSON or YAML config (by extension `.yaml`/`.yml`). Keys left out
+    /// keep their defaults (`moe-gpu train --print-config` shows them all); an
+    /// unknown key is an error naming it.
     public static func loadConfig(_ path: String) throws -> TrainConfig {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw ModelError.badConfig("cannot read config file \(path)")
         }
-        guard let user = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
-            throw ModelError.badConfig("\(path) is not a JSON object")
+        let user: [String: Any]
+        if path.hasSuffix(".yaml") || path.hasSuffix(".yml") {
+            do {
+                guard let object = try Yams.load(yaml: String(decoding: data, as: UTF8.self)) as? [String: Any] else {
+                    throw ModelError.badConfig("\(path) is not a YAML mapping")
+                }
+                user = object
+            } catch let e as ModelError { throw e } catch {
+                throw ModelError.badConfig("\(path) is not valid YAML (\(error))")
+            }
+        } else {
+            guard let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+                throw ModelError.badConfig("\(path) is not a JSON object")
+            }
+            user = object
         }
         var defaults = try JSONSerialization.jsonObject(with: try JSONEncoder().encode(TrainConfig())) as! [String: Any]
         // An MoE section the user gives starts from the MoE defaults for its router.

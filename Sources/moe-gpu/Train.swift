@@ -16,7 +16,7 @@ struct Train: ParsableCommand {
             metrics.jsonl, model.safetensors, optimizer.safetensors, eval.json.
             """)
 
-    @Option(name: .long, help: "A JSON training config (see `moe-gpu train --print-config`).")
+    @Option(name: .long, help: "A JSON or YAML training config (see `moe-gpu train --print-config`).")
     var config: String?
     @Option(name: .long, help: "Where the model starts: scratch, dense (pretrain or reuse the cached dense ViT), or a checkpoint file.")
     var `init`: String?

@@ -132,6 +132,20 @@ final class ConfigFileTests: XCTestCase {
         XCTAssertEqual(c.batchSize, TrainConfig().batchSize)
     }
 
+    func testYAMLConfig() throws {
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("cfg-\(UUID().uuidString).yaml")
+        try "steps: 9\nlearningRate: 0.002\nmodel:\n  depth: 3\n  moeBlocks: [2]\n  moe:\n    router: expert-choice\n"
+            .write(to: url, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: url) }
+        let c = try TrainRun.loadConfig(url.path)
+        XCTAssertEqual(c.steps, 9)
+        XCTAssertEqual(c.learningRate, 0.002)
+        XCTAssertEqual(c.model.depth, 3)
+        XCTAssertEqual(c.model.moe?.router, "expert-choice")
+        XCTAssertEqual(c.model.moe?.capacityFactor, 2)
+        XCTAssertNoThrow(try c.validate())
+    }
+
     func testUnknownKeysAreNamed() throws {
         XCTAssertThrowsError(try TrainRun.loadConfig(try write(#"{"stpes": 7, "model": {"widht": 3}}"#))) { e in
             XCTAssertTrue("\(e)".contains("stpes") && "\(e)".contains("model.widht"), "\(e)")
