@@ -26,8 +26,12 @@ struct Check: ParsableCommand {
             }
             let ok = worst < 1e-5
             if !ok { failures += 1 }
-            print(String(format: "%@  %-60@ gemm max rel. error %.2e  %@  (%.2f s)", ok ? "PASS" : "FAIL",
-                         backend.name as NSString, worst, backend.deviceDescription, Date().timeIntervalSince(start)))
+            print("\(ok ? "PASS" : "FAIL")  \(backend.name)  gemm max rel. error \(String(format: "%.2e", worst))  \(backend.deviceDescription)  (\(String(format: "%.2f", Date().timeIntervalSince(start))) s)")
+            if let cl = backend as? OpenCLBackend {
+                for p in cl.builtPrograms {
+                    print("      Kernels/\(p.file): \(p.fromCache ? "loaded from cache" : "compiled") in \(String(format: "%.3f", p.buildSeconds)) s")
+                }
+            }
         }
         if failures > 0 { throw ValidationError("self-check failed on \(failures) device(s)") }
     }

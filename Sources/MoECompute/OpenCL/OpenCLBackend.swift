@@ -12,6 +12,11 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
     public var deviceDescription: String { "\(device.name) (\(device.platform.name), \(device.kind.rawValue))" }
 
     private var programs: [String: CLProgram] = [:]
+    /// The programs built so far (for reporting build and cache times).
+    public var builtPrograms: [CLProgram] {
+        lock.lock(); defer { lock.unlock() }
+        return programs.values.sorted { $0.file < $1.file }
+    }
     private var kernels: [String: CLKernel] = [:]
     private let lock = NSLock()
 
