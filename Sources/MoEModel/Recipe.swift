@@ -33,11 +33,13 @@ public enum Recipe {
         c.model = denseModel()
         c.model.moeBlocks = [2, 3]
         c.model.moe = moe(router: "sphero")
-        c.steps = 500
+        c.steps = 600
         c.batchSize = 64
-        c.learningRate = 1e-3
-        c.warmupSteps = 10
-        c.evalEvery = 250
+        // Short runs on this small model underfit: no augmentation, a high peak rate.
+        c.augment = false
+        c.learningRate = 2e-3
+        c.warmupSteps = 20
+        c.evalEvery = 300
         c.testExamples = nil
         return c
     }
@@ -47,7 +49,8 @@ public enum Recipe {
         var d = c
         d.model.moeBlocks = []
         d.model.moe = nil
-        d.steps = steps ?? 1200
+        d.steps = steps ?? 2000
+        d.learningRate = 3e-3
         d.warmupSteps = 50
         d.evalEvery = 0
         return d

@@ -46,6 +46,8 @@ struct Train: ParsableCommand {
     var denseSteps: Int?
     @Option(name: .long, help: "Random seed.")
     var seed: UInt64?
+    @Flag(name: .long, help: "With --init dense, skip training the dense model for the same steps as a baseline.")
+    var noBaseline = false
     @Flag(name: .long, help: "Print the resolved config as JSON and exit.")
     var printConfig = false
 
@@ -83,12 +85,14 @@ struct Train: ParsableCommand {
 
         let model = try ViT(config: cfg.model, backend: backend, seed: cfg.seed)
         var baseline: Double?
+        var denseModel: ViT?
         switch initFrom {
         case "scratch":
             break
         case "dense":
             let (dense, accuracy) = try Recipe.pretrainedDense(for: cfg, steps: denseSteps, backend: backend, data: data)
             baseline = accuracy
+            denseModel = dense
             try upcycleInto(model, from: dense, method: method, cfg: cfg, data: data)
         default:
             let denseConfig = try ModelCheckpoint.config(at: initFrom)
@@ -101,8 +105,15 @@ struct Train: ParsableCommand {
         let moe = cfg.model.moe.map { " with \($0.router) MoE in blocks \(cfg.model.moeBlocks)" } ?? ""
         print("training \(model.params.parameterCount) parameters\(cfg.model.moeBlocks.isEmpty ? "" : moe) for \(cfg.steps) steps -> \(outDir.path)")
         let accuracy = try finish(run, label: cfg.model.moeBlocks.isEmpty ? "dense" : cfg.model.moe!.router)
-        if let baseline {
-            print(String(format: "dense baseline %.2f%% -> upcycled %.2f%% (%+.2f points)", 100 * baseline, 100 * accuracy, 100 * (accuracy - baseline)))
+        if let baseline, let dense = denseModel, !noBaseline, !cfg.model.moeBlocks.isEmpty {
+            // The fair comparison: the same dense model trained for the same extra steps.
+            var denseCfg = cfg
+            denseCfg.model = dense.config
+            let continued = try TrainRun(config: denseCfg, model: dense, out: outDir.appendingPathComponent("dense-continued"), data: data)
+            print("dense baseline: continuing the dense ViT for the same \(cfg.steps) steps -> \(continued.out.path)")
+            let denseAccuracy = try finish(continued, label: "dense")
+            print(String(format: "pretrained dense %.2f%%; after %d more steps: dense %.2f%%, upcycled %@ %.2f%% (%+.2f points)",
+                         100 * baseline, cfg.steps, 100 * denseAccuracy, cfg.model.moe!.router, 100 * accuracy, 100 * (accuracy - denseAccuracy)))
         }
     }
 
