@@ -52,6 +52,8 @@ struct Train: ParsableCommand {
     var printConfig = false
 
     func run() throws {
+        // Progress lines should reach a pipe or a log file as they happen.
+        setvbuf(stdout, nil, _IOLBF, 0)
         let backend = try DeviceCatalog().makeBackend(try DeviceSelector.resolve(device))
         if let resume {
             let dir = URL(fileURLWithPath: resume)
