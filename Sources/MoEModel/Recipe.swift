@@ -53,6 +53,9 @@ public enum Recipe {
         d.learningRate = 3e-3
         d.warmupSteps = 50
         d.evalEvery = 0
+        // Settings that do not change the trained weights stay out of the cache key.
+        d.testExamples = nil
+        d.logEvery = TrainConfig().logEvery
         return d
     }
 
