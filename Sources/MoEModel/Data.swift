@@ -123,6 +123,31 @@ public enum BuiltinData {
     public static let fashionMNISTFolder = "/usr/share/datasets/fashion-mnist"
     public static let installHint = "apt-get install dataset-fashion-mnist"
 
+    /// Train and test splits from `path`: a folder of MNIST-format IDX files, or
+    /// a CSV image table (`.csv` or `.csv.gz`, square images, label last) whose
+    /// last `testFraction` of rows is the test split.
+    public static func load(_ path: String, testFraction: Double = 1.0 / 6) throws -> (train: ImageDataset, test: ImageDataset) {
+        guard path.hasSuffix(".csv") || path.hasSuffix(".csv.gz") else { return try idxFolder(path) }
+        guard FileManager.default.fileExists(atPath: path) else { throw DataError.missing("\(path) not found") }
+        // Square images: the side follows from the number of pixel columns.
+        let text = String(decoding: try FileBytes.read(path), as: UTF8.self)
+        guard let firstRow = text.split(whereSeparator: \.isNewline).first(where: { Double($0.split(separator: ",").first.map(String.init) ?? "") != nil }) else {
+            throw DataError.corrupt("\(path) has no numeric rows")
+        }
+        let pixels = firstRow.split(separator: ",").count - 1
+        let side = Int(Double(pixels).squareRoot().rounded())
+        guard side * side == pixels else { throw DataError.corrupt("\(path): rows of \(pixels) pixels are not square images") }
+        let all = try ImageCSV.load(path, height: side, width: side)
+        let nTest = max(1, Int(Double(all.count) * testFraction))
+        let nTrain = all.count - nTest
+        let px = all.pixelsPerImage
+        let train = try ImageDataset(images: Array(all.images[0..<(nTrain * px)]), labels: Array(all.labels[0..<nTrain]),
+                                     channels: 1, height: side, width: side, classes: all.classes)
+        let test = try ImageDataset(images: Array(all.images[(nTrain * px)...]), labels: Array(all.labels[nTrain...]),
+                                    channels: 1, height: side, width: side, classes: all.classes)
+        return (train, test)
+    }
+
     /// Train and test splits from a folder of IDX files (`train-images-idx3-ubyte[.gz]` ...).
     public static func idxFolder(_ folder: String) throws -> (train: ImageDataset, test: ImageDataset) {
         func find(_ stem: String) throws -> String {

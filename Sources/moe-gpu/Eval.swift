@@ -9,7 +9,7 @@ struct Eval: ParsableCommand {
 
     @Option(name: .long, help: "model.safetensors written by moe-gpu train.")
     var checkpoint: String
-    @Option(name: .long, help: "Folder of MNIST-format IDX files (default Fashion-MNIST).")
+    @Option(name: .long, help: "Folder of MNIST-format IDX files, or a CSV image table (.csv[.gz], label last) (default Fashion-MNIST).")
     var data: String?
     @Option(name: .long, help: "Device: auto, cpu, opencl, opencl:P:D.")
     var device: String?
@@ -23,7 +23,7 @@ struct Eval: ParsableCommand {
         let config = try ModelCheckpoint.config(at: checkpoint)
         let model = try ViT(config: config, backend: backend, seed: 0)
         try ModelCheckpoint.load(checkpoint, into: model)
-        let d = try BuiltinData.idxFolder(data ?? BuiltinData.fashionMNISTFolder)
+        let d = try BuiltinData.load(data ?? BuiltinData.fashionMNISTFolder)
         var tc = TrainConfig()
         tc.model = config
         tc.augment = false

@@ -32,7 +32,7 @@ struct Train: ParsableCommand {
     var out: String?
     @Option(name: .long, help: "Resume the run in this output folder.")
     var resume: String?
-    @Option(name: .long, help: "Folder of MNIST-format IDX files (default Fashion-MNIST).")
+    @Option(name: .long, help: "Folder of MNIST-format IDX files, or a CSV image table (.csv[.gz], label last) (default Fashion-MNIST).")
     var data: String?
     @Option(name: .long, help: "Peak learning rate.")
     var lr: Float?
@@ -163,7 +163,7 @@ struct Train: ParsableCommand {
     }
 
     func loadData(_ cfg: TrainConfig) throws -> (train: ImageDataset, test: ImageDataset) {
-        var d = try BuiltinData.idxFolder(cfg.data ?? BuiltinData.fashionMNISTFolder)
+        var d = try BuiltinData.load(cfg.data ?? BuiltinData.fashionMNISTFolder)
         if let n = cfg.trainExamples { d.train = try d.train.prefix(n) }
         return d
     }

@@ -152,3 +152,46 @@ final class ConfigFileTests: XCTestCase {
         }
     }
 }
+
+final class DataTests: XCTestCase {
+    func testCSVTableSplitsAndTrains() throws {
+        // 8x8 "digits"-style table: the class is which quarter of the image is lit.
+        var rng = SplitMix64(seed: 1)
+        var rows: [String] = []
+        for i in 0..<120 {
+            let label = i % 4
+            let px = (0..<64).map { p -> Int in
+                let (y, x) = (p / 8, p % 8)
+                let quarter = (y / 4) * 2 + x / 4
+                return quarter == label ? 12 + Int(rng.next() % 5) : Int(rng.next() % 3)
+            }
+            rows.append((px.map(String.init) + [String(label)]).joined(separator: ","))
+        }
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("digits-\(UUID().uuidString).csv")
+        try rows.joined(separator: "\n").write(to: url, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: url) }
+        let d = try BuiltinData.load(url.path)
+        XCTAssertEqual(d.train.count, 100)
+        XCTAssertEqual(d.test.count, 20)
+        XCTAssertEqual(d.train.height, 8)
+        XCTAssertEqual(d.train.classes, 4)
+        XCTAssertEqual(Int(d.train.images.max()!), 255)
+
+        var c = TrainConfig()
+        c.model.imageSize = 8; c.model.patchSize = 4; c.model.width = 16; c.model.depth = 1; c.model.heads = 2; c.model.classes = 4
+        c.batchSize = 20; c.steps = 150; c.warmupSteps = 5; c.learningRate = 5e-3; c.augment = false
+        let trainer = try Trainer(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 1), train: d.train, test: d.test)
+        for _ in 0..<c.steps { _ = try trainer.trainStep() }
+        XCTAssertGreaterThan(try trainer.evaluate(), 0.8)
+    }
+
+    func testCorruptIDXIsAClearError() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("idx-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        for name in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
+            try Data([0, 0, 8, 3, 0, 0, 0, 9]).write(to: dir.appendingPathComponent(name))
+        }
+        XCTAssertThrowsError(try BuiltinData.load(dir.path)) { XCTAssertTrue("\($0)".contains("corrupt data"), "\($0)") }
+    }
+}
