@@ -65,7 +65,7 @@ struct Bench: ParsableCommand {
             if !json {
                 print("\(backend.name): \(backend.deviceDescription)")
                 print(String(format: "  ceilings measured here: %.1f GB/s copy (%d MiB), %.1f GFLOP/s best GEMM (%d^3); %d timed runs per case%@",
-                             suite.bandwidthCeiling, shapes.copyElements * 4 >> 20, suite.computeCeiling, suite.ceilingGemmSize,
+                             suite.bandwidthCeiling, (shapes.copyElements * 4) >> 20, suite.computeCeiling, suite.ceilingGemmSize,
                              timedRuns, quick ? " (quick shapes)" : ""))
                 print(BenchResult.tableHeader)
             }
