@@ -11,7 +11,7 @@ extension CPUBackend {
     /// Runs `body` over `0..<count` split into contiguous ranges, one per core
     /// when `work` (elements touched) is large enough to pay for the threads.
     static func parallelFor(_ count: Int, work: Int, _ body: (Range<Int>) -> Void) {
-        let threads = work >= parallelThreshold ? min(count, ProcessInfo.processInfo.activeProcessorCount) : 1
+        let threads = work >= parallelThreshold ? min(count, cores) : 1
         if threads <= 1 {
             if count > 0 { body(0..<count) }
             return
