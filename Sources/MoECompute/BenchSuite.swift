@@ -1,21 +1,56 @@
+import CBLAS
 import Foundation
 
+/// What a prepared benchmark case runs: the closure to time, the work it does
+/// (FLOPs for compute-bound cases, the bytes it must read and write at minimum
+/// for the rest), optional companions timed in the same loop (interleaved with
+/// the main closure, so a ratio between them sees the same machine load), and
+/// extra figures for the report.
+public struct BenchWork {
+    public var run: () throws -> Void
+    public var flops: Double
+    public var bytes: Double
+    /// Timed alternately with `run`; each adds `<name>_ms` to the result's extras.
+    public var companions: [(name: String, run: () throws -> Void)]
+    /// Fixed extra figures (counts, parameters).
+    public var extra: [String: Double]
+    /// Derived figures from the medians: (main seconds, companion seconds by name) -> extras.
+    public var derive: ((Double, [String: Double]) -> [String: Double])?
+
+    public init(run: @escaping () throws -> Void, flops: Double = 0, bytes: Double = 0,
+                companions: [(name: String, run: () throws -> Void)] = [], extra: [String: Double] = [:],
+                derive: ((Double, [String: Double]) -> [String: Double])? = nil) {
+        self.run = run; self.flops = flops; self.bytes = bytes
+        self.companions = companions; self.extra = extra; self.derive = derive
+    }
+}
+
 /// One benchmark case: a named kernel at a labelled shape. `prepare` allocates
-/// inputs and returns the closure to time plus the work it does.
+/// inputs and returns the work to time, or nil when the case does not apply to
+/// the backend (e.g. the host OpenBLAS reference on an OpenCL device).
 public struct BenchCase: Sendable {
     public let kernel: String
     public let shape: String
-    public let prepare: @Sendable (Backend) throws -> (run: () throws -> Void, flops: Double, bytes: Double)
+    public let prepare: @Sendable (Backend) throws -> BenchWork?
 
-    public init(kernel: String, shape: String,
-                prepare: @escaping @Sendable (Backend) throws -> (run: () throws -> Void, flops: Double, bytes: Double)) {
+    public init(kernel: String, shape: String, prepare: @escaping @Sendable (Backend) throws -> BenchWork?) {
         self.kernel = kernel; self.shape = shape; self.prepare = prepare
+    }
+
+    /// A case with no companions: `prepare` returns the closure and its FLOPs and bytes.
+    public init(kernel: String, shape: String,
+                simple: @escaping @Sendable (Backend) throws -> (run: () throws -> Void, flops: Double, bytes: Double)) {
+        self.init(kernel: kernel, shape: shape) { backend in
+            let (run, flops, bytes) = try simple(backend)
+            return BenchWork(run: run, flops: flops, bytes: bytes)
+        }
     }
 }
 
 public struct BenchResult: Sendable {
     public let kernel: String, shape: String
     public let medianSeconds: Double, minSeconds: Double, maxSeconds: Double
+    public let runs: Int
     public let flops: Double, bytes: Double
     public let bandwidthCeiling: Double, computeCeiling: Double
     public let extra: [String: Double]
@@ -26,92 +61,212 @@ public struct BenchResult: Sendable {
     public var isCompute: Bool { flops > 0 }
     public var percentOfCeiling: Double { isCompute ? 100 * gflops / computeCeiling : 100 * gbytes / bandwidthCeiling }
 
+    public static let columns: [(title: String, width: Int, left: Bool)] = [
+        ("kernel", 23, true), ("shape", 50, true), ("median ms", 11, false), ("spread ms (min..max)", 22, false),
+        ("rate", 18, false), ("% ceil", 7, false),
+    ]
+
+    public static var tableHeader: String {
+        "  " + columns.map { pad($0.title, $0.width, left: $0.left) }.joined(separator: " ") + "  extras"
+    }
+
     public var tableRow: String {
-        let rate = isCompute ? String(format: "%8.1f GFLOP/s", gflops) : String(format: "%8.1f GB/s   ", gbytes)
-        var row = String(format: "  %-20@ %-38@ %9.3f   %7.3f..%-7.3f %@   %5.1f%%", kernel as NSString, shape as NSString,
-                         medianSeconds * 1e3, minSeconds * 1e3, maxSeconds * 1e3, rate as NSString, percentOfCeiling)
-        for (k, v) in extra.sorted(by: { $0.key < $1.key }) { row += String(format: "  %@=%.3f", k as NSString, v) }
+        let rate = isCompute ? String(format: "%.1f GFLOP/s", gflops) : String(format: "%.2f GB/s", gbytes)
+        let cells = [kernel, shape, String(format: "%.3f", medianSeconds * 1e3),
+                     String(format: "%.3f..%.3f", minSeconds * 1e3, maxSeconds * 1e3), rate,
+                     String(format: "%.1f%%", percentOfCeiling)]
+        var row = "  " + zip(cells, BenchResult.columns).map { BenchResult.pad($0, $1.width, left: $1.left) }.joined(separator: " ")
+        if !extra.isEmpty {
+            row += "  " + extra.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\(BenchResult.format($0.value))" }.joined(separator: " ")
+        }
         return row
+    }
+
+    static func format(_ v: Double) -> String {
+        if v == v.rounded() && abs(v) < 1e15 { return String(Int64(v)) }
+        return abs(v) >= 100 ? String(format: "%.1f", v) : String(format: "%.3f", v)
+    }
+
+    /// Pads with spaces in Swift (Foundation's `%-20@` does not pad on Linux).
+    public static func pad(_ s: String, _ width: Int, left: Bool) -> String {
+        let n = s.count
+        guard n < width else { return s }
+        let fill = String(repeating: " ", count: width - n)
+        return left ? s + fill : fill + s
     }
 
     public func json(device: String, description: String) -> [String: Any] {
         var o: [String: Any] = ["device": device, "device_name": description, "kernel": kernel, "shape": shape,
                                 "median_ms": medianSeconds * 1e3, "min_ms": minSeconds * 1e3, "max_ms": maxSeconds * 1e3,
+                                "runs": runs, "flops": flops, "bytes": bytes,
                                 "bandwidth_ceiling_gbs": bandwidthCeiling, "compute_ceiling_gflops": computeCeiling,
                                 "percent_of_ceiling": percentOfCeiling]
         if isCompute { o["gflops"] = gflops } else { o["gbs"] = gbytes }
-        for (k, v) in extra { o[k] = v }
+        for (k, v) in extra where v.isFinite { o[k] = v }
         return o
     }
+}
+
+/// Sizes of the bench: the realistic shapes, or small ones (`quick`) so
+/// a test can run every case in seconds.
+public struct BenchShapes: Sendable {
+    /// Tokens, hidden width, expert hidden width, experts, choices per token.
+    public var t: Int, h: Int, i: Int, e: Int, k: Int
+    /// Fine-grained experts: E, k and the expert width (I * k / fineK keeps the FLOPs per token).
+    public var fineE: Int, fineK: Int, fineI: Int
+    /// Token count of the second size of the bandwidth-bound ops.
+    public var bigT: Int
+    /// Square GEMM size, and the strided-batched GEMM batch x (m x n x k).
+    public var square: Int
+    public var batched: (batch: Int, m: Int, n: Int, k: Int)
+    /// Classes of the cross-entropy head, attention (batch, sequence, heads, head dim).
+    public var classes: Int
+    public var attention: (b: Int, t: Int, heads: Int, d: Int)
+    /// Parameters in the AdamW / global-norm tensors.
+    public var parameters: Int
+    /// Copy size and GEMM sizes of the ceiling measurement.
+    public var copyElements: Int
+    public var ceilingGemms: [Int]
+    public var quick: Bool
+
+    public static let full = BenchShapes(t: 4096, h: 768, i: 3072, e: 8, k: 2, fineE: 64, fineK: 8, fineI: 768, bigT: 16384,
+                                         square: 1024, batched: (8, 512, 768, 3072), classes: 1000,
+                                         attention: (8, 512, 12, 64), parameters: 8 * 2 * 768 * 3072,
+                                         copyElements: 1 << 26, ceilingGemms: [1024, 2048], quick: false)
+    public static let quick = BenchShapes(t: 256, h: 64, i: 256, e: 8, k: 2, fineE: 16, fineK: 4, fineI: 128, bigT: 1024,
+                                          square: 128, batched: (4, 64, 64, 128), classes: 10,
+                                          attention: (2, 32, 4, 16), parameters: 1 << 16,
+                                          copyElements: 1 << 20, ceilingGemms: [256], quick: true)
 }
 
 /// Runs cases on one backend and measures the device's ceilings once.
 public final class BenchSuite {
     public let backend: Backend
     public let runs: Int
+    public let warmup: Int
     public private(set) var bandwidthCeiling = 0.0
     public private(set) var computeCeiling = 0.0
+    public private(set) var ceilingGemmSize = 0
 
-    public init(backend: Backend, runs: Int) throws {
-        self.backend = backend; self.runs = runs
-        // Bandwidth: a 256 MiB copy reads and writes every byte.
-        let n = 1 << 26
-        let src = try backend.zeros([n]), dst = try backend.zeros([n])
+    public init(backend: Backend, runs: Int, shapes: BenchShapes = .full, warmup: Int = 2) throws {
+        self.backend = backend; self.runs = max(runs, 1); self.warmup = max(warmup, 1)
+        // Bandwidth: a large copy reads and writes every byte.
+        let n = shapes.copyElements
+        let src = try backend.tensor(randomValues(n, seed: 9), shape: [n]), dst = try backend.zeros([n])
         let copy = try time { try backend.copy(src, to: dst) }
         bandwidthCeiling = 2.0 * Double(n * 4) / copy.median / 1e9
         // Compute: the best of a few large square GEMMs.
-        for size in [1024, 2048] {
+        for size in shapes.ceilingGemms {
             let g = Gemm(m: size, n: size, k: size)
-            let a = try backend.zeros([size, size]), b = try backend.zeros([size, size]), c = try backend.zeros([size, size])
+            let a = try backend.tensor(randomValues(size * size, seed: 3), shape: [size, size])
+            let b = try backend.tensor(randomValues(size * size, seed: 4), shape: [size, size])
+            let c = try backend.zeros([size, size])
             let t = try time { try backend.gemm(g, a, b, c) }
-            computeCeiling = max(computeCeiling, g.flops / t.median / 1e9)
+            let rate = g.flops / t.median / 1e9
+            if rate > computeCeiling { computeCeiling = rate; ceilingGemmSize = size }
         }
     }
 
-    /// Median, min and max wall time of `runs` runs after two warm-up runs (synchronised each run).
+    /// Median, min and max wall time of `runs` runs after warm-up runs (synchronised each run).
     public func time(_ body: () throws -> Void) throws -> (median: Double, min: Double, max: Double) {
-        for _ in 0..<2 { try body() }
+        try withoutActuallyEscaping(body) { try timeInterleaved([$0])[0] }
+    }
+
+    /// Times several closures in one loop, alternating between them every run,
+    /// so that their ratios see the same machine load.
+    public func timeInterleaved(_ bodies: [() throws -> Void]) throws -> [(median: Double, min: Double, max: Double)] {
+        for body in bodies { for _ in 0..<warmup { try body() } }
         try backend.synchronize()
-        var samples: [Double] = []
+        var samples = [[Double]](repeating: [], count: bodies.count)
         for _ in 0..<runs {
-            let start = DispatchTime.now().uptimeNanoseconds
-            try body()
-            try backend.synchronize()
-            samples.append(Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9)
+            for (j, body) in bodies.enumerated() {
+                let start = DispatchTime.now().uptimeNanoseconds
+                try body()
+                try backend.synchronize()
+                samples[j].append(Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9)
+            }
         }
-        samples.sort()
-        let median = samples.count % 2 == 1 ? samples[samples.count / 2] : 0.5 * (samples[samples.count / 2 - 1] + samples[samples.count / 2])
-        return (median, samples.first!, samples.last!)
+        return samples.map { s in
+            let s = s.sorted()
+            let median = s.count % 2 == 1 ? s[s.count / 2] : 0.5 * (s[s.count / 2 - 1] + s[s.count / 2])
+            return (median, s.first!, s.last!)
+        }
     }
 
-    public func measure(_ c: BenchCase) throws -> BenchResult {
-        let (run, flops, bytes) = try c.prepare(backend)
-        let t = try time(run)
-        return BenchResult(kernel: c.kernel, shape: c.shape, medianSeconds: t.median, minSeconds: t.min, maxSeconds: t.max,
-                           flops: flops, bytes: bytes, bandwidthCeiling: bandwidthCeiling, computeCeiling: computeCeiling, extra: [:])
+    /// Runs a case; nil when it does not apply to this backend.
+    public func measure(_ c: BenchCase) throws -> BenchResult? {
+        guard let work = try c.prepare(backend) else { return nil }
+        let times = try timeInterleaved([work.run] + work.companions.map(\.run))
+        var extra = work.extra
+        var companions: [String: Double] = [:]
+        for (j, comp) in work.companions.enumerated() {
+            companions[comp.name] = times[j + 1].median
+            extra["\(comp.name)_ms"] = times[j + 1].median * 1e3
+        }
+        if let derive = work.derive { extra.merge(derive(times[0].median, companions)) { _, new in new } }
+        return BenchResult(kernel: c.kernel, shape: c.shape, medianSeconds: times[0].median, minSeconds: times[0].min,
+                           maxSeconds: times[0].max, runs: runs, flops: work.flops, bytes: work.bytes,
+                           bandwidthCeiling: bandwidthCeiling, computeCeiling: computeCeiling, extra: extra)
     }
 
-    /// Every registered case; op families append theirs in `extraCases`.
-    public static var cases: [BenchCase] { gemmCases }
+    /// Every registered case of MoECompute at the given sizes, in report order.
+    public static func cases(_ s: BenchShapes = .full) -> [BenchCase] {
+        gemmCases(s) + groupedCases(s) + routingCases(s) + permuteCases(s) + nnCases(s) + optimCases(s)
+    }
 
-    static func gemmCase(_ label: String, _ g: Gemm) -> BenchCase {
-        BenchCase(kernel: "gemm", shape: label) { backend in
+    /// The full-size cases (kept for callers of the old API).
+    public static var cases: [BenchCase] { cases(.full) }
+
+    /// A GEMM case; on the CPU backend the same multiply is also timed as a plain
+    /// `cblas_sgemm` loop (the OpenBLAS reference), interleaved, with the ratio.
+    static func gemmCase(kernel: String = "gemm", _ label: String, _ g: Gemm) -> BenchCase {
+        BenchCase(kernel: kernel, shape: label) { backend in
             let (ar, ac) = g.transA ? (g.k, g.m) : (g.m, g.k)
             let (br, bc) = g.transB ? (g.n, g.k) : (g.k, g.n)
             let a = try backend.tensor(randomValues(g.batch * ar * ac, seed: 1), shape: [g.batch, ar, ac])
             let b = try backend.tensor(randomValues(g.batch * br * bc, seed: 2), shape: [g.batch, br, bc])
             let c = try backend.zeros([g.batch, g.m, g.n])
-            return ({ try backend.gemm(g, a, b, c) }, g.flops, 0)
+            var work = BenchWork(run: { try backend.gemm(g, a, b, c) }, flops: g.flops)
+            if let reference = openBLASReference(g, on: backend) {
+                work.companions = [("openblas", reference)]
+                work.derive = { t, comp in comp["openblas"].map { ["vs_openblas": t / $0] } ?? [:] }
+            }
+            return work
         }
     }
 
-    static let gemmCases: [BenchCase] = [
-        gemmCase("1024x1024x1024", Gemm(m: 1024, n: 1024, k: 1024)),
-        gemmCase("8x(512x768x3072)", Gemm(m: 512, n: 768, k: 3072, batch: 8)),
-        gemmCase("4096x3072x768 (MLP up)", Gemm(m: 4096, n: 3072, k: 768, transB: true)),
-        gemmCase("4096x768x3072 (MLP down)", Gemm(m: 4096, n: 768, k: 3072, transB: true)),
-        gemmCase("3072x768x4096 (dW, A^T)", Gemm(m: 3072, n: 768, k: 4096, transA: true)),
-    ]
+    /// A plain host loop of `cblas_sgemm` calls over the batch, on host buffers of
+    /// the same sizes (only for the CPU backend, whose peer this is).
+    static func openBLASReference(_ g: Gemm, on backend: Backend) -> (() throws -> Void)? {
+        guard backend is CPUBackend else { return nil }
+        let (ar, ac) = g.transA ? (g.k, g.m) : (g.m, g.k)
+        let (br, bc) = g.transB ? (g.n, g.k) : (g.k, g.n)
+        let a = HostBuffer(byteCount: g.batch * ar * ac * 4), b = HostBuffer(byteCount: g.batch * br * bc * 4)
+        let c = HostBuffer(byteCount: g.batch * g.m * g.n * 4)
+        let va = randomValues(g.batch * ar * ac, seed: 1), vb = randomValues(g.batch * br * bc, seed: 2)
+        va.withUnsafeBytes { a.pointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        vb.withUnsafeBytes { b.pointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        return {
+            let pa = a.pointer.assumingMemoryBound(to: Float.self), pb = b.pointer.assumingMemoryBound(to: Float.self)
+            let pc = c.pointer.assumingMemoryBound(to: Float.self)
+            for i in 0..<g.batch {
+                cblas_sgemm(CblasRowMajor, g.transA ? CblasTrans : CblasNoTrans, g.transB ? CblasTrans : CblasNoTrans,
+                            Int32(g.m), Int32(g.n), Int32(g.k), g.alpha, pa + i * g.strideA, Int32(g.lda),
+                            pb + i * g.strideB, Int32(g.ldb), g.beta, pc + i * g.strideC, Int32(g.ldc))
+            }
+        }
+    }
+
+    static func gemmCases(_ s: BenchShapes) -> [BenchCase] {
+        let rows = s.t, (bb, bm, bn, bk) = s.batched
+        return [
+            gemmCase("\(s.square)x\(s.square)x\(s.square)", Gemm(m: s.square, n: s.square, k: s.square)),
+            gemmCase(kernel: "strided-batched", "\(bb)x(\(bm)x\(bn)x\(bk))", Gemm(m: bm, n: bn, k: bk, batch: bb)),
+            gemmCase("\(rows)x\(s.i)x\(s.h) (MLP up, B^T)", Gemm(m: rows, n: s.i, k: s.h, transB: true)),
+            gemmCase("\(rows)x\(s.h)x\(s.i) (MLP down, B^T)", Gemm(m: rows, n: s.h, k: s.i, transB: true)),
+            gemmCase("\(s.i)x\(s.h)x\(rows) (dW, A^T)", Gemm(m: s.i, n: s.h, k: rows, transA: true)),
+        ]
+    }
 }
 
 /// Seeded uniform values in [-1, 1] for benchmark inputs.

@@ -1,13 +1,22 @@
 import ArgumentParser
 import Foundation
 import MoECompute
+import MoEModel
 
 /// Kernel microbenchmarks: median of timed runs after warm-up, GFLOP/s or
 /// GB/s, and the share of the device's own measured ceilings.
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Kernel microbenchmarks (GEMM, grouped GEMM, routing, permute, combine, nn, whole MoE layer).",
-        discussion: "Reports the median of --runs timed runs after warm-up with the spread (min..max), GFLOP/s or GB/s, and the percentage of the ceilings this bench measures on the device itself: a large copy for bandwidth, its best GEMM for compute.")
+        abstract: "Kernel microbenchmarks (GEMM, grouped GEMM, routing, permute, combine, nn, optimiser, whole MoE layer, training step).",
+        discussion: """
+            Reports the median of --runs timed runs after warm-up with the spread (min..max), GFLOP/s or GB/s, and the \
+            percentage of the ceilings this bench measures on the device itself: a large copy for bandwidth, its best GEMM \
+            for compute. GB/s counts the bytes each op must read and write at minimum. Rows with companions time them in the \
+            same loop, alternating: gemm rows on the CPU backend against a plain cblas_sgemm loop (vs_openblas = time ratio), \
+            grouped GEMMs against one GEMM of the same FLOPs (vs_single_gemm), the MoE layer against its expert bank alone \
+            and its routing/permute/combine ops alone (outside_experts_share, routing_ops_share). train-step rows count \
+            6 x active parameters x tokens as FLOPs, so their % of the GEMM ceiling is the MFU.
+            """)
 
     @Option(name: .long, help: "Device(s) to bench: auto, cpu, opencl, opencl:P:D or all.")
     var device = "all"
@@ -15,31 +24,56 @@ struct Bench: ParsableCommand {
     var kernel: String?
     @Option(name: .long, help: "Only shapes whose label contains this text.")
     var shape: String?
-    @Option(name: .long, help: "Timed runs per case (at least 10 recommended).")
-    var runs = 10
+    @Option(name: .long, help: "Timed runs per case (at least 10 recommended; --quick defaults to 3).")
+    var runs: Int?
+    @Flag(name: .long, help: "Small shapes and 3 runs: every case in seconds (for tests).")
+    var quick = false
     @Flag(name: .long, help: "One JSON object per line instead of a table.")
     var json = false
+
+    /// The model-level cases: the whole MoE layer and the training step of the default model and its dense variant.
+    static func modelCases(_ s: BenchShapes) -> [BenchCase] {
+        var sparse = Recipe.defaultFineTune()
+        var dense = sparse
+        dense.model.moeBlocks = []
+        dense.model.moe = nil
+        if s.quick { sparse.batchSize = 8; dense.batchSize = 8 }
+        let describe = { (c: TrainConfig) in
+            "ViT w=\(c.model.width) d=\(c.model.depth) \(c.model.moe.map { "\($0.router) E=\($0.experts) in \(c.model.moeBlocks)" } ?? "dense") B=\(c.batchSize)"
+        }
+        return [
+            LayerBenchmark.moeLayer(tokens: s.t, width: s.h, hidden: s.i, experts: s.e, k: s.k),
+            LayerBenchmark.trainStep(config: sparse, label: describe(sparse)),
+            LayerBenchmark.trainStep(config: dense, label: describe(dense)),
+        ]
+    }
 
     func run() throws {
         let catalog = DeviceCatalog()
         let selectors: [DeviceSelector] = device == "all"
             ? [.cpu] + catalog.openCLDevices.map { .openCLDevice(platform: $0.platform.index, device: $0.index) }
             : [try DeviceSelector.resolve(device)]
+        let shapes: BenchShapes = quick ? .quick : .full
+        let timedRuns = max(runs ?? (quick ? 3 : 10), 1)
+        let all = BenchSuite.cases(shapes) + Bench.modelCases(shapes)
+        let cases = all.filter { c in
+            (kernel.map { c.kernel.contains($0) } ?? true) && (shape.map { c.shape.contains($0) } ?? true)
+        }
         for selector in selectors {
             let backend = try catalog.makeBackend(selector)
-            let suite = try BenchSuite(backend: backend, runs: max(runs, 1))
-            let cases = BenchSuite.cases.filter { c in
-                (kernel.map { c.kernel.contains($0) } ?? true) && (shape.map { c.shape.contains($0) } ?? true)
-            }
+            let suite = try BenchSuite(backend: backend, runs: timedRuns, shapes: shapes)
             if !json {
                 print("\(backend.name): \(backend.deviceDescription)")
-                print(String(format: "  ceilings measured here: %.1f GB/s copy, %.1f GFLOP/s best GEMM", suite.bandwidthCeiling, suite.computeCeiling))
-                print("  kernel               shape                                  median ms   spread ms         rate        % ceiling")
+                print(String(format: "  ceilings measured here: %.1f GB/s copy (%d MiB), %.1f GFLOP/s best GEMM (%d^3); %d timed runs per case%@",
+                             suite.bandwidthCeiling, (shapes.copyElements * 4) >> 20, suite.computeCeiling, suite.ceilingGemmSize,
+                             timedRuns, quick ? " (quick shapes)" : ""))
+                print(BenchResult.tableHeader)
             }
             for c in cases {
-                let r = try suite.measure(c)
+                guard let r = try suite.measure(c) else { continue }
                 if json {
-                    let data = try JSONSerialization.data(withJSONObject: r.json(device: backend.name, description: backend.deviceDescription), options: [.sortedKeys])
+                    let data = try JSONSerialization.data(withJSONObject: r.json(device: backend.name, description: backend.deviceDescription),
+                                                          options: [.sortedKeys])
                     print(String(decoding: data, as: UTF8.self))
                 } else {
                     print(r.tableRow)

@@ -11,6 +11,11 @@ public final class CPUBackend: Backend, @unchecked Sendable {
 
     public init() {}
 
+    /// The cores to spread work over. Read once: on Linux each
+    /// `activeProcessorCount` opens and parses cgroup files (tens of microseconds,
+    /// paid by every parallel op and batched GEMM when read per call).
+    static let cores = ProcessInfo.processInfo.activeProcessorCount
+
     public func makeTensor(shape: [Int], dtype: DType) throws -> Tensor {
         try require(shape.allSatisfy { $0 >= 0 }, "negative dimension in shape \(shape)")
         let bytes = shape.reduce(1, *) * dtype.byteSize
@@ -90,7 +95,7 @@ public final class CPUBackend: Backend, @unchecked Sendable {
                 // per batch, the batches spread over the cores. Each batch writes its own C.
                 let (ua, ub, uc) = (UInt(bitPattern: pa), UInt(bitPattern: pb), UInt(bitPattern: pc))
                 let biasAddress = bias.map { UInt(bitPattern: $0) }
-                let workers = min(g.batch, ProcessInfo.processInfo.activeProcessorCount)
+                let workers = min(g.batch, CPUBackend.cores)
                 CPUBackend.withBLASThreads(1) {
                     DispatchQueue.concurrentPerform(iterations: workers) { w in
                         let a = UnsafeMutablePointer<Float>(bitPattern: ua)!, b = UnsafeMutablePointer<Float>(bitPattern: ub)!
