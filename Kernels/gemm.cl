@@ -9,6 +9,17 @@
 // no host read-back. Epilogue: out = alpha * acc + beta * C, then + bias[e]
 // (per column), then the activation. Any M, N, K works (zero-padded loads,
 // masked stores).
+//
+// Built with -DGLU=1 the same kernels compute a gated linear unit (SwiGLU):
+// op(B) is K x 2N, columns [0, N) the gate and [N, 2N) the value, and
+//   C[:, n] = silu(alpha * acc_gate + bias[n]) * (alpha * acc_value + bias[N + n])
+// with each work-item holding both accumulators, so the 2N-wide product is
+// never written out. (beta must be 0.)
+#ifndef GLU
+#define GLU 0
+#endif
+// Bias values per group: N, or 2N for the gate and value halves.
+#define BIAS_STRIDE (GLU ? 2 * N : N)
 
 #define GROUP_BATCH 0
 #define GROUP_ROWS 1
@@ -65,7 +76,7 @@ inline Group resolve_group(const int mode, const int blk, const int rowsPerBlock
                 g.a = offsets[e] * lda;
                 g.b = e * strideB;
                 g.c = offsets[e] * ldc;
-                g.bias = e * N;
+                g.bias = e * BIAS_STRIDE;
                 break;
             }
             first += blocks;
@@ -77,7 +88,7 @@ inline Group resolve_group(const int mode, const int blk, const int rowsPerBlock
         g.a = transA ? start * lda : start;
         g.b = transB ? start : start * ldb;
         g.c = batch * strideC;
-        g.bias = batch * N;
+        g.bias = batch * BIAS_STRIDE;
     } else {
         g.bias = 0;
     }
@@ -137,10 +148,15 @@ void gemm(const int M, const int N, const int K,
     // +1 padding keeps strided local reads off the same bank.
     __local float As[TILE_K][TILE_M + 1];
     __local float Bs[TILE_K][TILE_N + 1];
-
     float acc[WPT_M][WPT_N];
     for (int i = 0; i < WPT_M; i++)
         for (int j = 0; j < WPT_N; j++) acc[i][j] = 0.0f;
+#if GLU
+    __local float Bv[TILE_K][TILE_N + 1];
+    float accV[WPT_M][WPT_N];
+    for (int i = 0; i < WPT_M; i++)
+        for (int j = 0; j < WPT_N; j++) accV[i][j] = 0.0f;
+#endif
 
     for (int k0 = 0; k0 < Kg; k0 += TILE_K) {
         // Cooperative loads; the fastest-moving index follows memory order.
@@ -155,6 +171,9 @@ void gemm(const int M, const int N, const int K,
             const int k = transB ? e % TILE_K : e / TILE_N;
             const int gn = col0 + n, gk = k0 + k;
             Bs[k][n] = (gn < N && gk < Kg) ? OP_AT(B, transB, ldb, gk, gn) : 0.0f;
+#if GLU
+            Bv[k][n] = (gn < N && gk < Kg) ? OP_AT(B, transB, ldb, gk, gn + N) : 0.0f;
+#endif
         }
         barrier(CLK_LOCAL_MEM_FENCE);
 
@@ -164,6 +183,11 @@ void gemm(const int M, const int N, const int K,
             for (int j = 0; j < WPT_N; j++) b[j] = Bs[k][tn + j * THREADS_N];
             for (int i = 0; i < WPT_M; i++)
                 for (int j = 0; j < WPT_N; j++) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+#if GLU
+            for (int j = 0; j < WPT_N; j++) b[j] = Bv[k][tn + j * THREADS_N];
+            for (int i = 0; i < WPT_M; i++)
+                for (int j = 0; j < WPT_N; j++) accV[i][j] = fma(a[i], b[j], accV[i][j]);
+#endif
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
@@ -174,10 +198,16 @@ void gemm(const int M, const int N, const int K,
         for (int j = 0; j < WPT_N; j++) {
             const int n = col0 + tn + j * THREADS_N;
             if (n >= N) continue;
+#if GLU
+            float gate = alpha * acc[i][j], value = alpha * accV[i][j];
+            if (hasBias) { gate += bias[n]; value += bias[N + n]; }
+            C[m * ldc + n] = gate / (1.0f + exp(-gate)) * value;
+#else
             // beta == 0 must not read C: it may hold NaN from an earlier use.
             float out = alpha * acc[i][j] + (beta == 0.0f ? 0.0f : beta * C[m * ldc + n]);
             if (hasBias) out += bias[n];
             C[m * ldc + n] = activate(out, activation);
+#endif
         }
     }
 }
@@ -225,6 +255,11 @@ __kernel void gemm_cpu(const int M, const int N, const int K,
         float16 acc[CPU_ROWS][CPU_VECS];
         for (int r = 0; r < CPU_ROWS; r++)
             for (int v = 0; v < CPU_VECS; v++) acc[r][v] = (float16)(0.0f);
+#if GLU
+        float16 accV[CPU_ROWS][CPU_VECS];
+        for (int r = 0; r < CPU_ROWS; r++)
+            for (int v = 0; v < CPU_VECS; v++) accV[r][v] = (float16)(0.0f);
+#endif
         for (int k = 0; k < Kg; k++) {
             float16 b[CPU_VECS];
             for (int v = 0; v < CPU_VECS; v++) b[v] = vload16(0, B + k * ldb + n0 + 16 * v);
@@ -232,10 +267,23 @@ __kernel void gemm_cpu(const int M, const int N, const int K,
                 const float a = rowA[r][k * stepK];
                 for (int v = 0; v < CPU_VECS; v++) acc[r][v] = fma((float16)(a), b[v], acc[r][v]);
             }
+#if GLU
+            for (int v = 0; v < CPU_VECS; v++) b[v] = vload16(0, B + k * ldb + N + n0 + 16 * v);
+            for (int r = 0; r < CPU_ROWS; r++) {
+                const float a = rowA[r][k * stepK];
+                for (int v = 0; v < CPU_VECS; v++) accV[r][v] = fma((float16)(a), b[v], accV[r][v]);
+            }
+#endif
         }
         for (int r = 0; r < CPU_ROWS && m0 + r < Mg; r++) {
             __global float* c = C + (m0 + r) * ldc + n0;
             for (int v = 0; v < CPU_VECS; v++) {
+#if GLU
+                float16 gate = alpha * acc[r][v], value = alpha * accV[r][v];
+                if (hasBias) { gate += vload16(0, bias + n0 + 16 * v); value += vload16(0, bias + N + n0 + 16 * v); }
+                vstore16(gate / (1.0f + exp(-gate)) * value, 0, c + 16 * v);
+                continue;
+#endif
                 float16 out = alpha * acc[r][v];
                 if (beta != 0.0f) out += beta * vload16(0, c + 16 * v);
                 if (hasBias) out += vload16(0, bias + n0 + 16 * v);
@@ -257,6 +305,20 @@ __kernel void gemm_cpu(const int M, const int N, const int K,
                 const float b = B[k * ldb + n];
                 for (int r = 0; r < CPU_ROWS; r++) acc[r] = fma(rowA[r][k * stepK], b, acc[r]);
             }
+#if GLU
+            float accV[CPU_ROWS];
+            for (int r = 0; r < CPU_ROWS; r++) accV[r] = 0.0f;
+            for (int k = 0; k < Kg; k++) {
+                const float b = B[k * ldb + N + n];
+                for (int r = 0; r < CPU_ROWS; r++) accV[r] = fma(rowA[r][k * stepK], b, accV[r]);
+            }
+            for (int r = 0; r < CPU_ROWS && m0 + r < Mg; r++) {
+                float gate = alpha * acc[r], value = alpha * accV[r];
+                if (hasBias) { gate += bias[n]; value += bias[N + n]; }
+                C[(m0 + r) * ldc + n] = gate / (1.0f + exp(-gate)) * value;
+            }
+            continue;
+#endif
             for (int r = 0; r < CPU_ROWS && m0 + r < Mg; r++) {
                 float out = alpha * acc[r] + (beta == 0.0f ? 0.0f : beta * C[(m0 + r) * ldc + n]);
                 if (hasBias) out += bias[n];

@@ -33,21 +33,36 @@ public struct Gemm: Sendable, Equatable {
     }
 
     func validate(_ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping, epilogue: GemmEpilogue) throws {
+        guard epilogue.swiGLU else { return try validate(a, b, c, grouping: grouping, epilogue: epilogue, checkC: true) }
+        try require(beta == 0 && epilogue.activation == .none, "SwiGLU epilogue needs beta 0 and no other activation")
+        try require(transB || ldb >= 2 * n, "SwiGLU epilogue: B needs ldb >= 2n")
+        // A, B and the bias as the multiply that produces gate and value (2n columns); C is n wide.
+        var wide = self
+        wide.n = 2 * n
+        try wide.validate(a, b, c, grouping: grouping, epilogue: GemmEpilogue(bias: epilogue.bias), checkC: false)
+        let groups: Int
+        if case .rows = grouping { groups = 1 } else { groups = batch }
+        let extent = m == 0 || n == 0 || groups == 0 ? 0 : (groups - 1) * strideC + (m - 1) * ldc + n
+        try require(c.dtype == .f32 && c.count >= extent, "gemm C \(c.shape) too small for \(self)")
+    }
+
+    private func validate(_ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping, epilogue: GemmEpilogue,
+                          checkC: Bool) throws {
         switch grouping {
         case .batch:
-            try validate(a, b, c)
+            try validate(a, b, c, checkC: checkC)
         case .rows(let offsets):
             try require(!transA, "grouped GEMM (rows) takes A untransposed")
             try require(offsets.dtype == .i32 && offsets.count == batch + 1, "grouped GEMM needs \(batch + 1) i32 offsets, got \(offsets.dtype) \(offsets.shape)")
             // Each group is an m-row multiply at worst; A and C are shared, B is per group.
             var one = self
             one.strideA = 0; one.strideC = 0
-            try one.validate(a, b, c)
+            try one.validate(a, b, c, checkC: checkC)
         case .contraction(let offsets):
             try require(offsets.dtype == .i32 && offsets.count == batch + 1, "grouped GEMM needs \(batch + 1) i32 offsets, got \(offsets.dtype) \(offsets.shape)")
             var one = self
             one.strideA = 0; one.strideB = 0
-            try one.validate(a, b, c)
+            try one.validate(a, b, c, checkC: checkC)
         }
         if let bias = epilogue.bias {
             let groups: Int
@@ -56,15 +71,15 @@ public struct Gemm: Sendable, Equatable {
         }
     }
 
-    func validate(_ a: Tensor, _ b: Tensor, _ c: Tensor) throws {
+    func validate(_ a: Tensor, _ b: Tensor, _ c: Tensor, checkC: Bool = true) throws {
         try require(m >= 0 && n >= 0 && k >= 0 && batch >= 0, "gemm sizes must be non-negative: \(self)")
-        try require(lda >= (transA ? m : k) && ldb >= (transB ? k : n) && ldc >= n, "gemm leading dimensions too small: \(self)")
+        try require(lda >= (transA ? m : k) && ldb >= (transB ? k : n) && (ldc >= n || !checkC), "gemm leading dimensions too small: \(self)")
         try require([a, b, c].allSatisfy { $0.dtype == .f32 }, "gemm takes f32 tensors")
         let (ar, ac) = transA ? (k, m) : (m, k)
         let (br, bc) = transB ? (n, k) : (k, n)
         try require(a.count >= extent(rows: ar, cols: ac, ld: lda, stride: strideA), "gemm A \(a.shape) too small for \(self)")
         try require(b.count >= extent(rows: br, cols: bc, ld: ldb, stride: strideB), "gemm B \(b.shape) too small for \(self)")
-        try require(c.count >= extent(rows: m, cols: n, ld: ldc, stride: strideC), "gemm C \(c.shape) too small for \(self)")
+        if checkC { try require(c.count >= extent(rows: m, cols: n, ld: ldc, stride: strideC), "gemm C \(c.shape) too small for \(self)") }
         let limit = Int(Int32.max)
         try require([a.count + a.offset, b.count + b.offset, c.count + c.offset].allSatisfy { $0 < limit },
                     "gemm operands over 2^31 elements are not supported")
@@ -100,10 +115,19 @@ public enum GemmGrouping {
 
 /// Applied to every output element: `act(alpha * acc + beta * C + bias[col])`.
 /// For grouped GEMMs the bias holds one row of `n` values per group.
+///
+/// With `swiGLU`, op(B) has `2n` columns, the gate then the value, and the
+/// output is `silu(alpha * gate + bias[j]) * (alpha * value + bias[n + j])`
+/// (the bias then holds `2n` values per group; `beta` must be 0 and
+/// `activation` none): the SwiGLU expert's first layer in one pass, without
+/// writing the `2n`-wide product.
 public struct GemmEpilogue {
     public var bias: Tensor?
     public var activation: Activation
-    public init(bias: Tensor? = nil, activation: Activation = .none) { self.bias = bias; self.activation = activation }
+    public var swiGLU: Bool
+    public init(bias: Tensor? = nil, activation: Activation = .none, swiGLU: Bool = false) {
+        self.bias = bias; self.activation = activation; self.swiGLU = swiGLU
+    }
     public static let none = GemmEpilogue()
 }
 

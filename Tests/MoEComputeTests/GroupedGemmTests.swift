@@ -112,6 +112,49 @@ final class GroupedGemmTests: XCTestCase {
         }
     }
 
+    /// SwiGLU experts in one pass: y = silu(x Wg^T + bg) * (x Wu^T + bu), W = [gate; value] per expert.
+    func testSwiGLUEpilogueMatchesTheReference() throws {
+        for (label, backend) in try backends() {
+            for counts in layouts {
+                for (n, k) in [(9, 13), (40, 70), (33, 1)] {
+                    let e = counts.count, rows = counts.reduce(0, +)
+                    let seed = UInt64(rows * 13 + n + k)
+                    let x = randomFloats(rows * k, seed: seed), w = randomFloats(e * 2 * n * k, seed: seed + 1)
+                    let bias = randomFloats(e * 2 * n, seed: seed + 2)
+                    let off = offsets(counts)
+                    var ref = [Double](repeating: .nan, count: rows * n)
+                    for ex in 0..<e { for r in Int(off[ex])..<Int(off[ex + 1]) { for j in 0..<n {
+                        var gate = Double(bias[ex * 2 * n + j]), value = Double(bias[ex * 2 * n + n + j])
+                        for p in 0..<k {
+                            gate += Double(x[r * k + p]) * Double(w[(ex * 2 * n + j) * k + p])
+                            value += Double(x[r * k + p]) * Double(w[(ex * 2 * n + n + j) * k + p])
+                        }
+                        ref[r * n + j] = gate / (1 + exp(-gate)) * value
+                    } } }
+                    let ty = try backend.tensor([Float](repeating: .nan, count: rows * n), shape: [rows, n])
+                    try backend.gemm(Gemm(m: rows, n: n, k: k, transB: true, batch: e, ldb: k, strideB: 2 * n * k),
+                                     try backend.tensor(x, shape: [rows, k]), try backend.tensor(w, shape: [e, 2 * n, k]), ty,
+                                     grouping: .rows(offsets: try backend.tensor(ints: off, shape: [e + 1])),
+                                     epilogue: GemmEpilogue(bias: try backend.tensor(bias, shape: [e, 2 * n]), swiGLU: true))
+                    assertRelativeError(try ty.floats(), ref, below: 1e-5, "\(label) swiGLU \(counts) n=\(n) k=\(k)")
+                }
+            }
+            // Plain (batched) form with B untransposed: [k, 2n].
+            let m = 7, n = 20, k = 5
+            let a = randomFloats(m * k, seed: 4), bw = randomFloats(k * 2 * n, seed: 5)
+            let c = try backend.zeros([m, n])
+            try backend.gemm(Gemm(m: m, n: n, k: k, ldb: 2 * n), try backend.tensor(a, shape: [m, k]),
+                             try backend.tensor(bw, shape: [k, 2 * n]), c, grouping: .batch, epilogue: GemmEpilogue(swiGLU: true))
+            var ref = [Double](repeating: 0, count: m * n)
+            for i in 0..<m { for j in 0..<n {
+                var gate = 0.0, value = 0.0
+                for p in 0..<k { gate += Double(a[i * k + p]) * Double(bw[p * 2 * n + j]); value += Double(a[i * k + p]) * Double(bw[p * 2 * n + n + j]) }
+                ref[i * n + j] = gate / (1 + exp(-gate)) * value
+            } }
+            assertRelativeError(try c.floats(), ref, below: 1e-5, "\(label) swiGLU batched")
+        }
+    }
+
     func testBadOffsetsAreRejected() throws {
         let cpu = TestDevices.cpu
         let x = try cpu.zeros([4, 3]), w = try cpu.zeros([2, 5, 3]), y = try cpu.zeros([4, 5])

@@ -84,6 +84,7 @@ public final class CPUBackend: Backend, @unchecked Sendable {
 
     public func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping, epilogue: GemmEpilogue) throws {
         try g.validate(a, b, c, grouping: grouping, epilogue: epilogue)
+        if epilogue.swiGLU { return try gemmSwiGLU(g, a, b, c, grouping: grouping, bias: epilogue.bias) }
         let pa = try f32(a), pb = try f32(b), pc = try f32(c)
         let bias = try epilogue.bias.map { try f32($0) }
         guard g.m > 0, g.n > 0, g.batch > 0 else { return }
@@ -129,6 +130,37 @@ public final class CPUBackend: Backend, @unchecked Sendable {
                 let bStart = g.transB ? start : start * g.ldb
                 sgemm(g, m: g.m, k: rows, pa + aStart, pb + bStart, pc + e * g.strideC)
                 applyEpilogue(pc + e * g.strideC, rows: g.m, g, bias: bias.map { $0 + e * g.n }, activation: epilogue.activation)
+            }
+        }
+    }
+
+    /// SwiGLU epilogue: the 2n-wide product (with bias) into scratch, then
+    /// silu(gate) * value into C, row by row, touching only rows the grouping writes.
+    private func gemmSwiGLU(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping, bias: Tensor?) throws {
+        let groups: Int
+        if case .rows = grouping { groups = 1 } else { groups = g.batch }
+        var wide = g
+        wide.n = 2 * g.n
+        wide.ldc = 2 * g.n
+        wide.strideC = g.m * 2 * g.n
+        if !g.transB && g.ldb < 2 * g.n { wide.ldb = 2 * g.n }
+        let product = try makeTensor(shape: [groups, g.m, 2 * g.n], dtype: .f32)
+        try gemm(wide, a, b, product, grouping: grouping, epilogue: GemmEpilogue(bias: bias))
+        let p = try f32(product), out = try f32(c)
+        var rowRanges: [(group: Int, rows: Range<Int>)] = []
+        if case .rows(let offsets) = grouping {
+            let o = try i32(offsets)
+            rowRanges = [(0, Int(o[0])..<Int(o[g.batch]))]
+        } else {
+            rowRanges = (0..<groups).map { ($0, 0..<g.m) }
+        }
+        for (group, rows) in rowRanges {
+            for r in rows {
+                let src = p + (group * g.m + r) * 2 * g.n, dst = out + group * g.strideC + r * g.ldc
+                for j in 0..<g.n {
+                    let gate = src[j]
+                    dst[j] = gate / (1 + expf(-gate)) * src[g.n + j]
+                }
             }
         }
     }

@@ -27,23 +27,26 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
         self.tuning = tuning ?? KernelTuning(for: device)
     }
 
-    /// The program built from Kernels/`file` for this device (built once per backend).
-    public func program(_ file: String) throws -> CLProgram {
+    /// The program built from Kernels/`file` for this device (built once per
+    /// backend and set of extra `-D` options).
+    public func program(_ file: String, defines: String = "") throws -> CLProgram {
         lock.lock(); defer { lock.unlock() }
-        if let p = programs[file] { return p }
+        let key = defines.isEmpty ? file : file + " " + defines
+        if let p = programs[key] { return p }
+        let options = defines.isEmpty ? tuning.options(for: file) : tuning.options(for: file) + " " + defines
         let p = try CLProgram.build(file: file, source: try KernelSources.source(file),
-                                    options: tuning.options(for: file), context: context, cache: cache)
-        programs[file] = p
+                                    options: options, context: context, cache: cache)
+        programs[key] = p
         return p
     }
 
-    /// Kernel `name` from Kernels/`file`, created once.
-    public func kernel(_ name: String, in file: String) throws -> CLKernel {
-        let key = file + ":" + name
+    /// Kernel `name` from Kernels/`file` (built with `defines`), created once.
+    public func kernel(_ name: String, in file: String, defines: String = "") throws -> CLKernel {
+        let key = file + ":" + name + ":" + defines
         lock.lock()
         if let k = kernels[key] { lock.unlock(); return k }
         lock.unlock()
-        let k = try program(file).kernel(name)
+        let k = try program(file, defines: defines).kernel(name)
         lock.lock(); kernels[key] = k; lock.unlock()
         return k
     }
@@ -155,12 +158,15 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
         let head: [CLArg] = [.int(Int32(g.m)), .int(Int32(g.n)), .int(Int32(g.k)), .float(g.alpha), .float(g.beta)]
         let cArgs = try arg(c) + [.int(Int32(g.ldc)), .int(Int32(g.strideC))]
 
+        // The SwiGLU epilogue is a compile-time variant of the same kernels.
+        let defines = epilogue.swiGLU ? "-DGLU=1" : ""
+        let bColumns = epilogue.swiGLU ? 2 * g.n : g.n
         if !tuning.cpuGemm {
             let t = tuning.gemm
             aArgs += try arg(b) + [.int(Int32(g.ldb)), .int(Int32(g.strideB)), .int(g.transB ? 1 : 0)]
             let local = [t.tileN / t.wptN, t.tileM / t.wptM, 1]
             let global = [(g.n + t.tileN - 1) / t.tileN * local[0], rowBlocks(t.tileM) * local[1], batches]
-            return try kernel("gemm", in: "gemm.cl").launch(head + aArgs + cArgs + tail, global: global, local: local)
+            return try kernel("gemm", in: "gemm.cl", defines: defines).launch(head + aArgs + cArgs + tail, global: global, local: local)
         }
 
         // CPU device: pack op(B) to K x N row-major when B is transposed.
@@ -169,14 +175,14 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
             // Stored B is (groups of) n x k with leading dim ldb; the packed copy is k x n.
             let groups: Int
             if case .contraction = grouping { groups = 1 } else { groups = g.batch }
-            let packed = try scratchBuffer(bytes: groups * g.k * g.n * 4)
+            let packed = try scratchBuffer(bytes: groups * g.k * bColumns * 4)
             try kernel("transpose", in: "gemm.cl").launch(
-                try arg(b) + [.int(Int32(g.ldb)), .int(Int32(g.strideB)), .buffer(packed), .int(Int32(g.n)), .int(Int32(g.k))],
-                global: [g.k, g.n, groups])
-            bArgs = [.buffer(packed), .int(0), .int(Int32(g.n)), .int(Int32(g.k * g.n))]
+                try arg(b) + [.int(Int32(g.ldb)), .int(Int32(g.strideB)), .buffer(packed), .int(Int32(bColumns)), .int(Int32(g.k))],
+                global: [g.k, bColumns, groups])
+            bArgs = [.buffer(packed), .int(0), .int(Int32(bColumns)), .int(Int32(g.k * bColumns))]
         }
         let rows = tuning.cpuRows, cols = 16 * tuning.cpuVecs
-        return try kernel("gemm_cpu", in: "gemm.cl").launch(
+        return try kernel("gemm_cpu", in: "gemm.cl", defines: defines).launch(
             head + aArgs + bArgs + cArgs + tail,
             global: [rowBlocks(rows), (g.n + cols - 1) / cols, batches], local: [1, 1, 1])
     }
