@@ -84,11 +84,12 @@ public enum LayerBenchmark {
 
     /// One `Trainer.trainStep` (forward, loss, backward, clipping, AdamW) of the
     /// ViT `config.model` on Fashion-MNIST (synthetic images when it is not
-    /// installed). FLOPs = 6 x active parameters x tokens per step, so the rate
-    /// is the model FLOP rate and the % of the GEMM ceiling is the MFU.
-    public static func trainStep(config: TrainConfig, label: String) -> BenchCase {
+    /// installed, or when `synthetic`: 1024 seeded random images, for quick
+    /// runs). FLOPs = 6 x active parameters x tokens per step, so the rate is the
+    /// model FLOP rate and the % of the GEMM ceiling is the MFU.
+    public static func trainStep(config: TrainConfig, label: String, synthetic: Bool = false) -> BenchCase {
         BenchCase(kernel: "train-step", shape: label) { backend in
-            let data = try trainingData(config.model)
+            let data = try trainingData(config.model, synthetic: synthetic)
             let model = try ViT(config: config.model, backend: backend, seed: config.seed)
             let trainer = try Trainer(config: config, model: model, train: data.train, test: data.test)
             let tokens = Double(config.batchSize * config.gradientAccumulation * config.model.tokens)
@@ -101,9 +102,9 @@ public enum LayerBenchmark {
         }
     }
 
-    static func trainingData(_ m: ViTConfig) throws -> (train: ImageDataset, test: ImageDataset, real: Bool) {
+    static func trainingData(_ m: ViTConfig, synthetic: Bool) throws -> (train: ImageDataset, test: ImageDataset, real: Bool) {
         let folder = BuiltinData.fashionMNISTFolder
-        if m.channels == 1 && m.imageSize == 28,
+        if !synthetic, m.channels == 1 && m.imageSize == 28,
            FileManager.default.fileExists(atPath: folder + "/train-images-idx3-ubyte.gz"),
            let d = try? BuiltinData.idxFolder(folder) {
             return (d.train, d.test, true)

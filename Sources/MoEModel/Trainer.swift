@@ -167,7 +167,7 @@ public final class Trainer {
         let tokens = Double(batch * config.gradientAccumulation * c.tokens)
         return StepMetrics(step: step, loss: loss + aux.values.reduce(0, +), aux: aux, learningRate: lr, gradNorm: norm,
                            tokensPerSecond: tokens / seconds, elapsed: seconds, accuracy: nil,
-                           expertLoad: try model.routingStats().load)
+                           expertLoad: try model.expertLoads())
     }
 
     /// Top-1 accuracy on the first `limit` test examples.

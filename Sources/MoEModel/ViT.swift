@@ -283,6 +283,13 @@ public final class ViT {
         }
     }
 
+    /// The per-layer expert loads of the last forward (no auxiliary losses: cheaper than `routingStats`).
+    public func expertLoads() throws -> [String: [Int]] {
+        var load: [String: [Int]] = [:]
+        for block in blocks { if let l = try block.ffn.expertLoad() { load["blocks.\(block.index)"] = l } }
+        return load
+    }
+
     /// Auxiliary losses summed over the MoE layers, and the per-layer expert loads.
     public func routingStats() throws -> (aux: [String: Float], load: [String: [Int]]) {
         var aux: [String: Float] = [:], load: [String: [Int]] = [:]

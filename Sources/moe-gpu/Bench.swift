@@ -43,8 +43,9 @@ struct Bench: ParsableCommand {
         }
         return [
             LayerBenchmark.moeLayer(tokens: s.t, width: s.h, hidden: s.i, experts: s.e, k: s.k),
-            LayerBenchmark.trainStep(config: sparse, label: describe(sparse)),
-            LayerBenchmark.trainStep(config: dense, label: describe(dense)),
+            // Quick runs train on synthetic images: loading Fashion-MNIST takes longer than the steps.
+            LayerBenchmark.trainStep(config: sparse, label: describe(sparse), synthetic: s.quick),
+            LayerBenchmark.trainStep(config: dense, label: describe(dense), synthetic: s.quick),
         ]
     }
 

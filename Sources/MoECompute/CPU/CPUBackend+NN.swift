@@ -83,6 +83,16 @@ extension CPUBackend {
         return s
     }
 
+    // Lane-wise min and max as compare-and-select: the same values as the standard
+    // library's pointwiseMin/pointwiseMax (Swift.min/max per lane: `y < x ? y : x`,
+    // `y >= x ? y : x`, so a NaN in x stays), which the optimiser left as
+    // out-of-line per-lane calls in these loops (5% of a training step).
+    @inline(__always)
+    static func min8(_ x: SIMD8<Float>, _ y: SIMD8<Float>) -> SIMD8<Float> { x.replacing(with: y, where: y .< x) }
+
+    @inline(__always)
+    static func max8(_ x: SIMD8<Float>, _ y: SIMD8<Float>) -> SIMD8<Float> { x.replacing(with: y, where: y .>= x) }
+
     @inline(__always)
     static func store8(_ p: UnsafeMutablePointer<Float>, _ i: Int, _ v: SIMD8<Float>) {
         UnsafeMutableRawPointer(p + i).storeBytes(of: v, as: SIMD8<Float>.self)
@@ -95,7 +105,7 @@ extension CPUBackend {
     /// sigmoid-based activations.
     @inline(__always)
     static func exp8(_ x: SIMD8<Float>) -> SIMD8<Float> {
-        let xc = pointwiseMin(pointwiseMax(x, SIMD8(repeating: -87.0)), SIMD8(repeating: 88.0))
+        let xc = min8(max8(x, SIMD8(repeating: -87.0)), SIMD8(repeating: 88.0))
         // Adding 1.5 * 2^23 rounds x / ln 2 to the nearest integer n and leaves n in
         // the low mantissa bits (no float-to-int conversion, which would trap on NaN).
         let magic = SIMD8<Float>(repeating: 12582912)
@@ -120,7 +130,7 @@ extension CPUBackend {
     static func scaledMax(_ p: UnsafePointer<Float>, _ n: Int, scale: Float) -> Float {
         var m8 = SIMD8<Float>(repeating: -.infinity)
         var j = 0
-        while j + 8 <= n { m8 = pointwiseMax(m8, scale * load8(p, j)); j += 8 }
+        while j + 8 <= n { m8 = max8(m8, scale * load8(p, j)); j += 8 }
         var m = m8.max()
         while j < n { m = max(m, scale * p[j]); j += 1 }
         return m
@@ -323,7 +333,7 @@ extension CPUBackend {
     /// largest single cost of the erf-GELU MLPs.
     @inline(__always)
     static func erf8(_ a: SIMD8<Float>) -> SIMD8<Float> {
-        let x = pointwiseMin(pointwiseMax(a, SIMD8(repeating: -4)), SIMD8(repeating: 4))
+        let x = min8(max8(a, SIMD8(repeating: -4)), SIMD8(repeating: 4))
         let x2 = x * x
         var p = SIMD8<Float>(repeating: -2.72614225801306e-10)
         p = p * x2 + 2.77068142495902e-08
@@ -338,7 +348,7 @@ extension CPUBackend {
         q = q * x2 + -7.37332916720468e-03
         q = q * x2 + -1.42647390514189e-02
         let y = (p * x) / q
-        // Saturate exactly (pointwiseMin/Max drop NaN, so put it back from a).
+        // Saturate exactly; a NaN in a gives NaN.
         let one = SIMD8<Float>(repeating: 1)
         var r = y.replacing(with: one, where: a .> 3.9).replacing(with: -one, where: a .< -3.9)
         r = r.replacing(with: a, where: a .!= a)
