@@ -512,7 +512,7 @@ final class LayerBuilder {
 }
 
 /// Gram–Schmidt on the rows (when there are no more rows than columns), then unit length.
-func orthonormalRows(_ a: [Float], rows: Int, cols: Int) -> [Float] {
+public func orthonormalRows(_ a: [Float], rows: Int, cols: Int) -> [Float] {
     var v = a.map(Double.init)
     for r in 0..<rows {
         if rows <= cols {

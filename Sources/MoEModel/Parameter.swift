@@ -1,4 +1,5 @@
 import Foundation
+import MoECheckpoint
 import MoECompute
 
 /// A trainable tensor with its gradient and AdamW moments, named as in the
@@ -31,7 +32,7 @@ public enum Initializer {
     case constant(Float)
     /// Normal(0, std), truncated at 2 std as ViT does.
     case normal(std: Float)
-    /// Rows orthonormal (for SpheroMoE queries); falls back to normal when rows > cols.
+    /// Rows orthonormal (for SpheroMoE queries); unit rows when there are more rows than columns.
     case orthogonal
 
     func values(shape: [Int], seed: UInt64) -> [Float] {
@@ -49,21 +50,7 @@ public enum Initializer {
             }
         case .orthogonal:
             let rows = shape.first ?? 1, cols = n / max(rows, 1)
-            var w = (0..<n).map { _ in Double(rng.nextGaussian()) }
-            guard rows <= cols else { return w.map { Float($0 * 0.02) } }
-            // Gram-Schmidt on the rows.
-            for r in 0..<rows {
-                for p in 0..<r {
-                    var dot = 0.0
-                    for c in 0..<cols { dot += w[r * cols + c] * w[p * cols + c] }
-                    for c in 0..<cols { w[r * cols + c] -= dot * w[p * cols + c] }
-                }
-                var norm = 0.0
-                for c in 0..<cols { norm += w[r * cols + c] * w[r * cols + c] }
-                norm = max(norm.squareRoot(), 1e-12)
-                for c in 0..<cols { w[r * cols + c] /= norm }
-            }
-            return w.map(Float.init)
+            return orthonormalRows((0..<n).map { _ in rng.nextGaussian() }, rows: rows, cols: cols)
         }
     }
 }
