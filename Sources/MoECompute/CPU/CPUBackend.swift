@@ -6,10 +6,10 @@ import Foundation
 public final class CPUBackend: Backend, @unchecked Sendable {
     public let name = "cpu"
     public var deviceDescription: String {
-        "CPU backend (OpenBLAS \(String(cString: openblas_get_config())), \(CPUBackend.blasThreads) threads)"
+        "CPU backend (OpenBLAS \(String(cString: openblas_get_config())), \(openblas_get_num_threads()) threads)"
     }
 
-    public init() { CPUBackend.blasSetup }
+    public init() {}
 
     /// The cores to spread work over. Read once: on Linux each
     /// `activeProcessorCount` opens and parses cgroup files (tens of microseconds,
@@ -97,14 +97,15 @@ public final class CPUBackend: Backend, @unchecked Sendable {
                 let (ua, ub, uc) = (UInt(bitPattern: pa), UInt(bitPattern: pb), UInt(bitPattern: pc))
                 let biasAddress = bias.map { UInt(bitPattern: $0) }
                 let workers = min(g.batch, CPUBackend.cores)
-                // (OpenBLAS is single-threaded here: see `blasSetup`.)
-                DispatchQueue.concurrentPerform(iterations: workers) { w in
-                    let a = UnsafeMutablePointer<Float>(bitPattern: ua)!, b = UnsafeMutablePointer<Float>(bitPattern: ub)!
-                    let c = UnsafeMutablePointer<Float>(bitPattern: uc)!
-                    let biasPointer = biasAddress.flatMap { UnsafeMutablePointer<Float>(bitPattern: $0) }
-                    for bi in stride(from: w, to: g.batch, by: workers) {
-                        self.sgemm(g, m: g.m, k: g.k, a + bi * g.strideA, b + bi * g.strideB, c + bi * g.strideC, manageThreads: false)
-                        self.applyEpilogue(c + bi * g.strideC, rows: g.m, g, bias: biasPointer, activation: epilogue.activation)
+                CPUBackend.withBLASThreads(1) {
+                    DispatchQueue.concurrentPerform(iterations: workers) { w in
+                        let a = UnsafeMutablePointer<Float>(bitPattern: ua)!, b = UnsafeMutablePointer<Float>(bitPattern: ub)!
+                        let c = UnsafeMutablePointer<Float>(bitPattern: uc)!
+                        let biasPointer = biasAddress.flatMap { UnsafeMutablePointer<Float>(bitPattern: $0) }
+                        for bi in stride(from: w, to: g.batch, by: workers) {
+                            self.sgemm(g, m: g.m, k: g.k, a + bi * g.strideA, b + bi * g.strideB, c + bi * g.strideC, manageThreads: false)
+                            self.applyEpilogue(c + bi * g.strideC, rows: g.m, g, bias: biasPointer, activation: epilogue.activation)
+                        }
                     }
                 }
                 return
@@ -168,27 +169,16 @@ public final class CPUBackend: Backend, @unchecked Sendable {
     static let threadedGemmMACs = 4_000_000.0
     /// From this many multiply-adds on, OpenBLAS's own threads run the GEMM.
     static let blasThreadedGemmMACs = 256_000_000.0
-    /// OpenBLAS's thread count at start-up (its default: the cores).
+    /// OpenBLAS's thread count (its default: the cores).
     static let blasThreads = Int(openblas_get_num_threads())
     private static let blasLock = NSLock()
-
-    /// OpenBLAS runs single-threaded by default: medium GEMMs are split over the
-    /// cores here (`sgemm`), and only very large ones use OpenBLAS's thread pool.
-    /// Once woken, that pool's idle threads spin in sched_yield for about 0.1 s
-    /// (OpenBLAS's thread timeout), which a training step of many small ops
-    /// never outlasts: the spinning took a third of the CPU time and competed
-    /// with the element-wise loops' threads.
-    static let blasSetup: Void = {
-        _ = blasThreads
-        openblas_set_num_threads(1)
-    }()
 
     /// Runs `body` with OpenBLAS limited to `n` threads.
     static func withBLASThreads(_ n: Int, _ body: () -> Void) {
         blasLock.lock(); defer { blasLock.unlock() }
         openblas_set_num_threads(Int32(n))
         body()
-        openblas_set_num_threads(1)
+        openblas_set_num_threads(Int32(blasThreads))
     }
 
     /// One OpenBLAS sgemm of `m` rows and contraction `k` with g's transposes, scalars and leading dims.
@@ -199,7 +189,7 @@ public final class CPUBackend: Backend, @unchecked Sendable {
             for i in 0..<m { for j in 0..<g.n { c[i * g.ldc + j] = g.beta == 0 ? 0 : g.beta * c[i * g.ldc + j] } }
             return
         }
-        // C[r0..<r1, c0..<c1] on the calling thread (OpenBLAS is single-threaded by default).
+        // C[r0..<r1, c0..<c1] on the calling thread (inside a single-threaded OpenBLAS window).
         func block(_ r0: Int, _ r1: Int, _ c0: Int, _ c1: Int) {
             let ap = g.transA ? a + r0 : a + r0 * g.lda
             let bp = g.transB ? b + c0 * g.ldb : b + c0
@@ -209,10 +199,19 @@ public final class CPUBackend: Backend, @unchecked Sendable {
         }
         let macs = Double(m) * Double(g.n) * Double(k)
         let workers = min(CPUBackend.blasThreads, CPUBackend.cores)
-        if !manageThreads || macs < CPUBackend.threadedGemmMACs || workers <= 1 {
+        // Only GEMMs from blasThreadedGemmMACs on use OpenBLAS's thread pool. Once
+        // woken, the pool's idle threads spin in sched_yield for about 0.1 s
+        // (OpenBLAS's thread timeout), longer than a training step of many small
+        // ops: that spinning took a third of the CPU time and competed with the
+        // element-wise loops' threads. Smaller GEMMs run with OpenBLAS set to one
+        // thread for the call (the process default stays OpenBLAS's, so direct
+        // cblas callers such as the bench's peer loop are unaffected).
+        if !manageThreads || workers <= 1 {
             block(0, m, 0, g.n)
+        } else if macs < CPUBackend.threadedGemmMACs {
+            CPUBackend.withBLASThreads(1) { block(0, m, 0, g.n) }
         } else if macs >= CPUBackend.blasThreadedGemmMACs {
-            CPUBackend.withBLASThreads(CPUBackend.blasThreads) { block(0, m, 0, g.n) }
+            block(0, m, 0, g.n)
         } else {
             // Split C over the cores in blocks of 16 rows (or columns when C is wider
             // than tall); each block is an independent single-threaded sgemm, and the
@@ -220,10 +219,12 @@ public final class CPUBackend: Backend, @unchecked Sendable {
             let byRows = m >= g.n
             let units = ((byRows ? m : g.n) + 15) / 16
             let parts = min(workers, units)
-            DispatchQueue.concurrentPerform(iterations: parts) { p in
-                let lo = min(p * units / parts * 16, byRows ? m : g.n), hi = min((p + 1) * units / parts * 16, byRows ? m : g.n)
-                guard lo < hi else { return }
-                if byRows { block(lo, hi, 0, g.n) } else { block(0, m, lo, hi) }
+            CPUBackend.withBLASThreads(1) {
+                DispatchQueue.concurrentPerform(iterations: parts) { p in
+                    let lo = min(p * units / parts * 16, byRows ? m : g.n), hi = min((p + 1) * units / parts * 16, byRows ? m : g.n)
+                    guard lo < hi else { return }
+                    if byRows { block(lo, hi, 0, g.n) } else { block(0, m, lo, hi) }
+                }
             }
         }
     }
