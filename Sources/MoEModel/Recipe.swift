@@ -35,13 +35,13 @@ public enum Recipe {
         c.model = denseModel()
         c.model.moeBlocks = [2, 3]
         c.model.moe = moe(router: "sphero")
-        c.steps = 600
+        c.steps = 1500
         c.batchSize = 64
         // Short runs on this small model underfit: no augmentation, a high peak rate.
         c.augment = false
         c.learningRate = 1e-3
         c.warmupSteps = 20
-        c.evalEvery = 300
+        c.evalEvery = 500
         c.testExamples = nil
         return c
     }
@@ -51,7 +51,7 @@ public enum Recipe {
         var d = c
         d.model.moeBlocks = []
         d.model.moe = nil
-        d.steps = steps ?? 2000
+        d.steps = steps ?? 5000
         d.learningRate = 3e-3
         d.warmupSteps = 50
         d.evalEvery = 0
