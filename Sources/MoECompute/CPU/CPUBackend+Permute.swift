@@ -98,20 +98,44 @@ extension CPUBackend: PermuteOps {
         let pdo = try f32(dOut), pyp = try f32(yp), pw = try f32(weights), pdyp = try f32(dYp), pdw = try f32(dWeights)
         let src = try i32(plan.sourceOfRow), dst = try i32(plan.destination)
         let s = plan.slotsPerToken, used = try usedRows(plan, limit: rows)
-        // Weights first, so dYp may share storage with yp.
-        for i in 0..<plan.tokens * s {
-            let r = Int(dst[i])
-            guard r >= 0 else { pdw[i] = 0; continue }
-            let g = pdo + (i / s) * h, y = pyp + r * h
-            var dot: Float = 0
-            for c in 0..<h { dot += g[c] * y[c] }
-            pdw[i] = dot
+        // Weights first, so dYp may share storage with yp. Both loops touch
+        // disjoint outputs per index, so they split over the cores.
+        let (udo, uyp, uw, udyp, udw) = (UInt(bitPattern: pdo), UInt(bitPattern: pyp), UInt(bitPattern: pw), UInt(bitPattern: pdyp), UInt(bitPattern: pdw))
+        let (usrc, udst) = (UInt(bitPattern: src), UInt(bitPattern: dst))
+        CPUBackend.parallelFor(plan.tokens * s, work: plan.tokens * s * h) { range in
+            let pdo = UnsafeMutablePointer<Float>(bitPattern: udo)!, pyp = UnsafeMutablePointer<Float>(bitPattern: uyp)!
+            let pdw = UnsafeMutablePointer<Float>(bitPattern: udw)!, dst = UnsafeMutablePointer<Int32>(bitPattern: udst)!
+            for i in range {
+                let r = Int(dst[i])
+                guard r >= 0 else { pdw[i] = 0; continue }
+                pdw[i] = CPUBackend.dot(pdo + (i / s) * h, pyp + r * h, h)
+            }
         }
-        for r in 0..<used {
-            let i = Int(src[r]), t = i / s
-            let w = pw[i], g = pdo + t * h, d = pdyp + r * h
-            for c in 0..<h { d[c] = w * g[c] }
+        CPUBackend.parallelFor(used, work: used * h) { range in
+            let pdo = UnsafeMutablePointer<Float>(bitPattern: udo)!, pw = UnsafeMutablePointer<Float>(bitPattern: uw)!
+            let pdyp = UnsafeMutablePointer<Float>(bitPattern: udyp)!, src = UnsafeMutablePointer<Int32>(bitPattern: usrc)!
+            for r in range {
+                let i = Int(src[r]), t = i / s
+                let w = pw[i], g = pdo + t * h, d = pdyp + r * h
+                for c in 0..<h { d[c] = w * g[c] }
+            }
         }
         (pdyp + used * h).update(repeating: 0, count: (rows - used) * h)
+    }
+}
+
+extension CPUBackend {
+    /// Dot product in eight fixed lanes (vectorises; the same order every call).
+    @inline(__always)
+    static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc = SIMD8<Float>(repeating: 0)
+        var c = 0
+        while c + 8 <= n {
+            acc += UnsafeRawPointer(a + c).loadUnaligned(as: SIMD8<Float>.self) * UnsafeRawPointer(b + c).loadUnaligned(as: SIMD8<Float>.self)
+            c += 8
+        }
+        var sum = acc.sum()
+        while c < n { sum += a[c] * b[c]; c += 1 }
+        return sum
     }
 }
