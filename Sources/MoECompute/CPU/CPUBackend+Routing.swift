@@ -7,45 +7,52 @@ extension CPUBackend: RoutingOps {
         let (T, E) = try RoutingCheck.gate(logits, c, expertIndex, gateWeight, probs)
         let pl = try f32(logits), pi = try i32(expertIndex), pw = try f32(gateWeight), pp = try f32(probs)
         let k = c.k
-        var noisy = [Float](repeating: 0, count: E)
-        var chosen = [Int](repeating: 0, count: k)
-        for t in 0..<T {
-            let row = pl + t * E
-            for e in 0..<E { noisy[e] = c.jitter.map { row[e] * $0.factor(token: t, expert: e) } ?? row[e] }
-            // Softmax over E of the jittered logits.
-            let m = noisy.max()!
-            var s = 0.0
-            for e in 0..<E { s += exp(Double(noisy[e] - m)) }
-            for e in 0..<E { pp[t * E + e] = Float(exp(Double(noisy[e] - m)) / s) }
-            // k passes of argmax; pass j takes the best expert ordered after pick j-1
-            // (order: larger logit first, then lower index), so nothing needs marking.
-            for j in 0..<k {
-                var best = -1
-                for e in 0..<E {
-                    if j > 0 {
-                        let prev = chosen[j - 1]
-                        let after = noisy[e] < noisy[prev] || (noisy[e] == noisy[prev] && e > prev)
-                        if !after { continue }
-                    }
-                    if best < 0 || noisy[e] > noisy[best] { best = e }
-                }
-                chosen[j] = max(best, 0)
-            }
-            switch c.mode {
-            case .softmaxThenTopK:
-                var sum = 0.0
-                for j in 0..<k { sum += Double(pp[t * E + chosen[j]]) }
+        let (ul, ui, uw, up) = (UInt(bitPattern: pl), UInt(bitPattern: pi), UInt(bitPattern: pw), UInt(bitPattern: pp))
+        // Tokens are independent: split them over the cores (same per-token arithmetic).
+        CPUBackend.parallelFor(T, work: T * E * 16) { tokens in
+            let pl = UnsafeMutablePointer<Float>(bitPattern: ul)!, pi = UnsafeMutablePointer<Int32>(bitPattern: ui)!
+            let pw = UnsafeMutablePointer<Float>(bitPattern: uw)!, pp = UnsafeMutablePointer<Float>(bitPattern: up)!
+            var noisy = [Float](repeating: 0, count: E)
+            var expd = [Double](repeating: 0, count: E)
+            var chosen = [Int](repeating: 0, count: k)
+            for t in tokens {
+                let row = pl + t * E
+                for e in 0..<E { noisy[e] = c.jitter.map { row[e] * $0.factor(token: t, expert: e) } ?? row[e] }
+                // Softmax over E of the jittered logits.
+                let m = noisy.max()!
+                var s = 0.0
+                for e in 0..<E { expd[e] = exp(Double(noisy[e] - m)); s += expd[e] }
+                for e in 0..<E { pp[t * E + e] = Float(expd[e] / s) }
+                // k passes of argmax; pass j takes the best expert ordered after pick j-1
+                // (order: larger logit first, then lower index), so nothing needs marking.
                 for j in 0..<k {
-                    let p = Double(pp[t * E + chosen[j]])
-                    pw[t * k + j] = Float(c.renormalize ? p / sum : p)
+                    var best = -1
+                    for e in 0..<E {
+                        if j > 0 {
+                            let prev = chosen[j - 1]
+                            let after = noisy[e] < noisy[prev] || (noisy[e] == noisy[prev] && e > prev)
+                            if !after { continue }
+                        }
+                        if best < 0 || noisy[e] > noisy[best] { best = e }
+                    }
+                    chosen[j] = max(best, 0)
                 }
-            case .topKThenSoftmax:
-                let top = noisy[chosen[0]]
-                var sum = 0.0
-                for j in 0..<k { sum += exp(Double(noisy[chosen[j]] - top)) }
-                for j in 0..<k { pw[t * k + j] = Float(exp(Double(noisy[chosen[j]] - top)) / sum) }
+                switch c.mode {
+                case .softmaxThenTopK:
+                    var sum = 0.0
+                    for j in 0..<k { sum += Double(pp[t * E + chosen[j]]) }
+                    for j in 0..<k {
+                        let p = Double(pp[t * E + chosen[j]])
+                        pw[t * k + j] = Float(c.renormalize ? p / sum : p)
+                    }
+                case .topKThenSoftmax:
+                    let top = noisy[chosen[0]]
+                    var sum = 0.0
+                    for j in 0..<k { sum += exp(Double(noisy[chosen[j]] - top)) }
+                    for j in 0..<k { pw[t * k + j] = Float(exp(Double(noisy[chosen[j]] - top)) / sum) }
+                }
+                for j in 0..<k { pi[t * k + j] = Int32(chosen[j]) }
             }
-            for j in 0..<k { pi[t * k + j] = Int32(chosen[j]) }
         }
     }
 
