@@ -53,7 +53,7 @@ public struct CheckpointSummary {
         ]
         if !d.moeLayers.isEmpty {
             if let r = routing {
-                lines.append("routing       \(r.router.rawValue), top-\(r.topK), \(r.experts) experts, capacity factor \(r.capacityFactor)")
+                lines.append("routing       \(r.router.rawValue), top-\(r.topK), \(r.experts) experts, " + (r.capacityFactor > 0 ? "capacity factor \(r.capacityFactor)" : "dropless"))
                 lines.append("upcycled by   \(r.method)" + (r.method == "granular" ? " (granularity \(r.granularity))" : "")
                              + ", router init \(r.routerInit), seed \(r.seed)" + (r.weightScale != 1 ? String(format: ", weight scale %.4f", r.weightScale) : "")
                              + ", from a \(r.sourceArchitecture) MLP of width \(r.denseFFN)")

@@ -37,8 +37,12 @@ public enum ModelCheckpoint {
         metadata[configKey] = config
         metadata["moe-gpu.format"] = model.config.moeBlocks.isEmpty ? "dense" : "moe"
         if let moe = model.config.moe, !model.config.moeBlocks.isEmpty {
-            metadata["moe-gpu.router"] = moe.router
+            // The router names `moe-gpu inspect` and `upcycle` use (RouterKind).
+            metadata["moe-gpu.router"] = moe.router == "topk" ? moe.gateOrder : moe.router
             metadata["moe-gpu.num_experts"] = "\(moe.experts)"
+            metadata["moe-gpu.capacity_factor"] = "\(moe.capacityFactor ?? 0)"   // 0: dropless
+            metadata["moe-gpu.activation"] = "gelu"
+            metadata["moe-gpu.sphero_tau"] = "\(moe.temperatureInit)"
             metadata["moe-gpu.top_k"] = "\(moe.topK)"
             metadata["moe-gpu.moe_layers"] = model.config.moeBlocks.map(String.init).joined(separator: ",")
         }

@@ -128,7 +128,7 @@ struct Train: ParsableCommand {
         if let router {
             if router == "dense" { cfg.model.moeBlocks = []; cfg.model.moe = nil } else {
                 var moe = cfg.model.moe ?? MoEConfig()
-                if moe.router != router { moe = Recipe.moe(router: router, experts: moe.experts) }
+                if moe.router != router { moe = Recipe.moe(router: router) }
                 cfg.model.moe = moe
                 if cfg.model.moeBlocks.isEmpty { cfg.model.moeBlocks = Array((cfg.model.depth / 2)..<cfg.model.depth) }
             }
