@@ -118,7 +118,7 @@ public final class TrainRun {
     @discardableResult
     public func run(until: Int? = nil) throws -> (accuracy: Double, last: StepMetrics?) {
         let metricsURL = out.appendingPathComponent("metrics.jsonl")
-        if !FileManager.default.fileExists(atPath: metricsURL.path) { FileManager.default.createFile(atPath: metricsURL.path, contents: nil) }
+        if !FileManager.default.fileExists(atPath: metricsURL.path) { _ = FileManager.default.createFile(atPath: metricsURL.path, contents: nil) }
         let metrics = try FileHandle(forWritingTo: metricsURL)
         defer { try? metrics.close() }
         try metrics.seekToEnd()
