@@ -28,7 +28,6 @@ public struct TrainConfig: Codable, Equatable, Sendable {
     public init() {}
 
     public func validate() throws {
-        func check(_ ok: Bool, _ msg: String) throws { if !ok { throw ModelError.badConfig(msg) } }
         try check(batchSize >= 1 && steps >= 0 && gradientAccumulation >= 1, "batchSize, gradientAccumulation must be >= 1 and steps >= 0")
         try check(learningRate > 0 && minLearningRate >= 0 && warmupSteps >= 0, "learning rates must be positive")
         try check(labelSmoothing >= 0 && labelSmoothing < 1, "labelSmoothing must be in [0, 1)")

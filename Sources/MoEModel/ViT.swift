@@ -25,7 +25,6 @@ public struct ViTConfig: Codable, Equatable, Sendable {
     public var hidden: Int { width * mlpRatio }
 
     func validate() throws {
-        func check(_ ok: Bool, _ msg: String) throws { if !ok { throw ModelError.badConfig(msg) } }
         try check(imageSize > 0 && patchSize > 0 && imageSize % patchSize == 0, "imageSize \(imageSize) must be a multiple of patchSize \(patchSize)")
         try check(width > 0 && heads > 0 && width % heads == 0, "width \(width) must be a multiple of heads \(heads)")
         try check(depth > 0 && mlpRatio > 0 && classes > 1 && channels > 0, "depth, mlpRatio, channels must be positive and classes > 1")
@@ -73,7 +72,6 @@ public struct MoEConfig: Codable, Equatable, Sendable {
     public init() {}
 
     func validate() throws {
-        func check(_ ok: Bool, _ msg: String) throws { if !ok { throw ModelError.badConfig(msg) } }
         try check(["topk", "expert-choice", "soft", "sphero"].contains(router),
                   "unknown router \"\(router)\": use topk, expert-choice, soft or sphero")
         try check(experts >= 1, "experts must be at least 1")
@@ -87,6 +85,11 @@ public struct MoEConfig: Codable, Equatable, Sendable {
         try check(dropout >= 0 && dropout < 1 && stochasticDepth >= 0 && stochasticDepth < 1, "dropout and stochasticDepth must be in [0, 1)")
         try check(temperatureInit > 0, "temperatureInit must be positive")
     }
+}
+
+/// Throws `ModelError.badConfig(message)` unless `ok`: the one check every config's `validate` uses.
+func check(_ ok: Bool, _ message: @autoclosure () -> String) throws {
+    if !ok { throw ModelError.badConfig(message()) }
 }
 
 public enum ModelError: Error, CustomStringConvertible {

@@ -157,12 +157,7 @@ extension CPUBackend: RoutingOps {
     }
 
     public func expertChoice(probs: Tensor, plan: DispatchPlan, combineWeight: Tensor) throws {
-        let (T, E) = try RoutingCheck.matrix(probs, .f32, "expertChoice probs")
-        try plan.validate(on: self)
-        try require(plan.destination.shape == [T, E] && plan.experts == E && plan.capacity != nil,
-                    "expertChoice: plan (destination \(plan.destination.shape)) was not made for probs \(probs.shape)")
-        try RoutingCheck.shape(combineWeight, [T, E], .f32, "expertChoice combineWeight")
-        let C = min(plan.capacity!, T)
+        let (T, E, C) = try RoutingCheck.expertChoice(probs, plan, combineWeight, on: self)
         let pp = try f32(probs), pdst = try i32(plan.destination), psrc = try i32(plan.sourceOfRow)
         let pc = try i32(plan.counts), po = try i32(plan.offsets), pw = try f32(combineWeight)
         for i in 0..<T * E { pdst[i] = -1; pw[i] = 0 }

@@ -97,12 +97,7 @@ extension OpenCLBackend: RoutingOps {
     }
 
     public func expertChoice(probs: Tensor, plan: DispatchPlan, combineWeight: Tensor) throws {
-        let (T, E) = try RoutingCheck.matrix(probs, .f32, "expertChoice probs")
-        try plan.validate(on: self)
-        try require(plan.destination.shape == [T, E] && plan.experts == E && plan.capacity != nil,
-                    "expertChoice: plan (destination \(plan.destination.shape)) was not made for probs \(probs.shape)")
-        try RoutingCheck.shape(combineWeight, [T, E], .f32, "expertChoice combineWeight")
-        let C = min(plan.capacity!, T)
+        let (T, E, C) = try RoutingCheck.expertChoice(probs, plan, combineWeight, on: self)
         let G = routingGroup
         let dummy = try arg(plan.counts)
         try kernel("select_top_c", in: "routing.cl").launch(

@@ -246,6 +246,16 @@ enum RoutingCheck {
         return (t, e)
     }
 
+    /// (T, E, C) of an expert-choice call, with the plan and weights checked.
+    static func expertChoice(_ probs: Tensor, _ plan: DispatchPlan, _ combineWeight: Tensor, on backend: Backend) throws -> (Int, Int, Int) {
+        let (T, E) = try matrix(probs, .f32, "expertChoice probs")
+        try plan.validate(on: backend)
+        try require(plan.destination.shape == [T, E] && plan.experts == E && plan.capacity != nil,
+                    "expertChoice: plan (destination \(plan.destination.shape)) was not made for probs \(probs.shape)")
+        try shape(combineWeight, [T, E], .f32, "expertChoice combineWeight")
+        return (T, E, min(plan.capacity!, T))
+    }
+
     static func sameShape(_ op: String, _ tensors: Tensor...) throws {
         for t in tensors {
             try require(t.dtype == .f32 && t.shape == tensors[0].shape, "\(op): tensors must be f32 of one shape, got \(tensors.map(\.shape))")
