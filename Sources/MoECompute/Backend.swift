@@ -138,6 +138,8 @@ public protocol Backend: AnyObject, Sendable, RoutingOps, PermuteOps, NNOps, Opt
     var name: String { get }
     /// A human description of the device.
     var deviceDescription: String { get }
+    /// Launches, host syncs and allocations so far (see `DeviceCounters`).
+    var counters: DeviceCounters { get }
 
     /// A new zero-filled tensor.
     func makeTensor(shape: [Int], dtype: DType) throws -> Tensor

@@ -10,8 +10,10 @@ extension CPUBackend {
 
     /// Runs `body` over `0..<count` split into contiguous ranges, one per core
     /// when `work` (elements touched) is large enough to pay for the threads.
-    static func parallelFor(_ count: Int, work: Int, _ body: (Range<Int>) -> Void) {
-        let threads = work >= parallelThreshold ? min(count, cores) : 1
+    /// Each call counts as one launch (`counters`), whether or not it forks.
+    func parallelFor(_ count: Int, work: Int, _ body: (Range<Int>) -> Void) {
+        counters.launch()
+        let threads = work >= Self.parallelThreshold ? min(count, Self.cores) : 1
         if threads <= 1 {
             if count > 0 { body(0..<count) }
             return
@@ -31,13 +33,13 @@ extension CPUBackend {
     /// kernels do), which keeps the float error small for many rows. `addRow`
     /// adds row r's terms for a range of columns into the partial row.
     @inline(__always)
-    static func columnSums(rows: Int, cols: Int, out: UnsafeMutablePointer<Float>, accumulate: Bool,
+    func columnSums(rows: Int, cols: Int, out: UnsafeMutablePointer<Float>, accumulate: Bool,
                            _ addRow: (Int, Range<Int>, UnsafeMutablePointer<Float>) -> Void) {
         columnSums(rows: rows, cols: cols, out: out, out2: nil, accumulate: accumulate) { r, cr, part, _ in addRow(r, cr, part) }
     }
 
     /// Two column sums in one pass over the rows (`out2` gets the second partial row).
-    static func columnSums(rows: Int, cols: Int, out: UnsafeMutablePointer<Float>, out2: UnsafeMutablePointer<Float>?,
+    func columnSums(rows: Int, cols: Int, out: UnsafeMutablePointer<Float>, out2: UnsafeMutablePointer<Float>?,
                            accumulate: Bool,
                            _ addRow: (Int, Range<Int>, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>) -> Void) {
         parallelFor(cols, work: rows * cols) { cr in
@@ -55,8 +57,8 @@ extension CPUBackend {
                 for k in 0..<width { total[k] += part[k]; total2[k] += part2[k] }
                 r0 += 64
             }
-            for k in 0..<width { store(out, cr.lowerBound + k, total[k], accumulate) }
-            if let out2 { for k in 0..<width { store(out2, cr.lowerBound + k, total2[k], accumulate) } }
+            for k in 0..<width { Self.store(out, cr.lowerBound + k, total[k], accumulate) }
+            if let out2 { for k in 0..<width { Self.store(out2, cr.lowerBound + k, total2[k], accumulate) } }
         }
     }
 
@@ -158,7 +160,7 @@ extension CPUBackend {
         if let mean { try NNCheck.f32(op, mean); try NNCheck.count(op, mean, rows, "mean") }
         let px = try f32(x), pg = try f32(gamma), pb = try beta.map(f32), py = try f32(y)
         let pm = try mean.map(f32), pr = try f32(rstd)
-        Self.parallelFor(rows, work: x.count) { range in
+        parallelFor(rows, work: x.count) { range in
             for r in range {
                 let xr = px + r * f, yr = py + r * f
                 var mu: Float = 0
@@ -197,7 +199,7 @@ extension CPUBackend {
         let pdx = try f32(dX), pdg = try f32(dGamma), pdb = try dBeta.map(f32)
         let centered = dBeta != nil
         // dX = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dY * gamma (no mean(g) term for RMSNorm).
-        Self.parallelFor(rows, work: x.count) { range in
+        parallelFor(rows, work: x.count) { range in
             for r in range {
                 let dyr = pdy + r * f, xr = px + r * f, dxr = pdx + r * f
                 let mu = pm?[r] ?? 0, rs = pr[r]
@@ -214,7 +216,7 @@ extension CPUBackend {
         }
         // dGamma = sum_r dY * xhat, dBeta = sum_r dY.
         if let pdb {
-            Self.columnSums(rows: rows, cols: f, out: pdg, out2: pdb, accumulate: accumulate) { r, cols, part, part2 in
+            columnSums(rows: rows, cols: f, out: pdg, out2: pdb, accumulate: accumulate) { r, cols, part, part2 in
                 let mu = pm?[r] ?? 0, rs = pr[r], base = r * f + cols.lowerBound
                 for k in 0..<cols.count {
                     let d = pdy[base + k]
@@ -223,7 +225,7 @@ extension CPUBackend {
                 }
             }
         } else {
-            Self.columnSums(rows: rows, cols: f, out: pdg, accumulate: accumulate) { r, cols, part in
+            columnSums(rows: rows, cols: f, out: pdg, accumulate: accumulate) { r, cols, part in
                 let rs = pr[r], base = r * f + cols.lowerBound
                 for k in 0..<cols.count { part[k] += pdy[base + k] * px[base + k] * rs }
             }
@@ -258,7 +260,7 @@ extension CPUBackend {
         let period = b.count
         let rows = try NNCheck.rows("addBroadcast", y, features: period)
         let pb = try f32(b), py = try f32(y)
-        Self.parallelFor(rows, work: y.count) { range in
+        parallelFor(rows, work: y.count) { range in
             for r in range {
                 let yr = py + r * period
                 for j in 0..<period { yr[j] += pb[j] }
@@ -272,7 +274,7 @@ extension CPUBackend {
         guard cols > 0 else { return }
         let rows = try NNCheck.rows("sumRows", x, features: cols)
         let px = try f32(x), po = try f32(out)
-        Self.columnSums(rows: rows, cols: cols, out: po, accumulate: accumulate) { r, cr, part in
+        columnSums(rows: rows, cols: cols, out: po, accumulate: accumulate) { r, cr, part in
             let base = r * cols + cr.lowerBound
             for k in 0..<cr.count { part[k] += px[base + k] }
         }
@@ -405,7 +407,7 @@ extension CPUBackend {
         try ElementwiseCheck.same("activation", x, y)
         let px = try f32(x), py = try f32(y)
         // One loop per function, so each inlines into a tight loop.
-        Self.parallelFor(x.count, work: x.count * 8) { range in
+        parallelFor(x.count, work: x.count * 8) { range in
             switch f {
             case .geluErf:
                 Self.forEightPadded(range) { i, n in Self.store8(py, i, Self.geluErf8(Self.load8(px, i, count: n)), count: n) }
@@ -420,7 +422,7 @@ extension CPUBackend {
     public func activationBackward(_ f: ActivationFunction, dY: Tensor, x: Tensor, dX: Tensor, accumulate: Bool) throws {
         try ElementwiseCheck.same("activationBackward", dY, x, dX)
         let pdy = try f32(dY), px = try f32(x), pdx = try f32(dX)
-        Self.parallelFor(x.count, work: x.count * 8) { range in
+        parallelFor(x.count, work: x.count * 8) { range in
             switch f {
             case .geluErf:
                 Self.forEightPadded(range) { i, n in
@@ -444,7 +446,7 @@ extension CPUBackend {
     public func swiGLU(_ x: Tensor, out y: Tensor) throws {
         let h = try NNCheck.swiGLU(x: x, y: y)
         let px = try f32(x), py = try f32(y)
-        Self.parallelFor(y.count / h, work: y.count * 8) { range in
+        parallelFor(y.count / h, work: y.count * 8) { range in
             for r in range {
                 let a = px + r * 2 * h, b = a + h, yr = py + r * h
                 for i in 0..<h { yr[i] = Self.silu(a[i]) * b[i] }
@@ -457,7 +459,7 @@ extension CPUBackend {
         try NNCheck.f32("swiGLUBackward", dX)
         try NNCheck.count("swiGLUBackward", dX, x.count, "dX")
         let pdy = try f32(dY), px = try f32(x), pdx = try f32(dX)
-        Self.parallelFor(dY.count / h, work: dY.count * 8) { range in
+        parallelFor(dY.count / h, work: dY.count * 8) { range in
             for r in range {
                 let a = px + r * 2 * h, b = a + h, g = pdy + r * h
                 let da = pdx + r * 2 * h, db = da + h
@@ -475,7 +477,7 @@ extension CPUBackend {
     public func softmax(_ x: Tensor, out y: Tensor, scale: Float, causal: Bool) throws {
         let (rows, f) = try NNCheck.softmax(x, y, causal: causal)
         let px = try f32(x), py = try f32(y)
-        Self.parallelFor(rows, work: x.count * 4) { range in
+        parallelFor(rows, work: x.count * 4) { range in
             for r in range {
                 let xr = px + r * f, yr = py + r * f
                 let visible = causal ? r % f + 1 : f
@@ -499,7 +501,7 @@ extension CPUBackend {
         try NNCheck.f32("softmaxBackward", dX)
         try NNCheck.count("softmaxBackward", dX, y.count, "dX")
         let pdy = try f32(dY), py = try f32(y), pdx = try f32(dX)
-        Self.parallelFor(rows, work: y.count) { range in
+        parallelFor(rows, work: y.count) { range in
             for r in range {
                 let dyr = pdy + r * f, yr = py + r * f, dxr = pdx + r * f
                 let dot = Self.laneSum(f, { Self.load8(dyr, $0) * Self.load8(yr, $0) }, { dyr[$0] * yr[$0] })
@@ -521,7 +523,7 @@ extension CPUBackend {
         let inner = dims.last!, innerStride = strides.last!
         let outer = n / inner
         let rank = dims.count
-        Self.parallelFor(outer, work: n) { range in
+        parallelFor(outer, work: n) { range in
             var coord = [Int](repeating: 0, count: rank)
             for o in range {
                 var rem = o, base = 0
@@ -546,7 +548,7 @@ extension CPUBackend {
         let (rows, c) = try NNCheck.crossEntropy(logits, labels, rowLoss, meanLoss, dLogits)
         let pz = try f32(logits), pl = try i32(labels), ploss = try f32(rowLoss), pd = try dLogits.map(f32)
         let s = labelSmoothing, gscale = gradientScale / Float(max(rows, 1))
-        Self.parallelFor(rows, work: logits.count * 4) { range in
+        parallelFor(rows, work: logits.count * 4) { range in
             for r in range {
                 let zr = pz + r * c
                 let label = Int(pl[r])
@@ -600,7 +602,7 @@ extension CPUBackend {
         try require(p >= 0 && !p.isNaN, "dropout probability must be >= 0, got \(p)")
         let px = try f32(x), py = try f32(y)
         let threshold = NNCheck.dropoutThreshold(p), scale: Float = p < 1 ? 1 / (1 - p) : 0, dropAll = p >= 1
-        Self.parallelFor(x.count, work: x.count * 4) { range in
+        parallelFor(x.count, work: x.count * 4) { range in
             for i in range {
                 let keep = !dropAll && Reference.dropoutHash(seed: seed, index: UInt32(truncatingIfNeeded: i)) >= threshold
                 Self.store(py, i, keep ? px[i] * scale : 0, accumulate)
@@ -613,7 +615,7 @@ extension CPUBackend {
         let f = try NNCheck.scaleRows(x, m)
         guard x.count > 0 else { return }
         let px = try f32(x), pm = try f32(m), py = try f32(y)
-        Self.parallelFor(m.count, work: x.count) { range in
+        parallelFor(m.count, work: x.count) { range in
             for r in range {
                 let s = pm[r], xr = px + r * f, yr = py + r * f
                 if accumulate { for j in 0..<f { yr[j] += xr[j] * s } } else { for j in 0..<f { yr[j] = xr[j] * s } }
@@ -625,7 +627,7 @@ extension CPUBackend {
         let (b, t, h) = try NNCheck.pool(x, tokens, y)
         let px = try f32(x), py = try f32(y)
         let inv = 1 / Float(tokens.count)
-        Self.parallelFor(b, work: b * tokens.count * h) { range in
+        parallelFor(b, work: b * tokens.count * h) { range in
             for bi in range {
                 let yr = py + bi * h
                 for j in 0..<h { yr[j] = 0 }
@@ -642,7 +644,7 @@ extension CPUBackend {
         let (b, t, h) = try NNCheck.pool(dX, tokens, dY)
         let pdy = try f32(dY), pdx = try f32(dX)
         let n = Float(tokens.count)
-        Self.parallelFor(b, work: b * t * h) { range in
+        parallelFor(b, work: b * t * h) { range in
             for bi in range {
                 for k in 0..<t {
                     let dxr = pdx + (bi * t + k) * h, dyr = pdy + bi * h

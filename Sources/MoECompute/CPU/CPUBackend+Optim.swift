@@ -10,7 +10,7 @@ extension CPUBackend {
         for g in groups {
             let p = try f32(g.param), gr = try f32(g.grad), m = try f32(g.m), v = try f32(g.v)
             let decay = 1 - lr * g.weightDecay
-            Self.parallelFor(g.param.count, work: g.param.count * 4) { range in
+            parallelFor(g.param.count, work: g.param.count * 4) { range in
                 for i in range {
                     // Decoupled weight decay, then the bias-corrected Adam update.
                     let gi = gr[i]

@@ -102,7 +102,7 @@ extension CPUBackend: PermuteOps {
         // disjoint outputs per index, so they split over the cores.
         let (udo, uyp, uw, udyp, udw) = (UInt(bitPattern: pdo), UInt(bitPattern: pyp), UInt(bitPattern: pw), UInt(bitPattern: pdyp), UInt(bitPattern: pdw))
         let (usrc, udst) = (UInt(bitPattern: src), UInt(bitPattern: dst))
-        CPUBackend.parallelFor(plan.tokens * s, work: plan.tokens * s * h) { range in
+        parallelFor(plan.tokens * s, work: plan.tokens * s * h) { range in
             let pdo = UnsafeMutablePointer<Float>(bitPattern: udo)!, pyp = UnsafeMutablePointer<Float>(bitPattern: uyp)!
             let pdw = UnsafeMutablePointer<Float>(bitPattern: udw)!, dst = UnsafeMutablePointer<Int32>(bitPattern: udst)!
             for i in range {
@@ -111,7 +111,7 @@ extension CPUBackend: PermuteOps {
                 pdw[i] = CPUBackend.dot(pdo + (i / s) * h, pyp + r * h, h)
             }
         }
-        CPUBackend.parallelFor(used, work: used * h) { range in
+        parallelFor(used, work: used * h) { range in
             let pdo = UnsafeMutablePointer<Float>(bitPattern: udo)!, pw = UnsafeMutablePointer<Float>(bitPattern: uw)!
             let pdyp = UnsafeMutablePointer<Float>(bitPattern: udyp)!, src = UnsafeMutablePointer<Int32>(bitPattern: usrc)!
             for r in range {

@@ -9,7 +9,7 @@ extension CPUBackend: RoutingOps {
         let k = c.k
         let (ul, ui, uw, up) = (UInt(bitPattern: pl), UInt(bitPattern: pi), UInt(bitPattern: pw), UInt(bitPattern: pp))
         // Tokens are independent: split them over the cores (same per-token arithmetic).
-        CPUBackend.parallelFor(T, work: T * E * 16) { tokens in
+        parallelFor(T, work: T * E * 16) { tokens in
             let pl = UnsafeMutablePointer<Float>(bitPattern: ul)!, pi = UnsafeMutablePointer<Int32>(bitPattern: ui)!
             let pw = UnsafeMutablePointer<Float>(bitPattern: uw)!, pp = UnsafeMutablePointer<Float>(bitPattern: up)!
             var noisy = [Float](repeating: 0, count: E)

@@ -9,6 +9,8 @@ public final class CPUBackend: Backend, @unchecked Sendable {
         "CPU backend (OpenBLAS \(String(cString: openblas_get_config())), \(openblas_get_num_threads()) threads)"
     }
 
+    public let counters = DeviceCounters()
+
     public init() {}
 
     /// The cores to spread work over. Read once: on Linux each
@@ -19,6 +21,7 @@ public final class CPUBackend: Backend, @unchecked Sendable {
     public func makeTensor(shape: [Int], dtype: DType) throws -> Tensor {
         try require(shape.allSatisfy { $0 >= 0 }, "negative dimension in shape \(shape)")
         let bytes = shape.reduce(1, *) * dtype.byteSize
+        counters.allocation(bytes: bytes)
         return Tensor(shape: shape, dtype: dtype, storage: .host(HostBuffer(byteCount: bytes)), backend: self)
     }
 
@@ -45,11 +48,13 @@ public final class CPUBackend: Backend, @unchecked Sendable {
 
     public func write(_ bytes: UnsafeRawBufferPointer, to tensor: Tensor) throws {
         try require(bytes.count == tensor.count * tensor.dtype.byteSize, "write of \(bytes.count) bytes into tensor \(tensor.shape)")
+        counters.hostSync()
         if let base = bytes.baseAddress { try raw(tensor).copyMemory(from: base, byteCount: bytes.count) }
     }
 
     public func read(_ tensor: Tensor, into bytes: UnsafeMutableRawBufferPointer) throws {
         try require(bytes.count == tensor.count * tensor.dtype.byteSize, "read of tensor \(tensor.shape) into \(bytes.count) bytes")
+        counters.hostSync()
         if let base = bytes.baseAddress { base.copyMemory(from: try raw(tensor), byteCount: bytes.count) }
     }
 
@@ -84,6 +89,7 @@ public final class CPUBackend: Backend, @unchecked Sendable {
 
     public func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping, epilogue: GemmEpilogue) throws {
         try g.validate(a, b, c, grouping: grouping, epilogue: epilogue)
+        counters.launch()
         if epilogue.swiGLU { return try gemmSwiGLU(g, a, b, c, grouping: grouping, bias: epilogue.bias) }
         let pa = try f32(a), pb = try f32(b), pc = try f32(c)
         let bias = try epilogue.bias.map { try f32($0) }

@@ -133,6 +133,8 @@ public final class CLContext: @unchecked Sendable {
     public let device: CLDevice
     let context: cl_context
     let queue: cl_command_queue
+    /// Every launch, blocking transfer, finish and allocation on this context.
+    public let counters = DeviceCounters()
 
     public init(device: CLDevice) throws {
         self.device = device
@@ -155,7 +157,10 @@ public final class CLContext: @unchecked Sendable {
         clReleaseContext(context)
     }
 
-    public func finish() throws { try CLError.check(clFinish(queue), "clFinish") }
+    public func finish() throws {
+        counters.hostSync()
+        try CLError.check(clFinish(queue), "clFinish")
+    }
 
     public func makeBuffer(bytes: Int) throws -> CLBuffer {
         var status: cl_int = 0
@@ -164,6 +169,7 @@ public final class CLContext: @unchecked Sendable {
         guard let mem, status == CL_SUCCESS else {
             throw CLError(call: "clCreateBuffer(\(bytes) bytes)", status: status)
         }
+        counters.allocation(bytes: bytes)
         return CLBuffer(mem: mem, byteCount: bytes, context: self)
     }
 }
@@ -179,34 +185,20 @@ public final class CLBuffer: @unchecked Sendable {
     }
     deinit { clReleaseMemObject(mem) }
 
+    /// A blocking write (one host sync).
     public func write(from host: UnsafeRawPointer, byteOffset: Int = 0, bytes: Int) throws {
         guard bytes > 0 else { return }
+        context.counters.hostSync()
         try CLError.check(clEnqueueWriteBuffer(context.queue, mem, cl_bool(CL_TRUE), byteOffset, bytes, host, 0, nil, nil),
                           "clEnqueueWriteBuffer")
     }
 
+    /// A blocking read (one host sync).
     public func read(into host: UnsafeMutableRawPointer, byteOffset: Int = 0, bytes: Int) throws {
         guard bytes > 0 else { return }
+        context.counters.hostSync()
         try CLError.check(clEnqueueReadBuffer(context.queue, mem, cl_bool(CL_TRUE), byteOffset, bytes, host, 0, nil, nil),
                           "clEnqueueReadBuffer")
-    }
-}
-
-/// A completed or pending command; its profiling times give kernel durations.
-public final class CLEvent {
-    let event: cl_event
-    init(_ event: cl_event) { self.event = event }
-    deinit { clReleaseEvent(event) }
-
-    public func wait() throws { var e: cl_event? = event; try CLError.check(clWaitForEvents(1, &e), "clWaitForEvents") }
-
-    /// Device time between start and end of the command, in seconds.
-    public func durationSeconds() throws -> Double {
-        try wait()
-        var start: cl_ulong = 0, end: cl_ulong = 0
-        try CLError.check(clGetEventProfilingInfo(event, cl_profiling_info(CL_PROFILING_COMMAND_START), 8, &start, nil), "clGetEventProfilingInfo")
-        try CLError.check(clGetEventProfilingInfo(event, cl_profiling_info(CL_PROFILING_COMMAND_END), 8, &end, nil), "clGetEventProfilingInfo")
-        return Double(end &- start) * 1e-9
     }
 }
 
@@ -230,9 +222,9 @@ public final class CLKernel: @unchecked Sendable {
     deinit { clReleaseKernel(kernel) }
 
     /// Sets the arguments and enqueues an NDRange of `global` work-items,
-    /// rounded up to a multiple of `local` when `local` is given.
-    @discardableResult
-    public func launch(_ args: [CLArg], global: [Int], local: [Int]? = nil) throws -> CLEvent {
+    /// rounded up to a multiple of `local` when `local` is given. No event
+    /// object is created: the queue is in order, and timing uses `finish`.
+    public func launch(_ args: [CLArg], global: [Int], local: [Int]? = nil) throws {
         for (i, arg) in args.enumerated() {
             let status: cl_int
             switch arg {
@@ -251,21 +243,16 @@ public final class CLKernel: @unchecked Sendable {
             for d in 0..<global.count { globalSize[d] = (global[d] + local[d] - 1) / local[d] * local[d] }
         }
         // A zero-sized launch is a no-op, not an error.
-        if globalSize.contains(0) {
-            var event: cl_event?
-            try CLError.check(clEnqueueMarkerWithWaitList(context.queue, 0, nil, &event), "clEnqueueMarkerWithWaitList")
-            return CLEvent(event!)
-        }
-        var event: cl_event?
+        if globalSize.contains(0) { return }
+        context.counters.launch()
         let status = globalSize.withUnsafeBufferPointer { g -> cl_int in
             if let local {
                 return local.withUnsafeBufferPointer { l in
-                    clEnqueueNDRangeKernel(context.queue, kernel, cl_uint(global.count), nil, g.baseAddress, l.baseAddress, 0, nil, &event)
+                    clEnqueueNDRangeKernel(context.queue, kernel, cl_uint(global.count), nil, g.baseAddress, l.baseAddress, 0, nil, nil)
                 }
             }
-            return clEnqueueNDRangeKernel(context.queue, kernel, cl_uint(global.count), nil, g.baseAddress, nil, 0, nil, &event)
+            return clEnqueueNDRangeKernel(context.queue, kernel, cl_uint(global.count), nil, g.baseAddress, nil, 0, nil, nil)
         }
         try CLError.check(status, "clEnqueueNDRangeKernel(\(name), global \(globalSize), local \(local.map { "\($0)" } ?? "auto"))")
-        return CLEvent(event!)
     }
 }

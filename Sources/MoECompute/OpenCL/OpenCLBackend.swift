@@ -10,6 +10,7 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
     public var device: CLDevice { context.device }
     public var name: String { device.selector }
     public var deviceDescription: String { "\(device.name) (\(device.platform.name), \(device.kind.rawValue))" }
+    public var counters: DeviceCounters { context.counters }
 
     private var programs: [String: CLProgram] = [:]
     /// The programs built so far (for reporting build and cache times).
@@ -88,8 +89,7 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
 
     public func synchronize() throws { try context.finish() }
 
-    @discardableResult
-    func launch1D(_ name: String, in file: String, _ args: [CLArg], count: Int) throws -> CLEvent {
+    func launch1D(_ name: String, in file: String, _ args: [CLArg], count: Int) throws {
         try kernel(name, in: file).launch(args, global: [count], local: [tuning.elementwiseGroup])
     }
 
@@ -129,11 +129,9 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
         return s
     }
 
-    @discardableResult
-    public func gemmEvent(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping = .batch,
-                          epilogue: GemmEpilogue = .none) throws -> CLEvent? {
+    public func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping, epilogue: GemmEpilogue) throws {
         try g.validate(a, b, c, grouping: grouping, epilogue: epilogue)
-        guard g.m > 0, g.n > 0, g.batch > 0 else { return nil }
+        guard g.m > 0, g.n > 0, g.batch > 0 else { return }
         // Unused pointer arguments still need a valid buffer.
         let placeholder = try scratchPlaceholder()
         let mode: Int32, offsets: [CLArg]
@@ -196,10 +194,6 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
         return try kernel("gemm_cpu", in: "gemm.cl", defines: defines).launch(
             head + aArgs + bArgs + cArgs + tail,
             global: [rowBlocks(rows), (g.n + cols - 1) / cols, batches], local: [1, 1, 1])
-    }
-
-    public func gemm(_ g: Gemm, _ a: Tensor, _ b: Tensor, _ c: Tensor, grouping: GemmGrouping, epilogue: GemmEpilogue) throws {
-        try gemmEvent(g, a, b, c, grouping: grouping, epilogue: epilogue)
     }
 
     private var placeholder: CLBuffer?
