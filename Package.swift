@@ -41,7 +41,11 @@ let package = Package(
         .plugin(name: "EmbedKernelsPlugin", capability: .buildTool(),
                 dependencies: ["embed-kernels"], path: "Sources/EmbedKernelsPlugin"),
 
-        .target(name: "MoECompute", dependencies: ["COpenCL", "CBLAS"],
+        // FMA-chain probes of the CPU's fp32 peak (AVX-512, AVX2+FMA, portable), chosen at
+        // run time; always -O2, so the chains stay in registers in debug builds too.
+        .target(name: "CPeak", path: "Sources/CPeak", cSettings: [.unsafeFlags(["-O2"])]),
+
+        .target(name: "MoECompute", dependencies: ["COpenCL", "CBLAS", "CPeak"],
                 swiftSettings: vectorISA,
                 plugins: ["EmbedKernelsPlugin"]),
         .target(name: "MoECheckpoint", dependencies: ["MoECompute"]),

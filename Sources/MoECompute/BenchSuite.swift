@@ -16,12 +16,15 @@ public struct BenchWork {
     public var extra: [String: Double]
     /// Derived figures from the medians: (main seconds, companion seconds by name) -> extras.
     public var derive: ((Double, [String: Double]) -> [String: Double])?
+    /// Adds `mfu` (model FLOP rate / the device's FMA peak, a fraction) to the extras:
+    /// for cases whose FLOPs are a model's (6 x active parameters x tokens).
+    public var reportsMFU: Bool
 
     public init(run: @escaping () throws -> Void, flops: Double = 0, bytes: Double = 0,
                 companions: [(name: String, run: () throws -> Void)] = [], extra: [String: Double] = [:],
-                derive: ((Double, [String: Double]) -> [String: Double])? = nil) {
+                derive: ((Double, [String: Double]) -> [String: Double])? = nil, reportsMFU: Bool = false) {
         self.run = run; self.flops = flops; self.bytes = bytes
-        self.companions = companions; self.extra = extra; self.derive = derive
+        self.companions = companions; self.extra = extra; self.derive = derive; self.reportsMFU = reportsMFU
     }
 }
 
@@ -53,6 +56,8 @@ public struct BenchResult: Sendable {
     public let runs: Int
     public let flops: Double, bytes: Double
     public let bandwidthCeiling: Double, computeCeiling: Double
+    /// The device's measured fp32 FMA peak (GFLOP/s; 0 when not measured).
+    public let fmaPeak: Double
     public let extra: [String: Double]
 
     public var gflops: Double { flops / medianSeconds / 1e9 }
@@ -60,10 +65,22 @@ public struct BenchResult: Sendable {
     /// Compute-bound cases are judged against the GEMM ceiling, the rest against bandwidth.
     public var isCompute: Bool { flops > 0 }
     public var percentOfCeiling: Double { isCompute ? 100 * gflops / computeCeiling : 100 * gbytes / bandwidthCeiling }
+    /// Compute-bound cases: the share of the FMA peak (for a training step, the MFU); nil otherwise.
+    public var percentOfPeak: Double? { isCompute && fmaPeak > 0 ? 100 * gflops / fmaPeak : nil }
+
+    public init(kernel: String, shape: String, medianSeconds: Double, minSeconds: Double, maxSeconds: Double, runs: Int,
+                flops: Double, bytes: Double, bandwidthCeiling: Double, computeCeiling: Double, fmaPeak: Double = 0,
+                extra: [String: Double]) {
+        self.kernel = kernel; self.shape = shape
+        self.medianSeconds = medianSeconds; self.minSeconds = minSeconds; self.maxSeconds = maxSeconds; self.runs = runs
+        self.flops = flops; self.bytes = bytes
+        self.bandwidthCeiling = bandwidthCeiling; self.computeCeiling = computeCeiling; self.fmaPeak = fmaPeak
+        self.extra = extra
+    }
 
     public static let columns: [(title: String, width: Int, left: Bool)] = [
         ("kernel", 23, true), ("shape", 50, true), ("median ms", 11, false), ("spread ms (min..max)", 22, false),
-        ("rate", 18, false), ("% ceil", 7, false),
+        ("rate", 18, false), ("% ceil", 7, false), ("% peak", 7, false),
     ]
 
     public static var tableHeader: String {
@@ -74,7 +91,7 @@ public struct BenchResult: Sendable {
         let rate = isCompute ? String(format: "%.1f GFLOP/s", gflops) : String(format: "%.2f GB/s", gbytes)
         let cells = [kernel, shape, String(format: "%.3f", medianSeconds * 1e3),
                      String(format: "%.3f..%.3f", minSeconds * 1e3, maxSeconds * 1e3), rate,
-                     String(format: "%.1f%%", percentOfCeiling)]
+                     String(format: "%.1f%%", percentOfCeiling), percentOfPeak.map { String(format: "%.1f%%", $0) } ?? "-"]
         var row = "  " + zip(cells, BenchResult.columns).map { BenchResult.pad($0, $1.width, left: $1.left) }.joined(separator: " ")
         if !extra.isEmpty {
             row += "  " + extra.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\(BenchResult.format($0.value))" }.joined(separator: " ")
@@ -95,13 +112,16 @@ public struct BenchResult: Sendable {
         return left ? s + fill : fill + s
     }
 
-    public func json(device: String, description: String) -> [String: Any] {
+    /// One JSON object; `ceiling` (the suite's `ceilingJSON`) adds the device's measured ceilings to every row.
+    public func json(device: String, description: String, ceiling: [String: Any] = [:]) -> [String: Any] {
         var o: [String: Any] = ["device": device, "device_name": description, "kernel": kernel, "shape": shape,
                                 "median_ms": medianSeconds * 1e3, "min_ms": minSeconds * 1e3, "max_ms": maxSeconds * 1e3,
                                 "runs": runs, "flops": flops, "bytes": bytes,
                                 "bandwidth_ceiling_gbs": bandwidthCeiling, "compute_ceiling_gflops": computeCeiling,
                                 "percent_of_ceiling": percentOfCeiling]
         if isCompute { o["gflops"] = gflops } else { o["gbs"] = gbytes }
+        if let p = percentOfPeak { o["percent_of_peak"] = p }
+        for (k, v) in ceiling { o[k] = v }
         for (k, v) in extra where v.isFinite { o[k] = v }
         return o
     }
@@ -128,6 +148,9 @@ public struct BenchShapes: Sendable {
     public var copyElements: Int
     public var ceilingGemms: [Int]
     public var quick: Bool
+    /// Seconds of one FMA-peak probe repeat, and repeats before and after the ceiling GEMMs (the best counts).
+    public var peakSeconds = 0.1
+    public var peakRepeats = 3
 
     public static let full = BenchShapes(t: 4096, h: 768, i: 3072, e: 8, k: 2, fineE: 64, fineK: 8, fineI: 768, bigT: 16384,
                                          square: 1024, batched: (8, 512, 768, 3072), classes: 1000,
@@ -136,7 +159,8 @@ public struct BenchShapes: Sendable {
     public static let quick = BenchShapes(t: 256, h: 64, i: 256, e: 8, k: 2, fineE: 16, fineK: 4, fineI: 128, bigT: 1024,
                                           square: 128, batched: (4, 64, 64, 128), classes: 10,
                                           attention: (2, 32, 4, 16), parameters: 1 << 16,
-                                          copyElements: 1 << 20, ceilingGemms: [256], quick: true)
+                                          copyElements: 1 << 20, ceilingGemms: [256], quick: true,
+                                          peakSeconds: 0.025, peakRepeats: 1)
 }
 
 /// Runs cases on one backend and measures the device's ceilings once.
@@ -147,9 +171,30 @@ public final class BenchSuite {
     public private(set) var bandwidthCeiling = 0.0
     public private(set) var computeCeiling = 0.0
     public private(set) var ceilingGemmSize = 0
+    /// The device's fp32 FMA peak, measured by a probe (`FMAPeak`) before and after the ceiling GEMMs.
+    public private(set) var fmaPeak: FMAPeak
+
+    /// Set when the probe's peak is below the best GEMM rate of the same run:
+    /// the probe is wrong (or the machine was busy while it ran), and `% peak` is not to be trusted.
+    public var peakWarning: String? {
+        guard fmaPeak.gflops < computeCeiling else { return nil }
+        return String(format: "the FMA peak probe (%@, %.1f GFLOP/s) is below the best GEMM of the same run (%.1f GFLOP/s, %d^3): "
+                      + "a wrong probe or a busy machine; %% peak is not to be trusted",
+                      fmaPeak.isa, fmaPeak.gflops, computeCeiling, ceilingGemmSize)
+    }
+
+    /// The measured ceilings, as added to every JSON row: `fma_peak_gflops`,
+    /// `fma_isa`, `gemm_ceiling_size` and, when the peak is below the best GEMM, `peak_warning`.
+    public var ceilingJSON: [String: Any] {
+        var o: [String: Any] = ["fma_peak_gflops": fmaPeak.gflops, "fma_isa": fmaPeak.isa, "gemm_ceiling_size": ceilingGemmSize]
+        if let w = peakWarning { o["peak_warning"] = w }
+        return o
+    }
 
     public init(backend: Backend, runs: Int, shapes: BenchShapes = .full, warmup: Int = 2) throws {
         self.backend = backend; self.runs = max(runs, 1); self.warmup = max(warmup, 1)
+        // FMA peak: the probe runs before and after the GEMMs (the machine is shared; the best counts).
+        fmaPeak = try FMAPeak.measure(on: backend, seconds: shapes.peakSeconds, repeats: shapes.peakRepeats)
         // Bandwidth: a large copy reads and writes every byte.
         let n = shapes.copyElements
         let src = try backend.tensor(randomValues(n, seed: 9), shape: [n]), dst = try backend.zeros([n])
@@ -165,6 +210,7 @@ public final class BenchSuite {
             let rate = g.flops / t.median / 1e9
             if rate > computeCeiling { computeCeiling = rate; ceilingGemmSize = size }
         }
+        fmaPeak = fmaPeak.best(try FMAPeak.measure(on: backend, seconds: shapes.peakSeconds, repeats: shapes.peakRepeats))
     }
 
     /// Median, min and max wall time of `runs` runs after warm-up runs (synchronised each run).
@@ -204,9 +250,11 @@ public final class BenchSuite {
             extra["\(comp.name)_ms"] = times[j + 1].median * 1e3
         }
         if let derive = work.derive { extra.merge(derive(times[0].median, companions)) { _, new in new } }
+        if work.reportsMFU, work.flops > 0, fmaPeak.gflops > 0 { extra["mfu"] = work.flops / times[0].median / 1e9 / fmaPeak.gflops }
         return BenchResult(kernel: c.kernel, shape: c.shape, medianSeconds: times[0].median, minSeconds: times[0].min,
                            maxSeconds: times[0].max, runs: runs, flops: work.flops, bytes: work.bytes,
-                           bandwidthCeiling: bandwidthCeiling, computeCeiling: computeCeiling, extra: extra)
+                           bandwidthCeiling: bandwidthCeiling, computeCeiling: computeCeiling, fmaPeak: fmaPeak.gflops,
+                           extra: extra)
     }
 
     /// Every registered case of MoECompute at the given sizes, in report order.

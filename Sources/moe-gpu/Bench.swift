@@ -11,11 +11,15 @@ struct Bench: ParsableCommand {
         discussion: """
             Reports the median of --runs timed runs after warm-up with the spread (min..max), GFLOP/s or GB/s, and the \
             percentage of the ceilings this bench measures on the device itself: a large copy for bandwidth, its best GEMM \
-            for compute. GB/s counts the bytes each op must read and write at minimum. Rows with companions time them in the \
+            for compute (% ceil), and for compute rows also the fp32 FMA peak (% peak): FMA chains in registers on every \
+            core at the widest vector width the CPU has (AVX-512, else AVX2+FMA, else 4-wide), or a compute-bound kernel \
+            (Kernels/peak.cl) over a whole OpenCL device. A peak below the best GEMM of the same run is a wrong probe or a \
+            busy machine: the bench warns on stderr and in the JSON (peak_warning). GB/s counts the bytes each op must read \
+            and write at minimum. Rows with companions time them in the \
             same loop, alternating: gemm rows on the CPU backend against a plain cblas_sgemm loop (vs_openblas = time ratio), \
             grouped GEMMs against one GEMM of the same FLOPs (vs_single_gemm), the MoE layer against its expert bank alone \
             and its routing/permute/combine ops alone (outside_experts_share, routing_ops_share). train-step rows count \
-            6 x active parameters x tokens as FLOPs, so their % of the GEMM ceiling is the MFU.
+            6 x active parameters x tokens as FLOPs, so their % peak is the MFU (also as mfu, a fraction).
             """)
 
     @Option(name: .long, help: "Device(s) to bench: auto, cpu, opencl, opencl:P:D or all.")
@@ -63,18 +67,25 @@ struct Bench: ParsableCommand {
         for selector in selectors {
             let backend = try catalog.makeBackend(selector)
             let suite = try BenchSuite(backend: backend, runs: timedRuns, shapes: shapes)
+            let peak = suite.fmaPeak
+            if let warning = suite.peakWarning {
+                FileHandle.standardError.write(Data("warning: \(backend.name): \(warning)\n".utf8))
+            }
             if !json {
                 print("\(backend.name): \(backend.deviceDescription)")
-                print(String(format: "  ceilings measured here: %.1f GB/s copy (%d MiB), %.1f GFLOP/s best GEMM (%d^3); %d timed runs per case%@",
+                print(String(format: "  ceilings measured here: %.1f GB/s copy (%d MiB), %.1f GFLOP/s best GEMM (%d^3), "
+                             + "%.1f GFLOP/s FMA peak (%@, %d %@, best of %d x %.0f ms; GEMM at %.0f%% of it); %d timed runs per case%@",
                              suite.bandwidthCeiling, (shapes.copyElements * 4) >> 20, suite.computeCeiling, suite.ceilingGemmSize,
+                             peak.gflops, peak.isa, peak.parallelism, backend is CPUBackend ? "threads" : "work-items",
+                             peak.repeats, peak.seconds * 1e3, 100 * suite.computeCeiling / peak.gflops,
                              timedRuns, quick ? " (quick shapes)" : ""))
                 print(BenchResult.tableHeader)
             }
             for c in cases {
                 guard let r = try suite.measure(c) else { continue }
                 if json {
-                    let data = try JSONSerialization.data(withJSONObject: r.json(device: backend.name, description: backend.deviceDescription),
-                                                          options: [.sortedKeys])
+                    let object = r.json(device: backend.name, description: backend.deviceDescription, ceiling: suite.ceilingJSON)
+                    let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
                     print(String(decoding: data, as: UTF8.self))
                 } else {
                     print(r.tableRow)
