@@ -1,5 +1,6 @@
 # The two commands of the README quickstart: `make run` and `make test`.
 SWIFT ?= swift
+SHELL := /bin/bash
 export PATH := $(PATH):/opt/swift/usr/bin
 
 .PHONY: run test build release check clean
@@ -11,12 +12,33 @@ run: release
 	.build/release/moe-gpu devices
 	.build/release/moe-gpu train
 
-# Installs what is missing (packages, real checkpoints) and runs every test.
+# Installs what is missing (packages, real checkpoints) and runs every test in
+# two passes over one build (the rule is at the top of Tests/MoEComputeTests/TestSupport.swift):
+#  1. every test but the OpenCL cases, on the CPU backend with no OpenCL platform
+#     visible; any skip fails (only OpenCL cases may skip);
+#  2. the OpenCL cases of every target and the op tests (their CPU half as the
+#     reference) on the OpenCL device, PoCL here.
+TEST_LOGS := .build/test-logs
+NO_OPENCL := .build/no-opencl-vendors
+OPENCL_CASES := /testOpenCL|OpenCL$$
 test:
 	scripts/setup.sh test
-	scripts/fetch-checkpoints.sh || echo "test: checkpoints could not be fetched; the tests that need them will say so"
+	scripts/fetch-checkpoints.sh || echo "test: checkpoints could not be fetched; the CPU pass will fail on the tests that need them"
 	$(SWIFT) build --build-tests
-	$(SWIFT) test --skip-build --disable-swift-testing
+	@mkdir -p $(TEST_LOGS) $(NO_OPENCL)
+	@echo "test: pass 1 of 2: CPU backend, no OpenCL platform visible"
+	set -o pipefail; OCL_ICD_VENDORS=$(CURDIR)/$(NO_OPENCL) MOE_GPU_TEST_BACKENDS=cpu \
+	    $(SWIFT) test --skip-build --disable-swift-testing --skip '$(OPENCL_CASES)' 2>&1 | tee $(TEST_LOGS)/cpu.log
+	@grep -qE "^[[:space:]]*Executed [0-9]+ tests?," $(TEST_LOGS)/cpu.log || { echo "test: no XCTest summary in $(TEST_LOGS)/cpu.log"; exit 1; }
+	@if grep -qE "^Test Case '.*' skipped|Executed [0-9]+ tests?, with [0-9]+ tests? skipped" $(TEST_LOGS)/cpu.log; then \
+	    grep -E ": Test skipped" $(TEST_LOGS)/cpu.log; \
+	    echo "test: FAILED: the CPU pass skipped tests (above); only OpenCL cases may skip"; exit 1; fi
+	@echo "test: pass 2 of 2: OpenCL cases and op tests on the OpenCL device"
+	set -o pipefail; MOE_GPU_TEST_BACKENDS=opencl \
+	    $(SWIFT) test --skip-build --disable-swift-testing --filter '^MoEComputeTests\.|$(OPENCL_CASES)' \
+	    --skip '\.GPUCompileTests/|/testCPU' 2>&1 | tee $(TEST_LOGS)/opencl.log
+	@n=$$(grep -cE "^Test Case '.*' skipped" $(TEST_LOGS)/opencl.log); \
+	    if [ "$$n" != 0 ]; then echo "test: note: $$n OpenCL tests skipped (reasons in $(TEST_LOGS)/opencl.log)"; fi
 
 release:
 	scripts/setup.sh run

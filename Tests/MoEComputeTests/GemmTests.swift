@@ -56,7 +56,7 @@ final class GemmTests: XCTestCase {
 /// The tiled GPU kernel and the CPU-device kernel are both checked on
 /// whatever OpenCL device is present (PoCL in CI), whichever the device would pick.
 final class GemmKernelVariantTests: XCTestCase {
-    func testEveryKernelVariantMatchesTheReference() throws {
+    func testOpenCLEveryKernelVariantMatchesTheReference() throws {
         let device = try TestDevices.openCLOrSkip().device
         for (label, tuning) in try TestDevices.gemmVariants() {
             let backend = try OpenCLBackend(device: device, tuning: tuning)

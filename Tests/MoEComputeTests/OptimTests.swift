@@ -75,7 +75,7 @@ final class OptimTests: XCTestCase {
     }
 
     /// The GPU reduction shape (work-groups of 256 items) on the CI's CPU OpenCL device.
-    func testGlobalNormWithWorkGroupsOfManyItems() throws {
+    func testOpenCLGlobalNormWithWorkGroupsOfManyItems() throws {
         _ = try TestDevices.openCLOrSkip()
         OpenCLBackend.workGroupOverride = 256
         defer { OpenCLBackend.workGroupOverride = nil }

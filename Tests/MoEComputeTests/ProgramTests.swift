@@ -10,7 +10,7 @@ final class ProgramTests: XCTestCase {
         return url
     }
 
-    func testSyntaxErrorNamesTheFileAndCarriesTheBuildLog() throws {
+    func testOpenCLSyntaxErrorNamesTheFileAndCarriesTheBuildLog() throws {
         let backend = try TestDevices.openCLOrSkip()
         let source = "__kernel void broken(__global float* x) { x[0] = 1.0f +; }\n"
         XCTAssertThrowsError(try CLProgram.build(file: "broken.cl", source: source, options: "", context: backend.context, cache: nil)) { error in
@@ -21,7 +21,7 @@ final class ProgramTests: XCTestCase {
         }
     }
 
-    func testProgramCacheHitsAndRebuildsCorruptEntries() throws {
+    func testOpenCLProgramCacheHitsAndRebuildsCorruptEntries() throws {
         let backend = try TestDevices.openCLOrSkip()
         let cache = ProgramCache(directory: try temporaryDirectory())
         let source = "__kernel void twice(__global float* x) { x[get_global_id(0)] *= 2.0f; }\n"

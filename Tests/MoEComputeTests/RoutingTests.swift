@@ -94,7 +94,7 @@ final class RoutingTests: XCTestCase {
             assertRelativeError(try out.probs.floats(), ref.probs, below: 1e-6, b.name)
             probs.append(try out.probs.floats())
         }
-        assertRelativeError(probs[0], RT.doubles(probs[1]), below: 1e-6, "jittered probabilities differ between backends")
+        if probs.count == 2 { assertRelativeError(probs[0], RT.doubles(probs[1]), below: 1e-6, "jittered probabilities differ between backends") }
     }
 
     func testGateBackwardMatchesFiniteDifferencesAndBackends() throws {
@@ -304,7 +304,7 @@ final class RoutingTests: XCTestCase {
                 XCTAssertEqual(try dT2.floats(), try dT.floats(), "dTemperature not reproducible on \(b.name)")
                 tauValues.append(Double(try dT.floats()[0]))
             }
-            RT.assertClose([tauValues[0]], [tauValues[1]], below: 1e-5, "dTemperature differs between backends")
+            if tauValues.count == 2 { RT.assertClose([tauValues[0]], [tauValues[1]], below: 1e-5, "dTemperature differs between backends") }
         }
     }
 

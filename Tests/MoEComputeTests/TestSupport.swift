@@ -2,8 +2,62 @@ import Foundation
 import MoECompute
 import XCTest
 
-/// The OpenCL backend on the first OpenCL device (PoCL in CI), shared across
-/// tests so each kernel file is compiled once per run.
+// Which backends the tests use, and the two passes of `make test`.
+//
+// MOE_GPU_TEST_BACKENDS (read here; MoEModelTests and CLITests keep the same rule):
+//   all     (default) CPU always, OpenCL when a platform is present: without one, op
+//           tests run their CPU half (a note says so once) and OpenCL cases skip.
+//   cpu     CPU only. `TestDevices.all()` is [cpu]; an OpenCL case that runs anyway
+//           fails, naming the rule below (it should have been left out by name).
+//   opencl  `all()` is [cpu, opencl]: the CPU half stays, as the reference the
+//           cross-backend comparisons need. Without a platform, tests skip.
+//
+// Every test is one of three kinds:
+//   1. OpenCL cases need OpenCL for (part of) what they check. Their names start with
+//      `testOpenCL` or end with `OpenCL`; they get the device from
+//      `TestDevices.openCLOrSkip()` (MoEModelTests: `TestBackends.openCLOrSkip()`,
+//      CLITests: `CLI.requireOpenCL()`). They run in pass 2 only.
+//   2. Op tests in MoEComputeTests loop over `TestDevices.all()` (or a `backends()`
+//      built on `TestDevices.openCLHalf()`): the CPU half in pass 1, both halves in
+//      pass 2. A comparison between backends runs when there are two.
+//   3. Everything else (pure-host, CPU-only, `testCPU...`, GPUCompileTests): pass 1
+//      only. Their names must not match kind 1's pattern.
+//
+// The passes (Makefile `test`, after one `swift build --build-tests`):
+//   1. OCL_ICD_VENDORS=<empty dir> MOE_GPU_TEST_BACKENDS=cpu
+//        swift test --skip '/testOpenCL|OpenCL$'
+//      every test but the OpenCL cases, with no OpenCL platform visible: any skip
+//      fails `make test` (the Makefile checks the log).
+//   2. MOE_GPU_TEST_BACKENDS=opencl
+//        swift test --filter '^MoEComputeTests\.|/testOpenCL|OpenCL$' --skip '\.GPUCompileTests/|/testCPU'
+//      the OpenCL cases of every target plus MoEComputeTests' op tests, on PoCL.
+//      (MoEComputeTests' few pure-host checks run here again; they take milliseconds.)
+
+/// MOE_GPU_TEST_BACKENDS: see the top of this file.
+enum TestBackendSelection: String {
+    case all, cpu, opencl
+
+    static let current: TestBackendSelection = {
+        let raw = ProcessInfo.processInfo.environment["MOE_GPU_TEST_BACKENDS"] ?? ""
+        if raw.isEmpty { return .all }
+        guard let s = TestBackendSelection(rawValue: raw.lowercased()) else {
+            fatalError("MOE_GPU_TEST_BACKENDS=\(raw): expected all, cpu or opencl")
+        }
+        return s
+    }()
+}
+
+/// An OpenCL case ran in the CPU pass: a failure, never a skip.
+struct OpenCLCaseInCPUPass: Error, CustomStringConvertible {
+    var description: String {
+        "an OpenCL case ran with MOE_GPU_TEST_BACKENDS=cpu: name it testOpenCL... or ...OpenCL so the CPU pass "
+            + "leaves it out (rule at the top of Tests/MoEComputeTests/TestSupport.swift)"
+    }
+}
+
+/// The backends under test: the CPU one, and the OpenCL backend on the first
+/// OpenCL device (PoCL in CI), shared across tests so each kernel file is
+/// compiled once per run.
 enum TestDevices {
     static let openCL: Result<OpenCLBackend, Error> = {
         let catalog = DeviceCatalog()
@@ -15,8 +69,10 @@ enum TestDevices {
 
     static let cpu = CPUBackend()
 
-    /// The OpenCL backend, or an XCTSkip naming why there is none: never a silent pass.
+    /// For OpenCL cases: the OpenCL backend, or an XCTSkip naming why there is
+    /// none (never a silent pass); in the CPU pass, a failure.
     static func openCLOrSkip() throws -> OpenCLBackend {
+        if TestBackendSelection.current == .cpu { throw OpenCLCaseInCPUPass() }
         switch openCL {
         case .success(let b): return b
         case .failure(let e): throw XCTSkip("OpenCL tests skipped: \(e)")
@@ -36,8 +92,29 @@ enum TestDevices {
         return [("tiled 32x64x8", tiled), ("cpu 3x16", cpu)]
     }
 
-    /// Both backends; the OpenCL one is skipped with its reason when absent.
-    static func all() throws -> [Backend] { [cpu, try openCLOrSkip()] }
+    /// The OpenCL half of an op test: nil in the CPU pass, and (with a note, once)
+    /// when no platform is present by default; an XCTSkip in the OpenCL pass.
+    static func openCLHalf() throws -> OpenCLBackend? {
+        switch TestBackendSelection.current {
+        case .cpu: return nil
+        case .opencl: return try openCLOrSkip()
+        case .all:
+            if case .success(let b) = openCL { return b }
+            _ = missingOpenCLNote
+            return nil
+        }
+    }
+
+    private static let missingOpenCLNote: Void = {
+        if case .failure(let e) = openCL {
+            FileHandle.standardError.write(Data("note: OpenCL halves of the op tests not run (\(e)); their CPU halves run\n".utf8))
+        }
+    }()
+
+    /// The backends an op test loops over: the CPU one always, then the OpenCL
+    /// one when selected and present. Never throws for a missing platform except
+    /// in the OpenCL pass.
+    static func all() throws -> [Backend] { [cpu] + (try openCLHalf().map { [$0] } ?? []) }
 }
 
 /// Deterministic random inputs.
