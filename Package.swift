@@ -45,7 +45,11 @@ let package = Package(
         // run time; always -O2, so the chains stay in registers in debug builds too.
         .target(name: "CPeak", path: "Sources/CPeak", cSettings: [.unsafeFlags(["-O2"])]),
 
-        .target(name: "MoECompute", dependencies: ["COpenCL", "CBLAS", "CPeak"],
+        // The CPU backend's vector loops in C (GELU, norms, softmax, attention tiles), each
+        // built for AVX-512, AVX2+FMA and the baseline and chosen at load time.
+        .target(name: "CKernels", path: "Sources/CKernels", cSettings: [.unsafeFlags(["-O3"])]),
+
+        .target(name: "MoECompute", dependencies: ["COpenCL", "CBLAS", "CPeak", "CKernels"],
                 swiftSettings: vectorISA,
                 plugins: ["EmbedKernelsPlugin"]),
         .target(name: "MoECheckpoint", dependencies: ["MoECompute"]),

@@ -514,6 +514,23 @@ __kernel void dropout(__global const float* x, const int offX, __global float* y
     store(y, offY + i, v, accumulate);
 }
 
+// x[i] += std * z_i, z_i standard normal by Box-Muller from the counter hash of
+// (seed, 2i) and (seed, 2i+1): the noise is a function of the seed and the
+// index, so nothing is uploaded (Reference.gaussianNoise gives the same values).
+__kernel void add_gaussian_noise(__global float* x, const int offX, const int n, const float stdev,
+                                 const uint seedLo, const uint seedHi)
+{
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    uint a = fmix32(((uint)(2 * i) * 0x9E3779B9u) ^ seedLo);
+    a = fmix32(a ^ seedHi ^ 0x7F4A7C15u);
+    uint b = fmix32(((uint)(2 * i + 1) * 0x9E3779B9u) ^ seedLo);
+    b = fmix32(b ^ seedHi ^ 0x7F4A7C15u);
+    const float u1 = ((float)(a >> 8) + 1.0f) * (1.0f / 16777216.0f);   // (0, 1]
+    const float u2 = (float)(b >> 8) * (1.0f / 16777216.0f);            // [0, 1)
+    x[offX + i] += stdev * sqrt(-2.0f * log(u1)) * cos(6.28318530717958648f * u2);
+}
+
 // y[r, :] (+)= x[r, :] * m[r], rows of f (stochastic depth).
 __kernel void scale_rows(__global const float* x, const int offX, __global const float* m, const int offM,
                          __global float* y, const int offY, const int n, const int f, const int accumulate)

@@ -27,17 +27,21 @@ static float group_sum(float v, __local float* red)
 __kernel void adamw(__global float* p, const int offP, __global const float* g, const int offG,
                     __global float* m, const int offM, __global float* v, const int offV, const int n,
                     const float lr, const float b1, const float b2, const float eps, const float wd,
-                    const float c1, const float c2)
+                    const float c1, const float c2, const int decayed,
+                    __global const float* guardNorm, const int offGuard, const int hasGuard)
 {
     const int i = get_global_id(0);
     if (i >= n) return;
+    // A non-finite gradient norm skips the whole step (the host sees it in the
+    // step's metrics and stops), so parameters and moments stay the last good ones.
+    if (hasGuard && !isfinite(guardNorm[offGuard])) return;
     const float gi = g[offG + i];
     const float mi = b1 * m[offM + i] + (1.0f - b1) * gi;
     const float vi = b2 * v[offV + i] + (1.0f - b2) * gi * gi;
     m[offM + i] = mi;
     v[offV + i] = vi;
     float pi = p[offP + i];
-    pi -= lr * wd * pi;
+    if (i < decayed) pi -= lr * wd * pi;
     p[offP + i] = pi - lr * (mi * c1) / (sqrt(vi * c2) + eps);
 }
 

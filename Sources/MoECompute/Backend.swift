@@ -133,7 +133,7 @@ public struct GemmEpilogue {
 
 /// Where tensors live and how ops run on them. Model code only talks to this
 /// protocol; `CPUBackend` and `OpenCLBackend` compute the same functions.
-public protocol Backend: AnyObject, Sendable, RoutingOps, PermuteOps, NNOps, OptimOps {
+public protocol Backend: AnyObject, Sendable, RoutingOps, PermuteOps, NNOps, OptimOps, AttentionOps {
     /// `cpu` or `opencl:P:D`: what `--device` takes to get this backend again.
     var name: String { get }
     /// A human description of the device.
@@ -145,6 +145,11 @@ public protocol Backend: AnyObject, Sendable, RoutingOps, PermuteOps, NNOps, Opt
     func makeTensor(shape: [Int], dtype: DType) throws -> Tensor
     func write(_ bytes: UnsafeRawBufferPointer, to tensor: Tensor) throws
     func read(_ tensor: Tensor, into bytes: UnsafeMutableRawBufferPointer) throws
+    /// Copies host bytes into `tensor` without waiting for the device: the
+    /// backend stages its own copy, so the caller may reuse `bytes` at once, and
+    /// the host goes on (preparing the next batch) while the transfer and the
+    /// queued ops run. Not a host sync.
+    func upload(_ bytes: UnsafeRawBufferPointer, to tensor: Tensor) throws
     /// Waits until every queued op has finished.
     func synchronize() throws
 

@@ -249,6 +249,14 @@ extension Reference {
     }
 
     /// Whether dropout with probability `p` keeps element `index`.
+    /// The standard normal value `addGaussianNoise` adds (times its std) at `index`.
+    public static func gaussianNoise(seed: UInt64, index: Int) -> Double {
+        let a = dropoutHash(seed: seed, index: UInt32(truncatingIfNeeded: 2 * index))
+        let b = dropoutHash(seed: seed, index: UInt32(truncatingIfNeeded: 2 * index + 1))
+        let u1 = (Double(a >> 8) + 1) / 16_777_216, u2 = Double(b >> 8) / 16_777_216
+        return (-2 * Foundation.log(u1)).squareRoot() * Foundation.cos(2 * Double.pi * u2)
+    }
+
     public static func dropoutKeep(seed: UInt64, index: Int, p: Float) -> Bool {
         p < 1 && dropoutHash(seed: seed, index: UInt32(truncatingIfNeeded: index)) >= NNCheck.dropoutThreshold(p)
     }

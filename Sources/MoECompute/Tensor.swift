@@ -47,6 +47,23 @@ public final class Tensor: @unchecked Sendable {
         return Tensor(shape: newShape, dtype: dtype, storage: storage, offset: offset + elementOffset, backend: backend)
     }
 
+    /// The same elements read as another 4-byte type (the bits unchanged): lets
+    /// one buffer carry float and int results, e.g. a step's metrics and expert loads.
+    public func bitcast(to newType: DType) -> Tensor {
+        Tensor(shape: shape, dtype: newType, storage: storage, offset: offset, backend: backend)
+    }
+
+    /// Uploads host values without waiting (see `Backend.upload`).
+    public func upload(_ values: [Float]) throws {
+        try require(dtype == .f32 && values.count == count, "uploading \(values.count) floats into \(dtype) tensor \(shape)")
+        try values.withUnsafeBytes { try backend.upload($0, to: self) }
+    }
+
+    public func upload(_ values: [Int32]) throws {
+        try require(dtype == .i32 && values.count == count, "uploading \(values.count) ints into \(dtype) tensor \(shape)")
+        try values.withUnsafeBytes { try backend.upload($0, to: self) }
+    }
+
     public func reshaped(_ newShape: [Int]) throws -> Tensor {
         guard newShape.reduce(1, *) == count else { throw ShapeError("cannot reshape \(shape) to \(newShape)") }
         return Tensor(shape: newShape, dtype: dtype, storage: storage, offset: offset, backend: backend)

@@ -30,7 +30,7 @@ public enum LayerBenchmark {
             let out = try backend.zeros([t, h]), dX = try backend.zeros([t, h])
             let full = {
                 try layer.forward(x, batch: 1, tokens: t, into: out, training: true, step: 1)
-                try layer.backward(dOut: dOut, x: x, batch: 1, tokens: t, dX: dX)
+                try layer.backward(dOut: dOut, x: x, batch: 1, tokens: t, dX: dX, lossScale: 1)
             }
 
             // The same routing, made once, for the experts-only companion.
@@ -86,7 +86,7 @@ public enum LayerBenchmark {
     /// ViT `config.model` on Fashion-MNIST (synthetic images when it is not
     /// installed, or when `synthetic`: 1024 seeded random images, for quick
     /// runs). FLOPs = 6 x active parameters x tokens per step, so the rate is the
-    /// model FLOP rate and the % of the GEMM ceiling is the MFU.
+    /// model FLOP rate; `mfu` is it over the device's measured FMA peak.
     public static func trainStep(config: TrainConfig, label: String, synthetic: Bool = false) -> BenchCase {
         BenchCase(kernel: "train-step", shape: label) { backend in
             let data = try trainingData(config.model, synthetic: synthetic)
@@ -94,11 +94,18 @@ public enum LayerBenchmark {
             let trainer = try Trainer(config: config, model: model, train: data.train, test: data.test)
             let tokens = Double(config.batchSize * config.gradientAccumulation * config.model.tokens)
             let active = activeParameters(model)
+            // The launch profile of a warm step (the first sizes the workspaces).
+            _ = try trainer.trainStep()
+            let before = backend.counters.snapshot
+            _ = try trainer.trainStep()
+            let profile = backend.counters.snapshot.since(before)
             return BenchWork(run: { _ = try trainer.trainStep() }, flops: 6 * active * tokens,
                              extra: ["active_params": active, "total_params": Double(model.params.parameterCount),
-                                     "tokens_per_step": tokens,
+                                     "tokens_per_step": tokens, "launches_per_step": Double(profile.launches),
+                                     "host_syncs_per_step": Double(profile.hostSyncs),
+                                     "allocations_per_step": Double(profile.allocations),
                                      "fashion_mnist": data.real ? 1 : 0],
-                             derive: { t, _ in ["tokens_per_s": tokens / t] })
+                             derive: { t, _ in ["tokens_per_s": tokens / t] }, reportsMFU: true)
         }
     }
 

@@ -17,7 +17,7 @@ public enum ModelCheckpoint {
         return nil
     }
 
-    public static func save(_ model: ViT, to url: URL, metadata extra: [String: String] = [:]) throws {
+    public static func save(_ model: Model, to url: URL, metadata extra: [String: String] = [:]) throws {
         var tensors: [(name: String, dtype: StorageDType, shape: [Int], data: Data)] = []
         for p in model.params.all {
             let values = try p.value.floats()
@@ -31,21 +31,9 @@ public enum ModelCheckpoint {
                 tensors.append((p.name, .F32, p.shape, encodeFloats(values, as: .F32)))
             }
         }
-        let config = String(decoding: try JSONEncoder.sorted.encode(model.config), as: UTF8.self)
         var metadata = extra
         metadata["format"] = "pt"
-        metadata[configKey] = config
-        metadata["moe-gpu.format"] = model.config.moeBlocks.isEmpty ? "dense" : "moe"
-        if let moe = model.config.moe, !model.config.moeBlocks.isEmpty {
-            // The router names `moe-gpu inspect` and `upcycle` use (RouterKind).
-            metadata["moe-gpu.router"] = moe.router == "topk" ? moe.gateOrder : moe.router
-            metadata["moe-gpu.num_experts"] = "\(moe.experts)"
-            metadata["moe-gpu.capacity_factor"] = "\(moe.capacityFactor ?? 0)"   // 0: dropless
-            metadata["moe-gpu.activation"] = "gelu"
-            metadata["moe-gpu.sphero_tau"] = "\(moe.temperatureInit)"
-            metadata["moe-gpu.top_k"] = "\(moe.topK)"
-            metadata["moe-gpu.moe_layers"] = model.config.moeBlocks.map(String.init).joined(separator: ",")
-        }
+        for (k, v) in try model.checkpointMetadata { metadata[k] = v }
         try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
         try writeSafetensors(to: url, tensors: tensors, metadata: metadata)
     }
@@ -64,7 +52,7 @@ public enum ModelCheckpoint {
     /// Loads every parameter of `model` whose name is in the file (stacked experts
     /// reassembled); returns the names that were not found.
     @discardableResult
-    public static func load(_ path: String, into model: ViT, requireAll: Bool = true) throws -> [String] {
+    public static func load(_ path: String, into model: Model, requireAll: Bool = true) throws -> [String] {
         let file = try SafetensorsFile(path: path)
         var missing: [String] = []
         for p in model.params.all {

@@ -2,26 +2,46 @@ import Foundation
 import MoECheckpoint
 import MoECompute
 
-/// A trainable tensor with its gradient and AdamW moments, named as in the
-/// checkpoints it is saved to.
+/// A model tensor with its gradient, named as in the checkpoints it is saved
+/// to. After `ParameterStore.finalize()` its value and gradient are views into
+/// the store's flat buffers; the AdamW moments live in the optimiser state.
 public final class Parameter {
     public let name: String
-    public let value: Tensor
-    public let grad: Tensor
-    public let m: Tensor
-    public let v: Tensor
+    public let shape: [Int]
     /// False for norms, biases, temperatures, embeddings: AdamW's decay skips them.
     public let decays: Bool
+    /// Frozen parameters get no gradient and no optimiser state.
+    public let trainable: Bool
+    /// The contiguous range the parameter lives in: `ParameterStore.denseRange`
+    /// for everything replicated on every rank, or an MoE layer's name for its experts.
+    public let range: String
+    public internal(set) var value: Tensor
+    /// nil for a frozen parameter or an inference-only store.
+    public internal(set) var grad: Tensor?
+    /// Offset of the value in the store's value buffer (after `finalize`).
+    public internal(set) var offset = 0
 
-    init(name: String, value: Tensor, decays: Bool) throws {
-        self.name = name; self.value = value; self.decays = decays
-        grad = try value.backend.zeros(value.shape)
-        m = try value.backend.zeros(value.shape)
-        v = try value.backend.zeros(value.shape)
+    init(name: String, value: Tensor, grad: Tensor?, decays: Bool, trainable: Bool, range: String) {
+        self.name = name; self.shape = value.shape; self.value = value; self.grad = grad
+        self.decays = decays; self.trainable = trainable; self.range = range
     }
 
-    public var shape: [Int] { value.shape }
     public var count: Int { value.count }
+
+    /// The gradient; an error for a frozen parameter or an inference-only model.
+    public func gradient() throws -> Tensor {
+        guard let grad else { throw ModelError.badInput("\(name) has no gradient (frozen, or an inference-only model)") }
+        return grad
+    }
+}
+
+/// One contiguous range of the flat buffers: the decayed parameters first
+/// (`decayed` elements), then the rest, so one AdamW launch covers it.
+public struct ParameterRange: Sendable, Equatable {
+    public var name: String
+    public var offset: Int
+    public var count: Int
+    public var decayed: Int
 }
 
 /// How a parameter starts. Values are drawn on the host from a generator
@@ -56,31 +76,98 @@ public enum Initializer {
 }
 
 /// Every parameter of a model, in creation order, plus the seed they derive from.
+///
+/// Layers create parameters one by one (`make`); the model then calls
+/// `finalize()`, which moves them into a few flat buffers: one of values and
+/// one of gradients, each laid out as contiguous ranges (the non-expert
+/// parameters, then each MoE layer's experts, as the data- and expert-parallel
+/// allreduces need), with frozen parameters after the trainable ones and no
+/// gradient for them. Zeroing, the gradient norm, clipping and AdamW are then
+/// one launch per range. AdamW's moments are allocated on the first optimiser
+/// step (`OptimizerState`), so an inference-only model has none.
 public final class ParameterStore {
     public let backend: Backend
     public let seed: UInt64
+    /// False for inference-only models: no gradient buffer at all.
+    public let training: Bool
     public private(set) var all: [Parameter] = []
     private var byName: [String: Parameter] = [:]
+    /// The flat value buffer and its trainable ranges (after `finalize`).
+    public private(set) var values: Tensor?
+    public private(set) var gradients: Tensor?
+    public private(set) var ranges: [ParameterRange] = []
+    /// Elements of `values` held by trainable parameters (the frozen ones follow).
+    public private(set) var trainableCount = 0
 
-    public init(backend: Backend, seed: UInt64) { self.backend = backend; self.seed = seed }
+    /// The range of every parameter outside the MoE experts.
+    public static let denseRange = "dense"
 
-    /// Creates (and registers) a parameter.
-    public func make(_ name: String, _ shape: [Int], _ initializer: Initializer, decays: Bool) throws -> Parameter {
+    public init(backend: Backend, seed: UInt64, training: Bool = true) {
+        self.backend = backend; self.seed = seed; self.training = training
+    }
+
+    /// Creates (and registers) a parameter. `range` groups expert weights by MoE
+    /// layer; everything else stays in `denseRange`.
+    public func make(_ name: String, _ shape: [Int], _ initializer: Initializer, decays: Bool,
+                     trainable: Bool = true, range: String = ParameterStore.denseRange) throws -> Parameter {
         precondition(byName[name] == nil, "duplicate parameter \(name)")
+        precondition(values == nil, "parameter \(name) created after finalize()")
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         for b in name.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
         let value = try backend.tensor(initializer.values(shape: shape, seed: seed ^ h), shape: shape)
-        let p = try Parameter(name: name, value: value, decays: decays)
+        // Until finalize() a parameter owns its tensors, so layers built alone (benchmarks) work too.
+        let grad = training && trainable ? try backend.zeros(shape) : nil
+        let p = Parameter(name: name, value: value, grad: grad, decays: decays, trainable: trainable, range: range)
         all.append(p)
         byName[name] = p
         return p
+    }
+
+    /// Moves every parameter into the flat buffers (see the type's doc). Called
+    /// once, by the model, after its layers are built.
+    public func finalize() throws {
+        precondition(values == nil, "finalize() called twice")
+        var order: [String] = [Self.denseRange]
+        for p in all where p.trainable && !order.contains(p.range) { order.append(p.range) }
+        var offset = 0
+        var placed: [Parameter] = []
+        ranges = []
+        for name in order {
+            let members = all.filter { $0.trainable && $0.range == name }
+            guard !members.isEmpty else { continue }
+            let start = offset
+            let decayed = members.filter(\.decays), rest = members.filter { !$0.decays }
+            for p in decayed + rest { p.offset = offset; offset += p.count; placed.append(p) }
+            ranges.append(ParameterRange(name: name, offset: start, count: offset - start, decayed: decayed.reduce(0) { $0 + $1.count }))
+        }
+        trainableCount = offset
+        for p in all where !p.trainable { p.offset = offset; offset += p.count; placed.append(p) }
+        let flat = try backend.zeros([offset])
+        let grads = training && trainableCount > 0 ? try backend.zeros([trainableCount]) : nil
+        for p in placed {
+            let view = try flat.view(offset: p.offset, shape: p.shape)
+            try backend.copy(p.value, to: view)
+            p.value = view
+            p.grad = p.trainable ? try grads?.view(offset: p.offset, shape: p.shape) : nil
+        }
+        values = flat
+        gradients = grads
     }
 
     public subscript(name: String) -> Parameter? { byName[name] }
 
     public var parameterCount: Int { all.reduce(0) { $0 + $1.count } }
 
-    public func zeroGradients() throws { for p in all { try backend.fill(p.grad, value: 0) } }
+    /// One view per range into `buffer` (the gradients, or a moment buffer of the same layout).
+    public func rangeViews(of buffer: Tensor) throws -> [Tensor] {
+        try ranges.map { try buffer.view(offset: $0.offset, shape: [$0.count]) }
+    }
+
+    /// Sets every gradient to 0: one fill over the flat buffer.
+    public func zeroGradients() throws {
+        if let gradients { return try backend.fill(gradients, value: 0) }
+        for p in all { if let g = p.grad { try backend.fill(g, value: 0) } }
+    }
 
     /// Host copies of every value, by name.
     public func snapshot() throws -> [String: (shape: [Int], values: [Float])] {
@@ -90,15 +177,61 @@ public final class ParameterStore {
     }
 }
 
+/// AdamW's first and second moments in two flat buffers with the layout of the
+/// store's gradients, allocated when the first optimiser step needs them.
+public final class OptimizerState {
+    public let store: ParameterStore
+    public private(set) var m: Tensor?
+    public private(set) var v: Tensor?
+
+    public init(store: ParameterStore) { self.store = store }
+
+    /// The moment buffers, created (zeroed) on first use.
+    public func moments() throws -> (m: Tensor, v: Tensor) {
+        if let m, let v { return (m, v) }
+        precondition(store.values != nil, "the parameter store must be finalized before the optimiser runs")
+        let n = max(store.trainableCount, 0)
+        let m = try store.backend.zeros([n]), v = try store.backend.zeros([n])
+        self.m = m; self.v = v
+        return (m, v)
+    }
+
+    /// The moment views of one parameter (allocating the buffers if needed).
+    public func moments(of p: Parameter) throws -> (m: Tensor, v: Tensor) {
+        guard p.trainable else { throw ModelError.badInput("\(p.name) is frozen: it has no optimiser state") }
+        let (m, v) = try moments()
+        return (try m.view(offset: p.offset, shape: p.shape), try v.view(offset: p.offset, shape: p.shape))
+    }
+
+    /// One AdamW launch per range; a non-finite `guardNorm` skips the update on the device.
+    public func step(config: AdamWConfig, weightDecay: Float, step: Int, guardNorm: Tensor?) throws {
+        guard let values = store.values, let grads = store.gradients else {
+            throw ModelError.badInput("AdamW needs a finalized, trainable parameter store")
+        }
+        let (m, v) = try moments()
+        let groups = try store.ranges.map { r in
+            AdamWTensors(param: try values.view(offset: r.offset, shape: [r.count]),
+                         grad: try grads.view(offset: r.offset, shape: [r.count]),
+                         m: try m.view(offset: r.offset, shape: [r.count]), v: try v.view(offset: r.offset, shape: [r.count]),
+                         weightDecay: weightDecay, decayedCount: r.decayed)
+        }
+        try store.backend.adamWStep(groups, config: config, step: step, guardNorm: guardNorm)
+    }
+}
+
 /// Reusable activation buffers, so steady-state steps allocate nothing.
+/// Buffers are keyed by name and shape: the training batch and the evaluation
+/// batch each get their own set, allocated once.
 /// A buffer keeps its contents between uses: ops that fill it must overwrite.
 final class Workspace {
     let backend: Backend
-    private var buffers: [String: Tensor] = [:]
+    private struct Key: Hashable { var name: String; var shape: [Int]; var dtype: DType }
+    private var buffers: [Key: Tensor] = [:]
     init(backend: Backend) { self.backend = backend }
 
-    func get(_ key: String, _ shape: [Int], dtype: DType = .f32) throws -> Tensor {
-        if let t = buffers[key], t.shape == shape, t.dtype == dtype { return t }
+    func get(_ name: String, _ shape: [Int], dtype: DType = .f32) throws -> Tensor {
+        let key = Key(name: name, shape: shape, dtype: dtype)
+        if let t = buffers[key] { return t }
         let t = try backend.zeros(shape, dtype: dtype)
         buffers[key] = t
         return t

@@ -95,11 +95,13 @@ public enum Recipe {
         return (model, acc)
     }
 
-    /// Patches of the first `count` training images, for recycling's importance statistics.
+    /// Token inputs of the first `count` training images, for recycling's importance statistics.
     public static func calibrationPatches(_ data: ImageDataset, model: ViTConfig, count: Int, backend: Backend) throws -> Tensor {
         let n = min(count, data.count)
-        var rng = SplitMix64(seed: 0)
-        let p = Patchify(patchSize: model.patchSize).patches(data, indices: Array(0..<n), rng: &rng, augment: false)
-        return try backend.tensor(p, shape: [n, model.patches, model.patchDim])
+        let source = ImageBatchSource(data, model: model, augment: false)
+        var inputs = [Float](repeating: 0, count: n * model.tokens * model.patchDim)
+        var labels = [Int32](repeating: 0, count: n)
+        inputs.withUnsafeMutableBytes { i in labels.withUnsafeMutableBufferPointer { source.fill(indices: Array(0..<n), augmentSeed: nil, inputs: i, labels: $0) } }
+        return try backend.tensor(inputs, shape: source.inputShape(batch: n))
     }
 }

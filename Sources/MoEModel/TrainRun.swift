@@ -14,10 +14,16 @@ public final class TrainRun {
     public var progress: ((StepMetrics, Int) -> Void)?
     private let started = Date()
 
-    public init(config: TrainConfig, model: ViT, out: URL, data: (train: ImageDataset, test: ImageDataset)) throws {
+    /// A run of the ViT on image datasets.
+    public convenience init(config: TrainConfig, model: ViT, out: URL, data: (train: ImageDataset, test: ImageDataset)) throws {
+        try self.init(config: config, trainer: try Trainer(config: config, model: model, train: data.train, test: data.test), out: out)
+    }
+
+    /// A run of any model and batch source.
+    public init(config: TrainConfig, trainer: Trainer, out: URL) throws {
         self.config = config
         self.out = out
-        trainer = try Trainer(config: config, model: model, train: data.train, test: data.test)
+        self.trainer = trainer
         try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
         try atomicWrite(try JSONEncoder.sorted.encode(config), to: out.appendingPathComponent("config.json"))
     }
@@ -90,12 +96,13 @@ public final class TrainRun {
         let model = trainer.model
         try ModelCheckpoint.load(dir.appendingPathComponent("model.safetensors").path, into: model)
         let opt = try SafetensorsFile(path: dir.appendingPathComponent("optimizer.safetensors").path)
-        for p in model.params.all {
+        for p in model.params.all where p.trainable {
             guard opt.entry("\(p.name).exp_avg") != nil, opt.entry("\(p.name).exp_avg_sq") != nil else {
                 throw ModelError.badInput("optimizer.safetensors in \(dir.path) lacks the moments of \(p.name)")
             }
-            try p.m.write(try opt.floats("\(p.name).exp_avg"))
-            try p.v.write(try opt.floats("\(p.name).exp_avg_sq"))
+            let (m, v) = try trainer.optimizer.moments(of: p)
+            try m.write(try opt.floats("\(p.name).exp_avg"))
+            try v.write(try opt.floats("\(p.name).exp_avg_sq"))
         }
         guard let s = opt.metadata["step"], let step = Int(s) else { throw ModelError.badInput("optimizer.safetensors has no step") }
         trainer.fastForward(to: step)
@@ -105,9 +112,10 @@ public final class TrainRun {
         let model = trainer.model
         try ModelCheckpoint.save(model, to: out.appendingPathComponent("model.safetensors"), metadata: ["step": "\(trainer.step)"])
         var tensors: [(name: String, dtype: StorageDType, shape: [Int], data: Data)] = []
-        for p in model.params.all {
-            tensors.append(("\(p.name).exp_avg", .F32, p.shape, encodeFloats(try p.m.floats(), as: .F32)))
-            tensors.append(("\(p.name).exp_avg_sq", .F32, p.shape, encodeFloats(try p.v.floats(), as: .F32)))
+        for p in model.params.all where p.trainable {
+            let (m, v) = try trainer.optimizer.moments(of: p)
+            tensors.append(("\(p.name).exp_avg", .F32, p.shape, encodeFloats(try m.floats(), as: .F32)))
+            tensors.append(("\(p.name).exp_avg_sq", .F32, p.shape, encodeFloats(try v.floats(), as: .F32)))
         }
         try writeSafetensors(to: out.appendingPathComponent("optimizer.safetensors"), tensors: tensors,
                              metadata: ["format": "pt", "step": "\(trainer.step)"])
@@ -124,17 +132,26 @@ public final class TrainRun {
         try metrics.seekToEnd()
         var last: StepMetrics?
         var accuracy = 0.0
-        var window: [Double] = []
+        // Tokens/s over the logging window: wall time between log lines (each
+        // step ends in its one host read, so no extra finish is needed).
+        var windowStart = Date(), windowTokens = 0.0, rate = 0.0
+        let tokensPerStep = Double(config.batchSize * config.gradientAccumulation * trainer.model.tokensPerExample)
         while trainer.step < min(config.steps, until ?? config.steps) {
             var m = try trainer.trainStep()
-            window.append(m.tokensPerSecond)
-            if window.count > 20 { window.removeFirst() }
-            m.tokensPerSecond = window.reduce(0, +) / Double(window.count)
+            windowTokens += tokensPerStep
             let isLast = trainer.step == config.steps || trainer.step == until
+            if trainer.step % config.logEvery == 0 || isLast || rate == 0 {
+                rate = windowTokens / max(Date().timeIntervalSince(windowStart), 1e-9)
+                windowStart = Date(); windowTokens = 0
+            }
+            m.tokensPerSecond = rate
             if (config.evalEvery > 0 && trainer.step % config.evalEvery == 0) || isLast {
-                accuracy = try trainer.evaluate(limit: config.testExamples)
+                let eval = try trainer.evaluateWithLoss(limit: config.testExamples)
+                accuracy = eval.accuracy
                 m.accuracy = accuracy
+                m.evalLoss = eval.loss
                 try saveCheckpoint()
+                windowStart = Date()   // evaluation and checkpoint time is not training time
             }
             if trainer.step % config.logEvery == 0 || m.accuracy != nil || isLast {
                 let data = try JSONSerialization.data(withJSONObject: m.json, options: [.sortedKeys])

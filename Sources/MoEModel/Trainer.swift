@@ -64,6 +64,8 @@ public struct StepMetrics: Sendable {
     public var tokensPerSecond: Double
     public var elapsed: Double
     public var accuracy: Double?
+    /// Mean test cross-entropy (without label smoothing), with the accuracy.
+    public var evalLoss: Double?
     public var expertLoad: [String: [Int]]
 
     public var json: [String: Any] {
@@ -71,40 +73,204 @@ public struct StepMetrics: Sendable {
                                 "tokens_per_s": tokensPerSecond, "elapsed_s": elapsed]
         for (k, v) in aux { o[k] = v }
         if let accuracy { o["accuracy"] = accuracy }
+        if let evalLoss { o["eval_loss"] = evalLoss }
         if !expertLoad.isEmpty { o["expert_load"] = expertLoad }
         return o
     }
 }
 
-/// Forward, loss, backward, clip, AdamW: the training loop on one backend.
+/// What the trainer needs of a model: the ViT now, the decoder LM next. One
+/// loop (`Trainer`), one checkpoint format (`ModelCheckpoint`) and one run
+/// folder (`TrainRun`) serve every model.
+public protocol Model: AnyObject {
+    var backend: Backend { get }
+    /// Every parameter, in flat buffers (`ParameterStore.finalize`).
+    var params: ParameterStore { get }
+    /// Tokens one example contributes to tokens/s (ViT: patches plus the class token).
+    var tokensPerExample: Int { get }
+    /// Logits `[rows, classes]` for a batch of inputs, as the model's batch source fills them.
+    func forward(_ inputs: Tensor, training: Bool, step: Int) throws -> Tensor
+    /// Accumulates every parameter gradient from `dLogits`; `lossScale` weights the
+    /// auxiliary losses' gradients as the cross-entropy's are (1/N for N accumulated micro-batches).
+    func backward(dLogits: Tensor, inputs: Tensor, lossScale: Float) throws
+    /// Layers with routing statistics, by name (e.g. `blocks.2`).
+    var routedLayers: [(name: String, layer: RoutedLayer)] { get }
+    /// Metadata every checkpoint of this model carries (config, format, router names).
+    var checkpointMetadata: [String: String] { get throws }
+}
+
+/// What an MoE layer leaves on the device after each forward and backward,
+/// for the step's metrics, without a host read of its own.
+public protocol RoutedLayer: AnyObject {
+    /// The unweighted auxiliary losses of the last forward/backward (`[1]` tensors)
+    /// and the coefficients they enter the loss with.
+    var auxiliaryLossTensors: [(name: String, value: Tensor, coefficient: Float)] { get }
+    /// Rows each expert processed in the last forward (i32 `[loadCount]`); nil
+    /// before the first forward.
+    var expertCounts: Tensor? { get }
+    /// Experts with a load to report (0 without a discrete assignment: Soft MoE, SpheroMoE).
+    var loadCount: Int { get }
+}
+
+/// Where a model's examples come from: it writes the inputs and labels of
+/// chosen examples into host buffers the trainer uploads.
+public protocol BatchSource: AnyObject {
+    var count: Int { get }
+    var inputType: DType { get }
+    /// The input tensor's shape for `batch` examples.
+    func inputShape(batch: Int) -> [Int]
+    /// Labels for `batch` examples (one per example for classification, one per token for a language model).
+    func labelCount(batch: Int) -> Int
+    /// Writes examples `indices` (augmented from `augmentSeed` when given).
+    func fill(indices: [Int], augmentSeed: UInt64?, inputs: UnsafeMutableRawBufferPointer, labels: UnsafeMutableBufferPointer<Int32>)
+}
+
+/// Images as ViT token inputs: normalised patch rows, with a zero row in front
+/// of each image's patches when the model has a class token (see `ViT.forward`).
+public final class ImageBatchSource: BatchSource {
+    public let data: ImageDataset
+    public let patchify: Patchify
+    public let tokens: Int, patches: Int, patchDim: Int
+    let classTokenSlot: Bool
+
+    public init(_ data: ImageDataset, model m: ViTConfig, augment: Bool) {
+        self.data = data
+        var p = Patchify(patchSize: m.patchSize)
+        if augment { p.cropPadding = 2; p.flip = true }
+        patchify = p
+        tokens = m.tokens; patches = m.patches; patchDim = m.patchDim
+        classTokenSlot = m.pool == "cls"
+    }
+
+    public var count: Int { data.count }
+    public var inputType: DType { .f32 }
+    public func inputShape(batch: Int) -> [Int] { [batch, tokens, patchDim] }
+    public func labelCount(batch: Int) -> Int { batch }
+
+    public func fill(indices: [Int], augmentSeed: UInt64?, inputs: UnsafeMutableRawBufferPointer, labels: UnsafeMutableBufferPointer<Int32>) {
+        var rng = SplitMix64(seed: augmentSeed ?? 0)
+        let rows = patchify.patches(data, indices: indices, rng: &rng, augment: augmentSeed != nil)
+        let out = inputs.bindMemory(to: Float.self)
+        let per = patches * patchDim, skip = classTokenSlot ? patchDim : 0
+        for i in 0..<indices.count {
+            let dst = out.baseAddress! + i * tokens * patchDim
+            if classTokenSlot { dst.initialize(repeating: 0, count: patchDim) }
+            rows.withUnsafeBufferPointer { (dst + skip).update(from: $0.baseAddress! + i * per, count: per) }
+            labels[i] = data.labels[indices[i]]
+        }
+    }
+}
+
+/// A batch on the device and the host memory it is prepared in.
+final class DeviceBatch {
+    let inputs: Tensor, labels: Tensor
+    var hostInputs: [UInt8], hostLabels: [Int32]
+    init(source: BatchSource, batch: Int, backend: Backend) throws {
+        inputs = try backend.zeros(source.inputShape(batch: batch), dtype: source.inputType)
+        labels = try backend.zeros([source.labelCount(batch: batch)], dtype: .i32)
+        hostInputs = [UInt8](repeating: 0, count: inputs.count * 4)
+        hostLabels = [Int32](repeating: 0, count: labels.count)
+    }
+
+    /// Fills the host copy from `source` and uploads it without waiting.
+    func load(_ source: BatchSource, indices: [Int], augmentSeed: UInt64?) throws {
+        hostInputs.withUnsafeMutableBytes { i in
+            hostLabels.withUnsafeMutableBufferPointer { l in source.fill(indices: indices, augmentSeed: augmentSeed, inputs: i, labels: l) }
+        }
+        try hostInputs.withUnsafeBytes { try inputs.backend.upload($0, to: inputs) }
+        try labels.upload(hostLabels)
+    }
+}
+
+/// The one small buffer a step's results go to, read once per step: the
+/// loss, the gradient norm, the auxiliary losses by name and the expert loads
+/// (as i32 bits) of every routed layer.
+final class StepMetricsBuffer {
+    let buffer: Tensor
+    let loss: Tensor, gradNorm: Tensor
+    /// Slot of each auxiliary-loss name.
+    let auxSlots: [String: Tensor]
+    let loads: [(name: String, offset: Int, count: Int)]
+    private let auxNames: [String]
+
+    init(model: Model) throws {
+        var names: [String] = []
+        for (_, layer) in model.routedLayers { for a in layer.auxiliaryLossTensors where !names.contains(a.name) { names.append(a.name) } }
+        var loads: [(String, Int, Int)] = []
+        var offset = 2 + names.count
+        for (name, layer) in model.routedLayers {
+            if layer.loadCount > 0 { loads.append((name, offset, layer.loadCount)); offset += layer.loadCount }
+        }
+        buffer = try model.backend.zeros([offset])
+        loss = try buffer.view(offset: 0, shape: [1])
+        gradNorm = try buffer.view(offset: 1, shape: [1])
+        var slots: [String: Tensor] = [:]
+        for (i, n) in names.enumerated() { slots[n] = try buffer.view(offset: 2 + i, shape: [1]) }
+        auxSlots = slots; auxNames = names
+        self.loads = loads
+    }
+
+    /// The one host sync of a step.
+    func read() throws -> (loss: Float, gradNorm: Float, aux: [String: Float], loads: [String: [Int]]) {
+        let v = try buffer.floats()
+        var aux: [String: Float] = [:]
+        for (i, n) in auxNames.enumerated() { aux[n] = v[2 + i] }
+        var loads: [String: [Int]] = [:]
+        for (name, offset, count) in self.loads { loads[name] = v[offset..<(offset + count)].map { Int(Int32(bitPattern: $0.bitPattern)) } }
+        return (v[0], v[1], aux, loads)
+    }
+}
+
+/// Forward, loss, backward, clip, AdamW: the training loop on one backend, for any `Model`.
+///
+/// A step is enqueued without waiting: batches are prepared on the host and
+/// uploaded without blocking (the next step's while this one runs), every
+/// tensor comes from workspaces sized on the first step, and the loss, the
+/// auxiliary losses, the gradient norm and the expert loads land in one small
+/// buffer read once at the end of the step (the NaN check). AdamW skips its
+/// update on the device when the norm is not finite, so a bad step changes nothing.
 public final class Trainer {
     public let config: TrainConfig
-    public let model: ViT
-    public let train: ImageDataset, test: ImageDataset
+    public let model: Model
+    public let train: BatchSource, test: BatchSource
     public private(set) var step = 0
+    public let optimizer: OptimizerState
     var backend: Backend { model.backend }
-    private let patchify: Patchify
     private var order: [Int] = []
     private var cursor = 0
     private var rng: SplitMix64
+    private let metrics: StepMetricsBuffer
+    // Double-buffered micro-batches: [step parity][micro-batch].
+    private var batches: [[DeviceBatch]] = []
+    private var preparedStep = 0
+    // Loss scratch of the training batch and of the evaluation batch.
+    private let ws: Workspace
 
-    public init(config: TrainConfig, model: ViT, train: ImageDataset, test: ImageDataset) throws {
+    public init(config: TrainConfig, model: Model, train: BatchSource, test: BatchSource) throws {
         try config.validate()
+        self.config = config; self.model = model; self.train = train; self.test = test
+        rng = SplitMix64(seed: config.seed &+ 0x5EED)
+        optimizer = OptimizerState(store: model.params)
+        metrics = try StepMetricsBuffer(model: model)
+        ws = Workspace(backend: model.backend)
+    }
+
+    /// The ViT on image datasets (the trainer the `train` command runs).
+    public convenience init(config: TrainConfig, model: ViT, train: ImageDataset, test: ImageDataset) throws {
         let m = model.config
         guard train.channels == m.channels, train.height == m.imageSize, train.width == m.imageSize else {
             throw ModelError.badInput("data images are \(train.channels)x\(train.height)x\(train.width), the model expects \(m.channels)x\(m.imageSize)x\(m.imageSize)")
         }
         guard train.classes <= m.classes else { throw ModelError.badInput("data has \(train.classes) classes, the model \(m.classes)") }
-        self.config = config; self.model = model; self.train = train; self.test = test
-        var p = Patchify(patchSize: m.patchSize)
-        if config.augment { p.cropPadding = 2; p.flip = true }
-        patchify = p
-        rng = SplitMix64(seed: config.seed &+ 0x5EED)
+        try self.init(config: config, model: model as Model,
+                      train: ImageBatchSource(train, model: m, augment: config.augment),
+                      test: ImageBatchSource(test, model: m, augment: false))
     }
 
     /// The next batch of example indices: a seeded shuffle, reshuffled every epoch.
     private func nextIndices(_ n: Int) -> [Int] {
         var out: [Int] = []
+        out.reserveCapacity(n)
         while out.count < n {
             if cursor >= order.count {
                 order = Array(0..<train.count)
@@ -124,70 +290,109 @@ public final class Trainer {
             for _ in 0..<config.gradientAccumulation { _ = nextIndices(config.batchSize) }
             step += 1
         }
+        preparedStep = 0
     }
 
-    /// Runs one optimiser step; returns its metrics (accuracy not filled).
+    /// Prepares and uploads (without waiting) the micro-batches of step `s`.
+    private func prepare(step s: Int) throws {
+        if batches.isEmpty {
+            batches = try (0..<2).map { _ in
+                try (0..<config.gradientAccumulation).map { _ in try DeviceBatch(source: train, batch: config.batchSize, backend: backend) }
+            }
+        }
+        for (micro, batch) in batches[s % 2].enumerated() {
+            // Augmentation draws from a generator keyed by the step and micro-batch,
+            // so a resumed run sees exactly the batches it would have seen.
+            let seed = config.augment ? config.seed ^ (UInt64(s) &* 0xD1B5_4A32_D192_ED03) ^ (UInt64(micro) &* 0x9E37_79B9_7F4A_7C15) : nil
+            try batch.load(train, indices: nextIndices(config.batchSize), augmentSeed: seed)
+        }
+        preparedStep = s
+    }
+
+    /// Runs one optimiser step; returns its metrics (accuracy not filled, tokens/s
+    /// from this step alone: `TrainRun` measures it over the logging window).
     public func trainStep() throws -> StepMetrics {
         let start = Date()
         step += 1
-        let b = backend, batch = config.batchSize, c = model.config
+        let b = backend, n = config.gradientAccumulation, scale = 1 / Float(n)
+        if preparedStep != step { try prepare(step: step) }
         try model.params.zeroGradients()
-        let labels = try b.zeros([batch], dtype: .i32)
-        let rowLoss = try b.zeros([batch]), meanLoss = try b.zeros([1]), dLogits = try b.zeros([batch, c.classes])
-        var lossSum: Float = 0
-        var aux: [String: Float] = [:]
-        // Augmentation draws from a generator keyed by the step, so a resumed run
-        // sees exactly the batches it would have seen.
-        var augmentRng = SplitMix64(seed: config.seed ^ (UInt64(step) &* 0xD1B5_4A32_D192_ED03))
-        for _ in 0..<config.gradientAccumulation {
-            let idx = nextIndices(batch)
-            let patches = try b.tensor(patchify.patches(train, indices: idx, rng: &augmentRng, augment: config.augment),
-                                       shape: [batch, c.patches, c.patchDim])
-            try labels.write(idx.map { train.labels[$0] })
-            let logits = try model.forward(patches: patches, training: true, step: step)
-            try b.crossEntropy(logits: logits, labels: labels, labelSmoothing: config.labelSmoothing, rowLoss: rowLoss,
-                               meanLoss: meanLoss, dLogits: dLogits, gradientScale: 1 / Float(config.gradientAccumulation))
-            try model.backward(dLogits: dLogits, patches: patches)
-            lossSum += try meanLoss.floats()[0]
-            for (k, v) in try model.routingStats().aux { aux[k, default: 0] += v / Float(config.gradientAccumulation) }
+        try b.fill(metrics.buffer, value: 0)
+        let batch = config.batchSize
+        for micro in batches[step % 2] {
+            let logits = try model.forward(micro.inputs, training: true, step: step)
+            let rows = micro.labels.count, classes = logits.count / max(rows, 1)
+            let rowLoss = try ws.get("rowLoss", [rows]), meanLoss = try ws.get("meanLoss", [1])
+            let dLogits = try ws.get("dLogits", [rows, classes])
+            try b.crossEntropy(logits: logits, labels: micro.labels, labelSmoothing: config.labelSmoothing, rowLoss: rowLoss,
+                               meanLoss: meanLoss, dLogits: dLogits, gradientScale: scale)
+            try b.axpy(scale, meanLoss, metrics.loss)
+            try model.backward(dLogits: dLogits, inputs: micro.inputs, lossScale: scale)
+            for (_, layer) in model.routedLayers {
+                for a in layer.auxiliaryLossTensors { try b.axpy(a.coefficient * scale, a.value, metrics.auxSlots[a.name]!) }
+            }
         }
-        let loss = lossSum / Float(config.gradientAccumulation)
-        guard loss.isFinite else { throw TrainError.nonFinite(step: step, what: "the loss") }
-        let grads = model.params.all.map(\.grad)
-        let norm = config.clipNorm > 0 ? try b.clipGradients(grads, maxNorm: config.clipNorm) : try b.globalNorm(grads)
-        guard norm.isFinite else { throw TrainError.nonFinite(step: step, what: "the gradient norm") }
+        // Expert loads of the last micro-batch, as i32 bits in the metrics buffer.
+        let ints = metrics.buffer.bitcast(to: .i32)
+        for ((_, layer), slot) in zip(model.routedLayers.filter { $0.layer.loadCount > 0 }, metrics.loads) {
+            guard let counts = layer.expertCounts else { continue }
+            try b.copy(counts, to: try ints.view(offset: slot.offset, shape: [slot.count]))
+        }
+        guard let grads = model.params.gradients else { throw ModelError.badInput("the model was built without gradients (inference only)") }
+        try b.globalNorm([grads], into: metrics.gradNorm)
+        if config.clipNorm > 0 { try b.clipByNorm([grads], maxNorm: config.clipNorm, norm: metrics.gradNorm) }
         let lr = config.learningRate(at: step)
-        let groups = model.params.all.map {
-            AdamWTensors(param: $0.value, grad: $0.grad, m: $0.m, v: $0.v, weightDecay: $0.decays ? config.weightDecay : 0)
-        }
-        try b.adamWStep(groups, config: AdamWConfig(learningRate: lr, beta1: config.beta1, beta2: config.beta2, eps: 1e-8), step: step)
-        try b.synchronize()
+        try optimizer.step(config: AdamWConfig(learningRate: lr, beta1: config.beta1, beta2: config.beta2, eps: 1e-8),
+                           weightDecay: config.weightDecay, step: step, guardNorm: metrics.gradNorm)
+        // The next step's batches go up while this one runs (on a device that queues).
+        if step < config.steps { try prepare(step: step + 1) }
+        let r = try metrics.read()
+        guard r.loss.isFinite else { throw TrainError.nonFinite(step: step, what: "the loss") }
+        guard r.gradNorm.isFinite else { throw TrainError.nonFinite(step: step, what: "the gradient norm") }
         let seconds = Date().timeIntervalSince(start)
-        let tokens = Double(batch * config.gradientAccumulation * c.tokens)
-        return StepMetrics(step: step, loss: loss + aux.values.reduce(0, +), aux: aux, learningRate: lr, gradNorm: norm,
-                           tokensPerSecond: tokens / seconds, elapsed: seconds, accuracy: nil,
-                           expertLoad: try model.expertLoads())
+        let tokens = Double(batch * n * model.tokensPerExample)
+        return StepMetrics(step: step, loss: r.loss + r.aux.values.reduce(0, +), aux: r.aux, learningRate: lr, gradNorm: r.gradNorm,
+                           tokensPerSecond: tokens / seconds, elapsed: seconds, accuracy: nil, expertLoad: r.loads)
     }
 
     /// Top-1 accuracy on the first `limit` test examples.
-    public func evaluate(limit: Int? = nil) throws -> Double {
-        let b = backend, c = model.config
+    public func evaluate(limit: Int? = nil) throws -> Double { try evaluateWithLoss(limit: limit).accuracy }
+
+    /// Top-1 accuracy and mean cross-entropy (no label smoothing) on the first `limit` test examples.
+    public func evaluateWithLoss(limit: Int? = nil) throws -> (accuracy: Double, loss: Double) {
+        let b = backend
         let n = min(limit ?? test.count, test.count)
-        guard n > 0 else { return 0 }
+        guard n > 0 else { return (0, .nan) }
+        let evalBatch = min(250, n)
         var correct = 0
-        var noRng = SplitMix64(seed: 0)
-        let evalBatch = 250
+        var lossSum = 0.0
         var start = 0
         while start < n {
-            let idx = Array(start..<min(start + evalBatch, n))
-            let patches = try b.tensor(patchify.patches(test, indices: idx, rng: &noRng, augment: false),
-                                       shape: [idx.count, c.patches, c.patchDim])
-            let logits = try model.forward(patches: patches, training: false, step: step)
-            let pred = try b.zeros([idx.count], dtype: .i32)
+            let count = min(evalBatch, n - start)
+            let device = try evalBatches(count)
+            try device.load(test, indices: Array(start..<(start + count)), augmentSeed: nil)
+            let logits = try model.forward(device.inputs, training: false, step: step)
+            let rows = device.labels.count
+            let out = try ws.get("evalOut", [rows + 1])
+            let pred = try ws.get("evalPred", [rows], dtype: .i32)
             try b.argmaxRows(logits, out: pred)
-            for (i, p) in try pred.ints().enumerated() where p == test.labels[idx[i]] { correct += 1 }
-            start += evalBatch
+            try b.crossEntropy(logits: logits, labels: device.labels, labelSmoothing: 0, rowLoss: try ws.get("evalRowLoss", [rows]),
+                               meanLoss: try out.view(offset: rows, shape: [1]), dLogits: nil, gradientScale: 1)
+            // Predictions (as i32 bits) and the batch loss in one read.
+            try b.copy(pred, to: try out.view(offset: 0, shape: [rows]).bitcast(to: .i32))
+            let v = try out.floats()
+            for i in 0..<rows where Int32(bitPattern: v[i].bitPattern) == device.hostLabels[i] { correct += 1 }
+            lossSum += Double(v[rows]) * Double(count)
+            start += count
         }
-        return Double(correct) / Double(n)
+        return (Double(correct) / Double(n), lossSum / Double(n))
+    }
+
+    private var evalBatchBySize: [Int: DeviceBatch] = [:]
+    private func evalBatches(_ size: Int) throws -> DeviceBatch {
+        if let d = evalBatchBySize[size] { return d }
+        let d = try DeviceBatch(source: test, batch: size, backend: backend)
+        evalBatchBySize[size] = d
+        return d
     }
 }

@@ -103,7 +103,9 @@ public enum ModelError: Error, CustomStringConvertible {
     }
 }
 
-/// A pre-norm transformer block: x + attn(LN1(x)), then + ffn(LN2(x)).
+/// A pre-norm transformer block: `mid = x + attn(LN1(x))`, `out = mid + ffn(LN2(mid))`.
+/// The block keeps its input, `mid` and `out` for the backward (no copies of
+/// the residual stream), and each residual add is one launch.
 final class Block {
     let ln1: LayerNormLayer, ln2: LayerNormLayer
     let attention: Attention
@@ -129,51 +131,54 @@ final class Block {
     }
 
     private var depthMask: Tensor?
+    private var input: Tensor?
 
-    /// x: [B*T, D] in place (the residual stream).
-    func forward(_ x: Tensor, batch: Int, tokens: Int, training: Bool, step: Int, seed: UInt64) throws {
+    /// x: [B*T, D], the block input (kept unchanged for the backward); returns the output.
+    func forward(_ x: Tensor, batch: Int, tokens: Int, training: Bool, step: Int, seed: UInt64) throws -> Tensor {
         let b = x.backend, rows = batch * tokens, d = x.shape.last!
-        let x0 = try ws.get("x0", [rows, d]), n1 = try ws.get("n1", [rows, d])
-        try b.copy(x, to: x0)
-        try ln1.forward(x0, into: n1, mean: try ws.get("m1", [rows]), rstd: try ws.get("r1", [rows]))
+        input = x
+        let n1 = try ws.get("n1", [rows, d])
+        try ln1.forward(x, into: n1, mean: try ws.get("m1", [rows]), rstd: try ws.get("r1", [rows]))
         let attnOut = try ws.get("attnOut", [rows, d])
         try attention.forward(n1, batch: batch, tokens: tokens, into: attnOut)
-        try b.axpy(1, attnOut, x)
-        let x1 = try ws.get("x1", [rows, d]), n2 = try ws.get("n2", [rows, d])
-        try b.copy(x, to: x1)
-        try ln2.forward(x1, into: n2, mean: try ws.get("m2", [rows]), rstd: try ws.get("r2", [rows]))
+        let mid = try ws.get("mid", [rows, d])
+        try b.add(x, attnOut, into: mid)
+        let n2 = try ws.get("n2", [rows, d])
+        try ln2.forward(mid, into: n2, mean: try ws.get("m2", [rows]), rstd: try ws.get("r2", [rows]))
         let ffnOut = try ws.get("ffnOut", [rows, d])
         try ffn.forward(n2, batch: batch, tokens: tokens, into: ffnOut, training: training, step: step)
         depthMask = nil
         if training && stochasticDepth > 0 {
-            // One keep/drop draw per sample, scaled by 1/keep.
-            var rng = SplitMix64(seed: seed ^ UInt64(index) &* 0x9E37_79B9_7F4A_7C15)
-            let keep = 1 - stochasticDepth
-            let m = (0..<batch).map { _ in rng.nextFloat(in: 0...1) < keep ? 1 / keep : 0 }
-            let mask = try ws.get("depthMask", [batch])
-            try mask.write(m)
+            // One keep/drop draw per sample, scaled by 1/keep: dropout of a ones
+            // vector, from the device's counter hash (nothing uploaded).
+            let ones = try ws.get("depthOnes", [batch]), mask = try ws.get("depthMask", [batch])
+            try b.fill(ones, value: 1)
+            try b.dropout(ones, p: stochasticDepth, seed: seed ^ (UInt64(index) &* 0x9E37_79B9_7F4A_7C15), out: mask, accumulate: false)
             try b.scaleRows(ffnOut, by: mask, out: ffnOut, accumulate: false)
             depthMask = mask
         }
-        try b.axpy(1, ffnOut, x)
+        let out = try ws.get("out", [rows, d])
+        try b.add(mid, ffnOut, into: out)
+        return out
     }
 
     /// dX: [B*T, D], the gradient of the block output, replaced in place by the input's.
-    func backward(_ dX: Tensor, batch: Int, tokens: Int) throws {
-        let b = dX.backend, rows = batch * tokens, d = dX.shape.last!
+    func backward(_ dX: Tensor, batch: Int, tokens: Int, lossScale: Float) throws {
+        guard let input else { throw ShapeError("block backward called before forward") }
+        let rows = batch * tokens, d = dX.shape.last!
         // Through the FFN branch: dX += LN2'(ffn'(dX)).
-        let dFfn = try ws.get("dFfn", [rows, d])
-        try b.copy(dX, to: dFfn)
-        if let mask = depthMask { try b.scaleRows(dFfn, by: mask, out: dFfn, accumulate: false) }
+        var dFfn = dX
+        if let mask = depthMask {
+            dFfn = try ws.get("dFfn", [rows, d])
+            try dX.backend.scaleRows(dX, by: mask, out: dFfn, accumulate: false)
+        }
         let dN2 = try ws.get("dN2", [rows, d])
-        try b.fill(dN2, value: 0)
-        try ffn.backward(dOut: dFfn, x: try ws.get("n2", [rows, d]), batch: batch, tokens: tokens, dX: dN2)
-        try ln2.backward(dY: dN2, x: try ws.get("x1", [rows, d]), mean: try ws.get("m2", [rows]), rstd: try ws.get("r2", [rows]), dX: dX)
+        try ffn.backward(dOut: dFfn, x: try ws.get("n2", [rows, d]), batch: batch, tokens: tokens, dX: dN2, lossScale: lossScale)
+        try ln2.backward(dY: dN2, x: try ws.get("mid", [rows, d]), mean: try ws.get("m2", [rows]), rstd: try ws.get("r2", [rows]), dX: dX)
         // Through attention: dX += LN1'(attn'(dX)).
         let dN1 = try ws.get("dN1", [rows, d])
-        try b.fill(dN1, value: 0)
         try attention.backward(dOut: dX, x: try ws.get("n1", [rows, d]), batch: batch, tokens: tokens, dX: dN1)
-        try ln1.backward(dY: dN1, x: try ws.get("x0", [rows, d]), mean: try ws.get("m1", [rows]), rstd: try ws.get("r1", [rows]), dX: dX)
+        try ln1.backward(dY: dN1, x: input, mean: try ws.get("m1", [rows]), rstd: try ws.get("r1", [rows]), dX: dX)
     }
 }
 
@@ -199,7 +204,7 @@ func makeMoE(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, t
 
 /// Vision transformer: patch embedding, position embedding, pre-norm blocks,
 /// final LayerNorm, pooling, linear head, cross-entropy with label smoothing.
-public final class ViT {
+public final class ViT: Model {
     public let config: ViTConfig
     public let params: ParameterStore
     public var backend: Backend { params.backend }
@@ -210,10 +215,11 @@ public final class ViT {
     let head: Linear
     let ws: Workspace
 
-    public init(config: ViTConfig, backend: Backend, seed: UInt64) throws {
+    /// `training: false` builds an inference-only model: no gradient buffer (and no optimiser state).
+    public init(config: ViTConfig, backend: Backend, seed: UInt64, training: Bool = true) throws {
         try config.validate()
         self.config = config
-        let store = ParameterStore(backend: backend, seed: seed)
+        let store = ParameterStore(backend: backend, seed: seed, training: training)
         params = store
         patchEmbed = try Linear(store, "patch_embed.proj", in: config.patchDim, out: config.width)
         // The class token, when used, is row 0 of the position table (cls + pos[0] is one free vector).
@@ -222,37 +228,49 @@ public final class ViT {
         norm = try LayerNormLayer(store, "norm", features: config.width)
         head = try Linear(store, "head", in: config.width, out: config.classes)
         ws = Workspace(backend: backend)
+        try store.finalize()
     }
 
-    private var lastBatch = 0
+    public var tokensPerExample: Int { config.tokens }
 
-    /// Forward to logits [B, classes]; `patches` is [B, P, patchDim] (see `Patchify`).
+    private var lastBatch = 0
+    /// The last block's output of the last forward.
+    private var top: Tensor?
+
+    public func forward(_ inputs: Tensor, training: Bool, step: Int) throws -> Tensor {
+        try forward(patches: inputs, training: training, step: step)
+    }
+
+    /// Forward to logits [B, classes]. `patches` is `[B, tokens, patchDim]`
+    /// (`ImageBatchSource` or `Patchify` writes it): with a class token, row 0
+    /// of each image is the class-token slot and must be zero, so one GEMM
+    /// embeds every row and the class row gets only its position vector.
     @discardableResult
     public func forward(patches: Tensor, training: Bool, step: Int) throws -> Tensor {
-        let b = backend, c = config
-        guard patches.rank == 3, patches.shape[1] == c.patches, patches.shape[2] == c.patchDim else {
-            throw ModelError.badInput("patches must be [B, \(c.patches), \(c.patchDim)], got \(patches.shape)")
+        let b = backend, c = config, t = c.tokens
+        guard patches.rank == 3, patches.shape[1] == t, patches.shape[2] == c.patchDim else {
+            throw ModelError.badInput("patches must be [B, \(t), \(c.patchDim)]\(c.pool == "cls" ? " (a zero class-token row, then the patches)" : ""), got \(patches.shape)")
         }
-        let batch = patches.shape[0], t = c.tokens, rows = batch * t
+        let batch = patches.shape[0], rows = batch * t
         lastBatch = batch
         let x = try ws.get("x", [batch, t, c.width])
         if c.pool == "cls" {
-            // Patch rows start after each sample's class-token row: a strided batched GEMM.
-            try b.fill(x, value: 0)
-            try b.gemm(Gemm(m: c.patches, n: c.width, k: c.patchDim, transB: true, batch: batch,
-                            strideB: 0, strideC: t * c.width), patches, patchEmbed.weight.value,
-                       try x.view(offset: c.width, shape: [batch * t * c.width - c.width]))
-            for i in 0..<batch {
-                try b.addBroadcast(patchEmbed.bias!.value, to: try x.view(offset: (i * t + 1) * c.width, shape: [c.patches, c.width]))
-            }
+            // x = P W^T + pos', pos' = pos with the patch bias on rows 1..: the bias skips the class row.
+            try b.gemm(Gemm(m: rows, n: c.width, k: c.patchDim, transB: true), patches, patchEmbed.weight.value, x)
+            let posEff = try ws.get("posEff", [t, c.width])
+            try b.copy(position.value, to: posEff)
+            try b.addBroadcast(patchEmbed.bias!.value, to: try posEff.view(offset: c.width, shape: [t - 1, c.width]))
+            try b.addBroadcast(posEff, to: x)
         } else {
             try patchEmbed.forward(patches, rows: rows, into: x)
+            try b.addBroadcast(position.value, to: x)
         }
-        try b.addBroadcast(position.value, to: x)
         let seed = params.seed ^ UInt64(step)
-        for block in blocks { try block.forward(x.reshaped([rows, c.width]), batch: batch, tokens: t, training: training, step: step, seed: seed) }
+        var h = try x.reshaped([rows, c.width])
+        for block in blocks { h = try block.forward(h, batch: batch, tokens: t, training: training, step: step, seed: seed) }
+        top = h
         let normed = try ws.get("normed", [batch, t, c.width])
-        try norm.forward(x, into: normed, mean: try ws.get("nm", [rows]), rstd: try ws.get("nr", [rows]))
+        try norm.forward(h, into: normed, mean: try ws.get("nm", [rows]), rstd: try ws.get("nr", [rows]))
         let pooled = try ws.get("pooled", [batch, c.width])
         try b.meanPool(normed, tokens: poolRange, out: pooled)
         let logits = try ws.get("logits", [batch, c.classes])
@@ -262,44 +280,79 @@ public final class ViT {
 
     var poolRange: Range<Int> { config.pool == "cls" ? 0..<1 : 0..<config.tokens }
 
-    /// Backward from dLogits [B, classes]; accumulates every parameter gradient.
-    public func backward(dLogits: Tensor, patches: Tensor) throws {
+    public func backward(dLogits: Tensor, inputs: Tensor, lossScale: Float) throws {
         let b = backend, c = config, batch = lastBatch, t = c.tokens, rows = batch * t
         let pooled = try ws.get("pooled", [batch, c.width]), dPooled = try ws.get("dPooled", [batch, c.width])
         try head.backward(dY: dLogits, x: pooled, rows: batch, dX: dPooled)
         let dNormed = try ws.get("dNormed", [batch, t, c.width])
         try b.meanPoolBackward(dY: dPooled, tokens: poolRange, dX: dNormed, accumulate: false)
-        let x = try ws.get("x", [batch, t, c.width]), dX = try ws.get("dX", [batch, t, c.width])
+        guard let top else { throw ModelError.badInput("backward called before forward") }
+        let dX = try ws.get("dX", [batch, t, c.width])
         try b.fill(dX, value: 0)
-        try norm.backward(dY: dNormed, x: x, mean: try ws.get("nm", [rows]), rstd: try ws.get("nr", [rows]), dX: dX)
+        try norm.backward(dY: dNormed, x: top, mean: try ws.get("nm", [rows]), rstd: try ws.get("nr", [rows]), dX: dX)
         let dRows = try dX.reshaped([rows, c.width])
-        for block in blocks.reversed() { try block.backward(dRows, batch: batch, tokens: t) }
-        try b.sumRows(dX, into: position.grad, accumulate: true)
+        for block in blocks.reversed() { try block.backward(dRows, batch: batch, tokens: t, lossScale: lossScale) }
         if c.pool == "cls" {
-            for i in 0..<batch {
-                let dPatch = try dX.view(offset: (i * t + 1) * c.width, shape: [c.patches, c.width])
-                let p = try patches.view(offset: i * c.patches * c.patchDim, shape: [c.patches, c.patchDim])
-                try patchEmbed.backward(dY: dPatch, x: p, rows: c.patches, dX: nil)
+            // dpos = sum over images; the bias gets the position gradient of the patch rows.
+            let dPos = try ws.get("dPos", [t, c.width])
+            try b.sumRows(dX, into: dPos, accumulate: false)
+            try b.axpy(1, dPos, try position.gradient())
+            if let dBias = patchEmbed.bias?.grad {
+                try b.sumRows(try dPos.view(offset: c.width, shape: [t - 1, c.width]), into: dBias, accumulate: true)
+            }
+            if let dW = patchEmbed.weight.grad {
+                try b.gemm(Gemm(m: c.width, n: c.patchDim, k: rows, transA: true, beta: 1), dRows, inputs, dW)
             }
         } else {
-            try patchEmbed.backward(dY: dRows, x: patches, rows: rows, dX: nil)
+            try b.sumRows(dX, into: try position.gradient(), accumulate: true)
+            try patchEmbed.backward(dY: dRows, x: inputs, rows: rows, dX: nil)
         }
     }
 
-    /// The per-layer expert loads of the last forward (no auxiliary losses: cheaper than `routingStats`).
+    /// Backward from dLogits [B, classes] (weight 1 on the auxiliary losses).
+    public func backward(dLogits: Tensor, patches: Tensor) throws {
+        try backward(dLogits: dLogits, inputs: patches, lossScale: 1)
+    }
+
+    public var routedLayers: [(name: String, layer: RoutedLayer)] {
+        blocks.compactMap { block in (block.ffn as? RoutedLayer).map { ("blocks.\(block.index)", $0) } }
+    }
+
+    public var checkpointMetadata: [String: String] {
+        get throws {
+            var metadata: [String: String] = [:]
+            metadata[ModelCheckpoint.configKey] = String(decoding: try JSONEncoder.sorted.encode(config), as: UTF8.self)
+            metadata["moe-gpu.format"] = config.moeBlocks.isEmpty ? "dense" : "moe"
+            if let moe = config.moe, !config.moeBlocks.isEmpty {
+                // The router names `moe-gpu inspect` and `upcycle` use (RouterKind).
+                metadata["moe-gpu.router"] = moe.router == "topk" ? moe.gateOrder : moe.router
+                metadata["moe-gpu.num_experts"] = "\(moe.experts)"
+                metadata["moe-gpu.capacity_factor"] = "\(moe.capacityFactor ?? 0)"   // 0: dropless
+                metadata["moe-gpu.activation"] = "gelu"
+                metadata["moe-gpu.sphero_tau"] = "\(moe.temperatureInit)"
+                metadata["moe-gpu.top_k"] = "\(moe.topK)"
+                metadata["moe-gpu.moe_layers"] = config.moeBlocks.map(String.init).joined(separator: ",")
+            }
+            return metadata
+        }
+    }
+
+    /// The per-layer expert loads of the last forward (one read per layer: for tests and tools).
     public func expertLoads() throws -> [String: [Int]] {
         var load: [String: [Int]] = [:]
-        for block in blocks { if let l = try block.ffn.expertLoad() { load["blocks.\(block.index)"] = l } }
+        for (name, layer) in routedLayers where layer.loadCount > 0 {
+            if let c = layer.expertCounts { load[name] = try c.ints().map(Int.init) }
+        }
         return load
     }
 
-    /// Auxiliary losses summed over the MoE layers, and the per-layer expert loads.
+    /// Auxiliary losses of the last forward, recomputed and summed over the MoE
+    /// layers, and the per-layer expert loads (host reads: for evaluation and tests).
     public func routingStats() throws -> (aux: [String: Float], load: [String: [Int]]) {
-        var aux: [String: Float] = [:], load: [String: [Int]] = [:]
+        var aux: [String: Float] = [:]
         for block in blocks {
             for (k, v) in try block.ffn.auxiliaryLosses() { aux[k, default: 0] += v }
-            if let l = try block.ffn.expertLoad() { load["blocks.\(block.index)"] = l }
         }
-        return (aux, load)
+        return (aux, try expertLoads())
     }
 }

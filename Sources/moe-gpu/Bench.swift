@@ -35,22 +35,29 @@ struct Bench: ParsableCommand {
     @Flag(name: .long, help: "One JSON object per line instead of a table.")
     var json = false
 
-    /// The model-level cases: the whole MoE layer and the training step of the default model and its dense variant.
+    /// The model-level cases: the whole MoE layer, and the training step of the
+    /// default model (SpheroMoE), its dense variant and the same model with every
+    /// other router (top-2 dropless, expert choice, Soft MoE), each reporting its
+    /// launches and host syncs per step.
     static func modelCases(_ s: BenchShapes) -> [BenchCase] {
-        var sparse = Recipe.defaultFineTune()
-        var dense = sparse
+        let sphero = Recipe.defaultFineTune()
+        var configs = [sphero]
+        var dense = sphero
         dense.model.moeBlocks = []
         dense.model.moe = nil
-        if s.quick { sparse.batchSize = 8; dense.batchSize = 8 }
+        configs.append(dense)
+        for router in ["topk", "expert-choice", "soft"] {
+            var c = sphero
+            c.model.moe = Recipe.moe(router: router)
+            configs.append(c)
+        }
+        if s.quick { for i in configs.indices { configs[i].batchSize = 8 } }
         let describe = { (c: TrainConfig) in
             "ViT w=\(c.model.width) d=\(c.model.depth) \(c.model.moe.map { "\($0.router) E=\($0.experts) in \(c.model.moeBlocks)" } ?? "dense") B=\(c.batchSize)"
         }
-        return [
-            LayerBenchmark.moeLayer(tokens: s.t, width: s.h, hidden: s.i, experts: s.e, k: s.k),
-            // Quick runs train on synthetic images: loading Fashion-MNIST takes longer than the steps.
-            LayerBenchmark.trainStep(config: sparse, label: describe(sparse), synthetic: s.quick),
-            LayerBenchmark.trainStep(config: dense, label: describe(dense), synthetic: s.quick),
-        ]
+        // Quick runs train on synthetic images: loading Fashion-MNIST takes longer than the steps.
+        return [LayerBenchmark.moeLayer(tokens: s.t, width: s.h, hidden: s.i, experts: s.e, k: s.k)]
+            + configs.map { LayerBenchmark.trainStep(config: $0, label: describe($0), synthetic: s.quick) }
     }
 
     func run() throws {

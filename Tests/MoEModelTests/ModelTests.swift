@@ -19,9 +19,13 @@ func tinyConfig(router: String?) -> ViTConfig {
 
 func tinyBatch(_ backend: Backend, _ c: ViTConfig, batch: Int, seed: UInt64) throws -> (Tensor, Tensor) {
     var rng = SplitMix64(seed: seed)
-    let patches = (0..<(batch * c.patches * c.patchDim)).map { _ in rng.nextFloat(in: -1...1) }
+    // ViT token inputs: with a class token, row 0 of each image is the (zero) class-token slot.
+    let patches = (0..<(batch * c.tokens * c.patchDim)).map { i -> Float in
+        let v = rng.nextFloat(in: -1...1)
+        return c.pool == "cls" && (i / c.patchDim) % c.tokens == 0 ? 0 : v
+    }
     let labels = (0..<batch).map { _ in Int32(rng.next() % UInt64(c.classes)) }
-    return (try backend.tensor(patches, shape: [batch, c.patches, c.patchDim]), try backend.tensor(ints: labels, shape: [batch]))
+    return (try backend.tensor(patches, shape: [batch, c.tokens, c.patchDim]), try backend.tensor(ints: labels, shape: [batch]))
 }
 
 /// Total loss (cross-entropy + weighted auxiliary losses) and, optionally, the gradients.
@@ -59,7 +63,7 @@ final class GradientCheckTests: XCTestCase {
         var rng = SplitMix64(seed: 99)
         var worst = 0.0, checked = 0
         for p in model.params.all {
-            let g = try p.grad.floats(), original = try p.value.floats()
+            let g = try p.grad!.floats(), original = try p.value.floats()
             let v = (0..<p.count).map { _ in rng.nextFloat(in: -1...1) }
             let analytic = zip(g, v).reduce(0.0) { $0 + Double($1.0) * Double($1.1) }
             func loss(_ eps: Float) throws -> Double {

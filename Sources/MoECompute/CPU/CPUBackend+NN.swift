@@ -610,6 +610,19 @@ extension CPUBackend {
         }
     }
 
+    public func addGaussianNoise(_ x: Tensor, std: Float, seed: UInt64) throws {
+        try ElementwiseCheck.same("addGaussianNoise", x)
+        let px = try f32(x)
+        parallelFor(x.count, work: x.count * 16) { range in
+            for i in range {
+                let a = Reference.dropoutHash(seed: seed, index: UInt32(truncatingIfNeeded: 2 * i))
+                let b = Reference.dropoutHash(seed: seed, index: UInt32(truncatingIfNeeded: 2 * i + 1))
+                let u1 = (Float(a >> 8) + 1) * (1 / 16_777_216), u2 = Float(b >> 8) * (1 / 16_777_216)
+                px[i] += std * (-2 * Foundation.log(u1)).squareRoot() * Foundation.cos(2 * Float.pi * u2)
+            }
+        }
+    }
+
     public func scaleRows(_ x: Tensor, by m: Tensor, out y: Tensor, accumulate: Bool) throws {
         try ElementwiseCheck.same("scaleRows", x, y)
         let f = try NNCheck.scaleRows(x, m)

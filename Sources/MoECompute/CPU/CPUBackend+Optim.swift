@@ -2,16 +2,21 @@ import Foundation
 
 /// `OptimOps` on the host.
 extension CPUBackend {
-    public func adamWStep(_ groups: [AdamWTensors], config: AdamWConfig, step: Int) throws {
+    public func adamWStep(_ groups: [AdamWTensors], config: AdamWConfig, step: Int, guardNorm: Tensor?) throws {
         try require(step >= 1, "adamWStep: step numbers start at 1, got \(step)")
         for g in groups { try g.validate() }
+        if let guardNorm {
+            try require(guardNorm.count == 1, "adamWStep: guardNorm must hold one element")
+            if !(try f32(guardNorm)[0]).isFinite { return }
+        }
         let (c1, c2) = config.biasCorrections(step: step)
         let lr = config.learningRate, b1 = config.beta1, b2 = config.beta2, eps = config.eps
         for g in groups {
             let p = try f32(g.param), gr = try f32(g.grad), m = try f32(g.m), v = try f32(g.v)
-            let decay = 1 - lr * g.weightDecay
+            let decay = 1 - lr * g.weightDecay, decayed = g.decayed
             parallelFor(g.param.count, work: g.param.count * 4) { range in
                 for i in range {
+                    let decay: Float = i < decayed ? decay : 1
                     // Decoupled weight decay, then the bias-corrected Adam update.
                     let gi = gr[i]
                     let mi = b1 * m[i] + (1 - b1) * gi

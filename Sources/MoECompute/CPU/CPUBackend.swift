@@ -10,6 +10,22 @@ public final class CPUBackend: Backend, @unchecked Sendable {
     }
 
     public let counters = DeviceCounters()
+    private var scratchBuffers: [String: HostBuffer] = [:]
+    private let scratchLock = NSLock()
+
+    /// A temporary of `count` elements for one op, grow-only per slot and not
+    /// zeroed, so steady-state steps allocate nothing.
+    func scratchTensor(_ slot: String, _ count: Int, dtype: DType = .f32) -> Tensor {
+        scratchLock.lock(); defer { scratchLock.unlock() }
+        let bytes = max(count, 1) * dtype.byteSize
+        let buffer: HostBuffer
+        if let b = scratchBuffers[slot], b.byteCount >= bytes { buffer = b } else {
+            buffer = HostBuffer(byteCount: bytes)
+            counters.allocation(bytes: bytes)
+            scratchBuffers[slot] = buffer
+        }
+        return Tensor(shape: [count], dtype: dtype, storage: .host(buffer), backend: self)
+    }
 
     public init() {}
 
@@ -49,6 +65,11 @@ public final class CPUBackend: Backend, @unchecked Sendable {
     public func write(_ bytes: UnsafeRawBufferPointer, to tensor: Tensor) throws {
         try require(bytes.count == tensor.count * tensor.dtype.byteSize, "write of \(bytes.count) bytes into tensor \(tensor.shape)")
         counters.hostSync()
+        if let base = bytes.baseAddress { try raw(tensor).copyMemory(from: base, byteCount: bytes.count) }
+    }
+
+    public func upload(_ bytes: UnsafeRawBufferPointer, to tensor: Tensor) throws {
+        try require(bytes.count == tensor.count * tensor.dtype.byteSize, "upload of \(bytes.count) bytes into tensor \(tensor.shape)")
         if let base = bytes.baseAddress { try raw(tensor).copyMemory(from: base, byteCount: bytes.count) }
     }
 
@@ -150,7 +171,7 @@ public final class CPUBackend: Backend, @unchecked Sendable {
         wide.ldc = 2 * g.n
         wide.strideC = g.m * 2 * g.n
         if !g.transB && g.ldb < 2 * g.n { wide.ldb = 2 * g.n }
-        let product = try makeTensor(shape: [groups, g.m, 2 * g.n], dtype: .f32)
+        let product = try scratchTensor("swiGLU", groups * g.m * 2 * g.n).reshaped([groups, g.m, 2 * g.n])
         try gemm(wide, a, b, product, grouping: grouping, epilogue: GemmEpilogue(bias: bias))
         let p = try f32(product), out = try f32(c)
         var rowRanges: [(group: Int, rows: Range<Int>)] = []

@@ -160,6 +160,33 @@ public final class CLContext: @unchecked Sendable {
     public func finish() throws {
         counters.hostSync()
         try CLError.check(clFinish(queue), "clFinish")
+        stagingInUse = 0
+    }
+
+    // Host copies of non-blocking uploads. The queue is in order, so after any
+    // blocking read, write or finish every earlier upload is done and the
+    // staging buffers are free again (`synced`). Grow-only: steady-state
+    // steps allocate nothing.
+    private var staging: [HostBuffer] = []
+    private var stagingInUse = 0
+    private let stagingLock = NSLock()
+
+    /// A host buffer of at least `bytes` that stays untouched until the next sync.
+    func stagingBuffer(bytes: Int) -> HostBuffer {
+        stagingLock.lock(); defer { stagingLock.unlock() }
+        if stagingInUse < staging.count, staging[stagingInUse].byteCount >= bytes {
+            stagingInUse += 1
+            return staging[stagingInUse - 1]
+        }
+        let b = HostBuffer(byteCount: bytes)
+        if stagingInUse < staging.count { staging[stagingInUse] = b } else { staging.append(b) }
+        stagingInUse += 1
+        return b
+    }
+
+    /// Every command enqueued so far has completed (after a blocking call).
+    func synced() {
+        stagingLock.lock(); stagingInUse = 0; stagingLock.unlock()
     }
 
     public func makeBuffer(bytes: Int) throws -> CLBuffer {
@@ -191,6 +218,16 @@ public final class CLBuffer: @unchecked Sendable {
         context.counters.hostSync()
         try CLError.check(clEnqueueWriteBuffer(context.queue, mem, cl_bool(CL_TRUE), byteOffset, bytes, host, 0, nil, nil),
                           "clEnqueueWriteBuffer")
+        context.synced()
+    }
+
+    /// A non-blocking write from a staging copy of `host` (not a host sync; see `CLContext.stagingBuffer`).
+    public func upload(from host: UnsafeRawPointer, byteOffset: Int = 0, bytes: Int) throws {
+        guard bytes > 0 else { return }
+        let stage = context.stagingBuffer(bytes: bytes)
+        stage.pointer.copyMemory(from: host, byteCount: bytes)
+        try CLError.check(clEnqueueWriteBuffer(context.queue, mem, cl_bool(CL_FALSE), byteOffset, bytes, stage.pointer, 0, nil, nil),
+                          "clEnqueueWriteBuffer (non-blocking)")
     }
 
     /// A blocking read (one host sync).
@@ -199,6 +236,7 @@ public final class CLBuffer: @unchecked Sendable {
         context.counters.hostSync()
         try CLError.check(clEnqueueReadBuffer(context.queue, mem, cl_bool(CL_TRUE), byteOffset, bytes, host, 0, nil, nil),
                           "clEnqueueReadBuffer")
+        context.synced()
     }
 }
 

@@ -53,7 +53,8 @@ extension OpenCLBackend {
     }
 
     /// A device buffer for intermediate results, not zeroed (every element is written before it is read).
-    func scratch(_ count: Int) throws -> CLBuffer { try context.makeBuffer(bytes: max(count, 1) * 4) }
+    /// A grow-only temporary buffer of `count` floats in `slot` (see `scratchTensor`).
+    func scratch(_ count: Int, slot: String) throws -> CLBuffer { try buffer(try scratchTensor(slot, count)) }
 
     private func flag(_ b: Bool) -> CLArg { .int(b ? 1 : 0) }
     private func int(_ v: Int) -> CLArg { .int(Int32(v)) }
@@ -102,7 +103,7 @@ extension OpenCLBackend {
         }
         // dGamma, dBeta: fixed row chunks, then the chunks summed in order.
         let chunks = max(1, (rows + Self.rowChunk - 1) / Self.rowChunk)
-        let partG = try scratch(chunks * f), partB = try scratch(centered ? chunks * f : 1)
+        let partG = try scratch(chunks * f, slot: "partials"), partB = try scratch(centered ? chunks * f : 1, slot: "partials2")
         // An empty input still launches one chunk, which writes zeros.
         let args: [CLArg] = try arg(dY) + arg(x) + arg(mean ?? rstd) + arg(rstd)
             + [.buffer(partG), .buffer(partB), int(rows), int(f), flag(centered)]
@@ -150,7 +151,7 @@ extension OpenCLBackend {
         guard cols > 0 else { return }
         let rows = try NNCheck.rows("sumRows", x, features: cols)
         let chunks = max(1, (rows + Self.rowChunk - 1) / Self.rowChunk)
-        let part = try scratch(chunks * cols)
+        let part = try scratch(chunks * cols, slot: "partials")
         let args: [CLArg] = try arg(x) + [.buffer(part), int(rows), int(cols)]
         if cpuShapes {
             try kernel("sum_rows_partials_rowwise", in: "nn.cl").launch(args, global: [chunks], local: [1])
@@ -235,6 +236,15 @@ extension OpenCLBackend {
     }
 
     // MARK: Regularisation and pooling
+
+    public func addGaussianNoise(_ x: Tensor, std: Float, seed: UInt64) throws {
+        try ElementwiseCheck.same("addGaussianNoise", x)
+        guard x.count > 0 else { return }
+        try launch1D("add_gaussian_noise", in: "nn.cl", try arg(x) + [
+            int(x.count), .float(std), .int(Int32(bitPattern: UInt32(truncatingIfNeeded: seed))),
+            .int(Int32(bitPattern: UInt32(truncatingIfNeeded: seed >> 32))),
+        ], count: x.count)
+    }
 
     public func dropout(_ x: Tensor, p: Float, seed: UInt64, out y: Tensor, accumulate: Bool) throws {
         try ElementwiseCheck.same("dropout", x, y)

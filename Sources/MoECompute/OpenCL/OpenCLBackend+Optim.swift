@@ -14,15 +14,17 @@ extension OpenCLBackend {
         return cpuShapes ? 1 : maxReductionGroup
     }
 
-    public func adamWStep(_ groups: [AdamWTensors], config: AdamWConfig, step: Int) throws {
+    public func adamWStep(_ groups: [AdamWTensors], config: AdamWConfig, step: Int, guardNorm: Tensor?) throws {
         try require(step >= 1, "adamWStep: step numbers start at 1, got \(step)")
         for g in groups { try g.validate() }
+        if let guardNorm { try require(guardNorm.count == 1 && guardNorm.dtype == .f32, "adamWStep: guardNorm must hold one f32") }
+        let guardArgs: [CLArg] = try guardNorm.map { try arg($0) + [.int(1)] } ?? [.buffer(try scratchPlaceholder()), .int(0), .int(0)]
         let (c1, c2) = config.biasCorrections(step: step)
         for g in groups where g.param.count > 0 {
             let args: [CLArg] = try arg(g.param) + arg(g.grad) + arg(g.m) + arg(g.v) + [
                 .int(Int32(g.param.count)), .float(config.learningRate), .float(config.beta1), .float(config.beta2),
-                .float(config.eps), .float(g.weightDecay), .float(c1), .float(c2),
-            ]
+                .float(config.eps), .float(g.weightDecay), .float(c1), .float(c2), .int(Int32(g.decayed)),
+            ] + guardArgs
             try launch1D("adamw", in: "optim.cl", args, count: g.param.count)
         }
     }
@@ -35,7 +37,7 @@ extension OpenCLBackend {
         // writing one partial at its own slot: the order of the sum is fixed.
         let groupsPer = tensors.map { min(Self.normGroups, max(1, ($0.count + 4095) / 4096)) }
         let total = groupsPer.reduce(0, +)
-        let partials = try scratch(total)
+        let partials = try scratch(total, slot: "partials")
         var slot = 0
         for (t, groups) in zip(tensors, groupsPer) {
             if t.count > 0 {

@@ -12,12 +12,12 @@ extension OpenCLBackend: PermuteOps {
         let G = routingGroup
         let chunks = max(1, (n + G - 1) / G)
         let cap = plan.capacity ?? Int(Int32.max)
-        let chunkCounts = try makeTensor(shape: [chunks * E], dtype: .i32)
+        let chunkCounts = try scratchTensor("chunkCounts", chunks * E, dtype: .i32)
         // Drop policy "probs": decide per expert which assignments survive first,
         // then sort only those (their positions are then all below the capacity).
         var keepArgs: [CLArg] = try arg(expertIndex) + [i(0)]
         if config.dropPolicy == .probs, let c = plan.capacity, let gateWeight {
-            let keep = try makeTensor(shape: [max(n, 1)], dtype: .i32)
+            let keep = try scratchTensor("keep", max(n, 1), dtype: .i32)
             try keepByWeight(expertIndex: expertIndex, gateWeight: gateWeight, experts: E, capacity: c, keep: keep)
             keepArgs = try arg(keep) + [i(1)]
         }

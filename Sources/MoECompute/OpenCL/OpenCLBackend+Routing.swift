@@ -44,7 +44,7 @@ extension OpenCLBackend: RoutingOps {
         let G = routingGroup
         let chunk = G * 16
         let groups = max(1, (n + chunk - 1) / chunk)
-        let partial = try makeTensor(shape: [groups], dtype: .f32)
+        let partial = try scratchTensor("dotPartials", groups)
         try kernel("dot_partials", in: "routing.cl").launch(
             try arg(a) + arg(b ?? a) + [i(b == nil ? 0 : 1), i(n), i(chunk)] + arg(partial),
             global: [groups * G], local: [G])
@@ -65,9 +65,9 @@ extension OpenCLBackend: RoutingOps {
         }
         let chunk = 256
         let chunks = (T + chunk - 1) / chunk
-        let psum = try makeTensor(shape: [chunks * E], dtype: .f32)
-        let pcount = try makeTensor(shape: [chunks * E], dtype: .i32)
-        let gradE = try makeTensor(shape: [E], dtype: .f32)
+        let psum = try scratchTensor("lbSum", chunks * E)
+        let pcount = try scratchTensor("lbCount", chunks * E, dtype: .i32)
+        let gradE = try scratchTensor("lbGrad", E)
         try kernel("lb_partials", in: "routing.cl").launch(
             try arg(probs) + arg(expertIndex) + [i(T), i(E), i(k), i(chunk), .buffer(try buffer(psum)), .buffer(try buffer(pcount))],
             global: [E, chunks])
@@ -88,7 +88,7 @@ extension OpenCLBackend: RoutingOps {
             try fill(loss, value: 0)
             return
         }
-        let sq = try makeTensor(shape: [T], dtype: .f32)
+        let sq = try scratchTensor("zSquares", T)
         try launch1D("zloss_rows", in: "routing.cl",
                      try arg(logits) + [i(T), i(E)] + arg(sq) + [i(dLogits == nil ? 0 : 1), i(accumulate ? 1 : 0), .float(coefficient)]
                         + arg(dLogits ?? sq),

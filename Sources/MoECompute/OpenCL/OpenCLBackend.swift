@@ -81,6 +81,12 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
         try buffer(tensor).write(from: base, byteOffset: tensor.offset * tensor.dtype.byteSize, bytes: bytes.count)
     }
 
+    public func upload(_ bytes: UnsafeRawBufferPointer, to tensor: Tensor) throws {
+        try require(bytes.count == tensor.count * tensor.dtype.byteSize, "upload of \(bytes.count) bytes into tensor \(tensor.shape)")
+        guard let base = bytes.baseAddress else { return }
+        try buffer(tensor).upload(from: base, byteOffset: tensor.offset * tensor.dtype.byteSize, bytes: bytes.count)
+    }
+
     public func read(_ tensor: Tensor, into bytes: UnsafeMutableRawBufferPointer) throws {
         try require(bytes.count == tensor.count * tensor.dtype.byteSize, "read of tensor \(tensor.shape) into \(bytes.count) bytes")
         guard let base = bytes.baseAddress else { return }
@@ -196,6 +202,21 @@ public final class OpenCLBackend: Backend, @unchecked Sendable {
             global: [rowBlocks(rows), (g.n + cols - 1) / cols, batches], local: [1, 1, 1])
     }
 
+    private var scratchTensors: [String: CLBuffer] = [:]
+    /// A temporary of `count` elements for one op (partial sums, chunk counts):
+    /// grow-only per slot and not zeroed, so steady-state steps allocate
+    /// nothing. The queue is in order, so a slot is free again as soon as the
+    /// next op is enqueued; ops needing two temporaries use two slots.
+    func scratchTensor(_ slot: String, _ count: Int, dtype: DType = .f32) throws -> Tensor {
+        let bytes = max(count, 1) * dtype.byteSize
+        let buffer: CLBuffer
+        if let s = scratchTensors[slot], s.byteCount >= bytes { buffer = s } else {
+            buffer = try context.makeBuffer(bytes: bytes)
+            scratchTensors[slot] = buffer
+        }
+        return Tensor(shape: [count], dtype: dtype, storage: .device(buffer), backend: self)
+    }
+
     private var placeholder: CLBuffer?
     /// A small buffer bound to pointer arguments a kernel will not read.
     func scratchPlaceholder() throws -> CLBuffer {
@@ -221,18 +242,34 @@ public struct KernelTuning: Sendable, Equatable {
     public var cpuRows = 4, cpuVecs = 2
     public var elementwiseGroup: Int
 
+    /// GEMM tiles for GPU (and other non-CPU) devices by max work-group size,
+    /// largest first: 64x64 tiles take 16x16 = 256 work-items, 32x32 ones 8x8 = 64.
+    static let gpuTileTable: [(minWorkGroup: Int, tiles: GemmTiles)] = [
+        (256, GemmTiles(tileM: 64, tileN: 64, tileK: 16, wptM: 4, wptN: 4)),
+        (0, GemmTiles(tileM: 32, tileN: 32, tileK: 16, wptM: 4, wptN: 4)),
+    ]
+
+    /// What a GPU gets, without a device, at each vendor's usual max work-group
+    /// size (NVIDIA 1024, AMD 256, Intel 512) and for a small GPU (128): every
+    /// entry of the tile table `init(for:)` uses. No MOE_GPU_GEMM override.
+    public static var gpuProfiles: [(name: String, tuning: KernelTuning)] {
+        [("NVIDIA", 1024), ("AMD", 256), ("Intel", 512), ("small GPU", 128)].map { ($0, KernelTuning(gpuMaxWorkGroup: $1)) }
+    }
+
+    init(gpuMaxWorkGroup maxGroup: Int) {
+        gemm = Self.gpuTileTable.first { maxGroup >= $0.minWorkGroup }!.tiles   // the last entry takes any size
+        cpuGemm = false
+        elementwiseGroup = min(256, max(1, maxGroup))
+    }
+
     public init(for device: CLDevice) {
         let maxGroup = device.maxWorkGroupSize
-        switch device.kind {
-        case .cpu:
+        self.init(gpuMaxWorkGroup: maxGroup)
+        if device.kind == .cpu {
             // PoCL runs a work-group as loops on one core: big register blocks, few groups.
             gemm = GemmTiles(tileM: 64, tileN: 64, tileK: 32, wptM: 8, wptN: 8)
-        default:
-            gemm = maxGroup >= 256 ? GemmTiles(tileM: 64, tileN: 64, tileK: 16, wptM: 4, wptN: 4)
-                                   : GemmTiles(tileM: 32, tileN: 32, tileK: 16, wptM: 4, wptN: 4)
+            cpuGemm = true
         }
-        cpuGemm = device.kind == .cpu
-        elementwiseGroup = min(256, max(1, maxGroup))
         // MOE_GPU_GEMM="TM,TN,TK,WM,WN" or "cpu:ROWS,VECS" overrides the choice, for tuning.
         if let spec = ProcessInfo.processInfo.environment["MOE_GPU_GEMM"], !spec.isEmpty {
             if spec.hasPrefix("cpu:") {

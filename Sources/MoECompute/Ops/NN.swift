@@ -126,6 +126,11 @@ public protocol NNOps: AnyObject {
     /// The backward is this same op on `dY` with the same `p` and `seed`.
     func dropout(_ x: Tensor, p: Float, seed: UInt64, out y: Tensor, accumulate: Bool) throws
 
+    /// `x[i] += std * z_i` with `z_i` standard normal from the counter hash of
+    /// `(seed, 2i)` and `(seed, 2i + 1)` (Box-Muller, `Reference.gaussianNoise`):
+    /// routing noise made on the device, nothing uploaded.
+    func addGaussianNoise(_ x: Tensor, std: Float, seed: UInt64) throws
+
     /// Per-row scale (stochastic depth): `y[r, :] (+)= x[r, :] * m[r]`, rows of
     /// `x.count / m.count` elements. The caller draws `m` (0 or `1/keep`). The
     /// backward is the same op on `dY`. `y` may be `x` when not accumulating.

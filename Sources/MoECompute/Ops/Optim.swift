@@ -15,7 +15,10 @@ public protocol OptimOps: AnyObject {
     /// v  = beta2 * v + (1 - beta2) * g^2
     /// p -= lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
     /// ```
-    func adamWStep(_ groups: [AdamWTensors], config: AdamWConfig, step: Int) throws
+    /// With `guardNorm` (a `[1]` tensor on the device, the step's gradient norm),
+    /// a NaN or infinite norm skips the whole update on the device: parameters
+    /// and moments keep their values without a host round trip.
+    func adamWStep(_ groups: [AdamWTensors], config: AdamWConfig, step: Int, guardNorm: Tensor?) throws
 
     /// `norm[0] = sqrt(sum over every element of every tensor of x^2)`, a
     /// deterministic two-pass reduction that stays on the device (`norm: [1]`).
@@ -48,13 +51,21 @@ public struct AdamWConfig: Sendable, Equatable {
 
 /// One parameter tensor with its gradient and AdamW moments (all the same element
 /// count, f32), and the weight decay to apply to it (0 for norms, biases, temperatures).
+/// A flat parameter range holds its decayed parameters first: `decayedCount`
+/// elements get `weightDecay`, the rest none (nil: all of them), so one launch
+/// updates a whole range.
 public struct AdamWTensors {
     public var param: Tensor, grad: Tensor, m: Tensor, v: Tensor
     public var weightDecay: Float
+    public var decayedCount: Int?
 
-    public init(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, weightDecay: Float) {
+    public init(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, weightDecay: Float, decayedCount: Int? = nil) {
         self.param = param; self.grad = grad; self.m = m; self.v = v; self.weightDecay = weightDecay
+        self.decayedCount = decayedCount
     }
+
+    /// Elements that get weight decay.
+    var decayed: Int { min(decayedCount ?? param.count, param.count) }
 
     func validate() throws {
         for t in [param, grad, m, v] {
@@ -66,6 +77,10 @@ public struct AdamWTensors {
 }
 
 extension Backend {
+    public func adamWStep(_ groups: [AdamWTensors], config: AdamWConfig, step: Int) throws {
+        try adamWStep(groups, config: config, step: step, guardNorm: nil)
+    }
+
     /// The global L2 norm of `tensors`, read back to the host (one sync).
     public func globalNorm(_ tensors: [Tensor]) throws -> Float {
         let norm = try zeros([1])

@@ -1,8 +1,11 @@
 import MoECompute
 
-/// Multi-head self-attention over `[B, T, D]`, through batched GEMMs:
-/// qkv = x Wqkv^T + b -> split heads -> S = Q K^T / sqrt(d) -> P = softmax(S)
-/// -> O = P V -> merge heads -> out = O Wo^T + bo.
+/// Multi-head self-attention over `[B, T, D]` with the backend's fused
+/// attention op: qkv = x Wqkv^T + b (one GEMM, rows laid out `[Q heads | K
+/// heads | V heads]`), O = softmax(Q K^T / sqrt(d)) V per (image, head) in one
+/// launch reading Q, K and V straight from that projection, out = O Wo^T + bo.
+/// The backward keeps the softmax statistics (log-sum-exp per query), not the
+/// probabilities.
 final class Attention {
     let qkv: Linear, proj: Linear
     let width: Int, heads: Int, headDim: Int
@@ -17,56 +20,31 @@ final class Attention {
         ws = Workspace(backend: store.backend)
     }
 
-    private var scale: Float { 1 / Float(headDim).squareRoot() }
+    private func shape(batch: Int, tokens: Int) -> AttentionConfig {
+        .packedQKV(batch: batch, queryHeads: heads, tokens: tokens, headDim: headDim, causal: causal)
+    }
 
     /// x: [B*T, D] -> out: [B*T, D] (overwritten).
     func forward(_ x: Tensor, batch: Int, tokens: Int, into out: Tensor) throws {
-        let b = x.backend, rows = batch * tokens, bh = batch * heads, (t, d) = (tokens, headDim)
+        let b = x.backend, rows = batch * tokens, c = shape(batch: batch, tokens: tokens)
         let packed = try ws.get("qkv", [rows, 3 * width])
         try qkv.forward(x, rows: rows, into: packed)
-        // [B, T, 3, H, d] -> [3, B, H, T, d]: Q, K, V each contiguous [B*H, T, d].
-        let split = try ws.get("split", [3, batch, heads, t, d])
-        try b.transposeAxes(try packed.reshaped([batch, t, 3, heads, d]), permutation: [2, 0, 3, 1, 4], out: split)
-        let q = try split.view(offset: 0, shape: [bh, t, d])
-        let k = try split.view(offset: bh * t * d, shape: [bh, t, d])
-        let v = try split.view(offset: 2 * bh * t * d, shape: [bh, t, d])
-        let probs = try ws.get("probs", [bh, t, t])
-        try b.gemm(Gemm(m: t, n: t, k: d, transB: true, batch: bh), q, k, probs)
-        try b.softmax(probs, out: probs, scale: scale, causal: causal)
-        let heads_ = try ws.get("heads", [batch, heads, t, d])
-        try b.gemm(Gemm(m: t, n: d, k: t, batch: bh), probs, v, heads_)
-        let merged = try ws.get("merged", [batch, t, heads, d])
-        try b.transposeAxes(heads_, permutation: [0, 2, 1, 3], out: merged)
+        let (q, k, v) = try c.views(ofPacked: packed)
+        let merged = try ws.get("merged", [rows, width]), lse = try ws.get("logSumExp", [batch, heads, tokens])
+        try b.attention(c, q: q, k: k, v: v, out: merged, logSumExp: lse)
         try proj.forward(merged, rows: rows, into: out)
     }
 
-    /// dOut: [B*T, D]; adds dX into `dX` (the residual stream's gradient).
+    /// dOut: [B*T, D]; writes (overwrites) the input gradient into `dX`.
     func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor) throws {
-        let b = dOut.backend, rows = batch * tokens, bh = batch * heads, (t, d) = (tokens, headDim)
-        let merged = try ws.get("merged", [batch, t, heads, d])
-        let dMerged = try ws.get("dMerged", [batch, t, heads, d])
+        let b = dOut.backend, rows = batch * tokens, c = shape(batch: batch, tokens: tokens)
+        let merged = try ws.get("merged", [rows, width]), dMerged = try ws.get("dMerged", [rows, width])
         try proj.backward(dY: dOut, x: merged, rows: rows, dX: dMerged)
-        let dHeads = try ws.get("dHeads", [batch, heads, t, d])
-        try b.transposeAxes(dMerged, permutation: [0, 2, 1, 3], out: dHeads)
-
-        let split = try ws.get("split", [3, batch, heads, t, d])
-        let q = try split.view(offset: 0, shape: [bh, t, d])
-        let k = try split.view(offset: bh * t * d, shape: [bh, t, d])
-        let v = try split.view(offset: 2 * bh * t * d, shape: [bh, t, d])
-        let probs = try ws.get("probs", [bh, t, t])
-        let dSplit = try ws.get("dSplit", [3, batch, heads, t, d])
-        let dq = try dSplit.view(offset: 0, shape: [bh, t, d])
-        let dk = try dSplit.view(offset: bh * t * d, shape: [bh, t, d])
-        let dv = try dSplit.view(offset: 2 * bh * t * d, shape: [bh, t, d])
-        // dV = P^T dO ; dP = dO V^T ; dS = softmax'(dP) ; dQ = dS K ; dK = dS^T Q
-        try b.gemm(Gemm(m: t, n: d, k: t, transA: true, batch: bh), probs, dHeads, dv)
-        let dProbs = try ws.get("dProbs", [bh, t, t])
-        try b.gemm(Gemm(m: t, n: t, k: d, transB: true, batch: bh), dHeads, v, dProbs)
-        try b.softmaxBackward(dY: dProbs, y: probs, dX: dProbs, scale: scale, accumulate: false)
-        try b.gemm(Gemm(m: t, n: d, k: t, batch: bh), dProbs, k, dq)
-        try b.gemm(Gemm(m: t, n: d, k: t, transA: true, batch: bh), dProbs, q, dk)
-        let dPacked = try ws.get("dqkv", [batch, t, 3, heads, d])
-        try b.transposeAxes(dSplit, permutation: [1, 3, 0, 2, 4], out: dPacked)
-        try qkv.backward(dY: dPacked, x: x, rows: rows, dX: dX, accumulateDX: true)
+        let packed = try ws.get("qkv", [rows, 3 * width]), dPacked = try ws.get("dqkv", [rows, 3 * width])
+        let (q, k, v) = try c.views(ofPacked: packed)
+        let (dq, dk, dv) = try c.views(ofPacked: dPacked)
+        try b.attentionBackward(c, q: q, k: k, v: v, out: merged, logSumExp: try ws.get("logSumExp", [batch, heads, tokens]),
+                                dOut: dMerged, dQ: dq, dK: dk, dV: dv)
+        try qkv.backward(dY: dPacked, x: x, rows: rows, dX: dX, accumulateDX: false)
     }
 }

@@ -4,12 +4,14 @@ import MoECompute
 protocol FeedForward: AnyObject {
     /// x: [rows, D] -> out: [rows, D] (overwritten). `step` seeds dropout and noise.
     func forward(_ x: Tensor, batch: Int, tokens: Int, into out: Tensor, training: Bool, step: Int) throws
-    /// Adds the input gradient into `dX`; accumulates parameter gradients.
-    func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor) throws
-    /// Auxiliary losses of the last forward (name -> value), already weighted by their coefficients.
+    /// Writes (overwrites) the input gradient into `dX` and accumulates the
+    /// parameter gradients. `lossScale` weights the auxiliary losses' gradients
+    /// (1/N for N accumulated micro-batches, as the cross-entropy's).
+    func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor, lossScale: Float) throws
+    /// Auxiliary losses of the last forward recomputed on the host (name ->
+    /// weighted value): for evaluation and tests; training reads them from
+    /// `RoutedLayer.auxiliaryLossTensors` instead.
     func auxiliaryLosses() throws -> [String: Float]
-    /// Rows each expert processed in the last forward (nil for a dense MLP).
-    func expertLoad() throws -> [Int]?
 }
 
 /// Dense MLP: `fc2(act(fc1(x)))`.
@@ -33,17 +35,16 @@ final class DenseMLP: FeedForward {
         try fc2.forward(a, rows: rows, into: out)
     }
 
-    func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor) throws {
+    func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor, lossScale: Float) throws {
         let rows = batch * tokens, b = dOut.backend
         let h = try ws.get("h", [rows, fc1.outFeatures]), a = try ws.get("a", [rows, fc1.outFeatures])
         let dA = try ws.get("dA", [rows, fc1.outFeatures])
         try fc2.backward(dY: dOut, x: a, rows: rows, dX: dA)
         try b.activationBackward(activation, dY: dA, x: h, dX: dA, accumulate: false)
-        try fc1.backward(dY: dA, x: x, rows: rows, dX: dX, accumulateDX: true)
+        try fc1.backward(dY: dA, x: x, rows: rows, dX: dX, accumulateDX: false)
     }
 
     func auxiliaryLosses() throws -> [String: Float] { [:] }
-    func expertLoad() throws -> [Int]? { nil }
 }
 
 /// Expert weights stacked per expert: fc1 `[E, I, D]` + `[E, I]`, fc2 `[E, D, I]` + `[E, D]`,
@@ -55,17 +56,19 @@ final class ExpertBank {
     let dropout: Float
     let ws: Workspace
 
+    /// `range`: the flat-buffer range of this MoE layer's experts (its name).
     init(_ store: ParameterStore, _ name: String, experts: Int, width: Int, hidden: Int,
-         activation: ActivationFunction, dropout: Float) throws {
+         activation: ActivationFunction, dropout: Float, range: String) throws {
         self.experts = experts; self.width = width; self.hidden = hidden
         self.activation = activation; self.dropout = dropout
-        w1 = try store.make("\(name).fc1.weight", [experts, hidden, width], .normal(std: 0.02), decays: true)
-        b1 = try store.make("\(name).fc1.bias", [experts, hidden], .zeros, decays: false)
-        w2 = try store.make("\(name).fc2.weight", [experts, width, hidden], .normal(std: 0.02), decays: true)
-        b2 = try store.make("\(name).fc2.bias", [experts, width], .zeros, decays: false)
+        w1 = try store.make("\(name).fc1.weight", [experts, hidden, width], .normal(std: 0.02), decays: true, range: range)
+        b1 = try store.make("\(name).fc1.bias", [experts, hidden], .zeros, decays: false, range: range)
+        w2 = try store.make("\(name).fc2.weight", [experts, width, hidden], .normal(std: 0.02), decays: true, range: range)
+        b2 = try store.make("\(name).fc2.bias", [experts, width], .zeros, decays: false, range: range)
         ws = Workspace(backend: store.backend)
     }
 
+    private var onesFilled = 0
     private var dropSeed: UInt64 = 0
     private var dropping = false
 
@@ -88,12 +91,12 @@ final class ExpertBank {
         let b = dYp.backend
         let h = try ws.get("h", [rows, hidden]), a = try ws.get("a", [rows, hidden])
         let ones = try ws.get("ones", [rows, 1])
-        try b.fill(ones, value: 1)
+        if onesFilled != rows { try b.fill(ones, value: 1); onesFilled = rows }
         // dW2_e += dYp_e^T a_e ; db2_e += dYp_e^T 1
         try b.gemm(Gemm(m: width, n: hidden, k: rows, transA: true, beta: 1, batch: experts, lda: width, ldb: hidden,
-                        strideC: width * hidden), dYp, a, w2.grad, grouping: .contraction(offsets: offsets), epilogue: .none)
+                        strideC: width * hidden), dYp, a, try w2.gradient(), grouping: .contraction(offsets: offsets), epilogue: .none)
         try b.gemm(Gemm(m: width, n: 1, k: rows, transA: true, beta: 1, batch: experts, lda: width, ldb: 1, strideC: width),
-                   dYp, ones, b2.grad, grouping: .contraction(offsets: offsets), epilogue: .none)
+                   dYp, ones, try b2.gradient(), grouping: .contraction(offsets: offsets), epilogue: .none)
         // dA = dYp W2_e, through dropout and the activation.
         let dA = try ws.get("dA", [rows, hidden])
         try b.gemm(Gemm(m: rows, n: hidden, k: width, batch: experts, strideB: width * hidden),
@@ -101,9 +104,9 @@ final class ExpertBank {
         if dropping { try b.dropout(dA, p: dropout, seed: dropSeed, out: dA, accumulate: false) }
         try b.activationBackward(activation, dY: dA, x: h, dX: dA, accumulate: false)
         try b.gemm(Gemm(m: hidden, n: width, k: rows, transA: true, beta: 1, batch: experts, lda: hidden, ldb: width,
-                        strideC: hidden * width), dA, xp, w1.grad, grouping: .contraction(offsets: offsets), epilogue: .none)
+                        strideC: hidden * width), dA, xp, try w1.gradient(), grouping: .contraction(offsets: offsets), epilogue: .none)
         try b.gemm(Gemm(m: hidden, n: 1, k: rows, transA: true, beta: 1, batch: experts, lda: hidden, ldb: 1, strideC: hidden),
-                   dA, ones, b1.grad, grouping: .contraction(offsets: offsets), epilogue: .none)
+                   dA, ones, try b1.gradient(), grouping: .contraction(offsets: offsets), epilogue: .none)
         try b.gemm(Gemm(m: rows, n: width, k: hidden, batch: experts, strideB: hidden * width),
                    dA, w1.value, dXp, grouping: .rows(offsets: offsets), epilogue: .none)
     }

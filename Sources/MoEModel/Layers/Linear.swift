@@ -20,11 +20,12 @@ final class Linear {
                    grouping: .batch, epilogue: GemmEpilogue(bias: bias?.value, activation: activation))
     }
 
-    /// Accumulates dW += dY^T x and db += colsum(dY); writes (or adds) dX = dY W when asked.
+    /// Accumulates dW += dY^T x and db += colsum(dY) (not for frozen
+    /// parameters); writes (or adds) dX = dY W when asked.
     func backward(dY: Tensor, x: Tensor, rows: Int, dX: Tensor?, accumulateDX: Bool = false) throws {
         let b = dY.backend
-        try b.gemm(Gemm(m: outFeatures, n: inFeatures, k: rows, transA: true, beta: 1), dY, x, weight.grad)
-        if let bias { try b.sumRows(dY, into: bias.grad, accumulate: true) }
+        if let dW = weight.grad { try b.gemm(Gemm(m: outFeatures, n: inFeatures, k: rows, transA: true, beta: 1), dY, x, dW) }
+        if let dB = bias?.grad { try b.sumRows(dY, into: dB, accumulate: true) }
         if let dX {
             try b.gemm(Gemm(m: rows, n: inFeatures, k: outFeatures, beta: accumulateDX ? 1 : 0), dY, weight.value, dX)
         }
@@ -51,6 +52,6 @@ final class LayerNormLayer {
     /// seeds dX with the residual gradient, or zeros).
     func backward(dY: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, dX: Tensor) throws {
         try dY.backend.layerNormBackward(dY: dY, x: x, gamma: gamma.value, mean: mean, rstd: rstd,
-                                         dX: dX, dGamma: gamma.grad, dBeta: beta.grad, accumulate: true)
+                                         dX: dX, dGamma: try gamma.gradient(), dBeta: try beta.gradient(), accumulate: true)
     }
 }

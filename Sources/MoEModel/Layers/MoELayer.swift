@@ -5,7 +5,7 @@ import MoECompute
 /// Sparse Upcycling's decoder) or expert choice (Sparse Upcycling's vision and
 /// encoder models). Router -> gate -> dispatch plan -> permute -> grouped-GEMM
 /// experts -> gather-form combine, with the load-balancing and z-losses.
-final class MoELayer: FeedForward {
+final class MoELayer: FeedForward, RoutedLayer {
     enum Routing {
         case topK(gate: GateConfig, dispatch: DispatchConfig)
         /// Each expert takes `ceil(capacityFactor * T / E)` of the batch's tokens.
@@ -18,6 +18,10 @@ final class MoELayer: FeedForward {
     let auxCoefficient: Float, zCoefficient: Float
     let ws: Workspace
     let layerSeed: UInt64
+    /// The unweighted losses the last backward computed, for the step's metrics.
+    private let auxLoss: Tensor, zLoss: Tensor
+    /// Dispatch plans by token count (training and evaluation batches), built once.
+    private var plans: [Int: DispatchPlan] = [:]
 
     init(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, experts e: Int, routing: Routing,
          auxCoefficient: Float, zCoefficient: Float, activation: ActivationFunction, dropout: Float,
@@ -25,10 +29,12 @@ final class MoELayer: FeedForward {
         router = try Linear(store, "\(name).router", in: width, out: e, bias: false)
         if case .zeros = routerInit { try store.backend.fill(router.weight.value, value: 0) }
         experts = try ExpertBank(store, "\(name).experts", experts: e, width: width, hidden: hidden,
-                                 activation: activation, dropout: dropout)
+                                 activation: activation, dropout: dropout, range: name)
         self.routing = routing
         self.auxCoefficient = auxCoefficient; self.zCoefficient = zCoefficient
         ws = Workspace(backend: store.backend)
+        auxLoss = try store.backend.zeros([1])
+        zLoss = try store.backend.zeros([1])
         var h: UInt64 = 0
         for c in name.utf8 { h = h &* 31 &+ UInt64(c) }
         layerSeed = h
@@ -58,7 +64,8 @@ final class MoELayer: FeedForward {
             let idx = try ws.get("idx", [t, config.k], dtype: .i32), w = try ws.get("w", [t, config.k])
             let pr = try ws.get("probs", [t, e])
             try b.gate(logits: logits, config: config, expertIndex: idx, gateWeight: w, probs: pr)
-            let p = try DispatchPlan.topK(on: b, tokens: t, k: config.k, config: dispatch)
+            let p = try plans[t] ?? DispatchPlan.topK(on: b, tokens: t, k: config.k, config: dispatch)
+            plans[t] = p
             try b.dispatchPlan(expertIndex: idx, gateWeight: w, config: dispatch, into: p)
             gate = (idx, w); plan = p; probs = pr
             weights = w
@@ -66,7 +73,8 @@ final class MoELayer: FeedForward {
             let pr = try ws.get("probs", [t, e])
             try b.routerProbs(logits: logits, probs: pr)
             let c = ExpertChoice.capacity(tokens: t, experts: e, factor: factor)
-            let p = try DispatchPlan.expertChoice(on: b, tokens: t, experts: e, capacity: c)
+            let p = try plans[t] ?? DispatchPlan.expertChoice(on: b, tokens: t, experts: e, capacity: c)
+            plans[t] = p
             let w = try ws.get("ecw", [t, e])
             try b.expertChoice(probs: pr, plan: p, combineWeight: w)
             plan = p; probs = pr; combineWeight = w
@@ -81,7 +89,7 @@ final class MoELayer: FeedForward {
         try b.combine(yp, weights: weights, plan: plan, into: out)
     }
 
-    func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor) throws {
+    func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor, lossScale: Float) throws {
         guard let plan, let probs else { throw ShapeError("MoE backward called before forward") }
         let b = dOut.backend, t = batch * tokens, e = experts.experts, r = rowsCapacity
         let xp = try ws.get("xp", [r, experts.width]), yp = try ws.get("yp", [r, experts.width])
@@ -95,8 +103,8 @@ final class MoELayer: FeedForward {
             var dProbs: Tensor?
             if auxCoefficient > 0 {
                 let d = try ws.get("dProbsAux", [t, e])
-                try b.loadBalancingLoss(probs: probs, expertIndex: gate.expertIndex, coefficient: auxCoefficient,
-                                        loss: try ws.get("auxLoss", [1]), dProbs: d)
+                try b.loadBalancingLoss(probs: probs, expertIndex: gate.expertIndex, coefficient: auxCoefficient * lossScale,
+                                        loss: auxLoss, dProbs: d)
                 dProbs = d
             }
             try b.gateBackward(config: config, expertIndex: gate.expertIndex, gateWeight: gate.gateWeight, probs: probs,
@@ -108,12 +116,10 @@ final class MoELayer: FeedForward {
             try b.expertChoiceBackward(probs: probs, destination: plan.destination, dCombineWeight: dW, dLogits: dLogits)
         }
         if zCoefficient > 0 {
-            try b.zLoss(logits: logits, coefficient: zCoefficient, loss: try ws.get("zLoss", [1]), dLogits: dLogits, accumulate: true)
+            try b.zLoss(logits: logits, coefficient: zCoefficient * lossScale, loss: zLoss, dLogits: dLogits, accumulate: true)
         }
         try experts.backward(dYp: dYp, xp: xp, offsets: plan.offsets, rows: r, dXp: dXp)
-        let dTokens = try ws.get("dTokens", [t, experts.width])
-        try b.unpermute(dXp, plan: plan, into: dTokens)
-        try b.axpy(1, dTokens, dX)
+        try b.unpermute(dXp, plan: plan, into: dX)
         try router.backward(dY: dLogits, x: x, rows: t, dX: dX, accumulateDX: true)
     }
 
@@ -135,5 +141,14 @@ final class MoELayer: FeedForward {
         return out
     }
 
-    func expertLoad() throws -> [Int]? { try plan.map { try $0.counts.ints().map(Int.init) } }
+
+    var auxiliaryLossTensors: [(name: String, value: Tensor, coefficient: Float)] {
+        var out: [(name: String, value: Tensor, coefficient: Float)] = []
+        if case .topK = routing, auxCoefficient > 0 { out.append(("aux_loss", auxLoss, auxCoefficient)) }
+        if zCoefficient > 0 { out.append(("z_loss", zLoss, zCoefficient)) }
+        return out
+    }
+
+    var expertCounts: Tensor? { plan?.counts }
+    var loadCount: Int { experts.experts }
 }

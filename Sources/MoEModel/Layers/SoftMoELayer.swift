@@ -33,10 +33,10 @@ final class SoftMoELayer: FeedForward {
         }
         let universalHidden = max(1, Int((Double(hidden) * c.universalWidthRatio).rounded()))
         core = coreExperts > 0 ? try ExpertBank(store, "\(name).core_experts", experts: coreExperts, width: width, hidden: hidden,
-                                                activation: .geluErf, dropout: c.dropout) : nil
+                                                activation: .geluErf, dropout: c.dropout, range: name) : nil
         let u = c.experts - coreExperts
         universal = u > 0 ? try ExpertBank(store, "\(name).universal_experts", experts: u, width: width, hidden: universalHidden,
-                                           activation: .geluErf, dropout: c.dropout) : nil
+                                           activation: .geluErf, dropout: c.dropout, range: name) : nil
         noiseStd = spherical ? (c.logitNoise ?? 1 / Float(slots)) : (c.logitNoise ?? 0)
         ws = Workspace(backend: store.backend)
         var h: UInt64 = 0
@@ -44,8 +44,12 @@ final class SoftMoELayer: FeedForward {
         layerSeed = h
     }
 
-    /// Slot-major rows owned by each bank, and their static offsets.
+    private var bankLayouts: [Int: [(ExpertBank, rowStart: Int, rows: Int, offsets: Tensor)]] = [:]
+
+    /// Slot-major rows owned by each bank, and their offsets: constant per batch
+    /// size, so uploaded once.
     private func banks(batch: Int) throws -> [(ExpertBank, rowStart: Int, rows: Int, offsets: Tensor)] {
+        if let layout = bankLayouts[batch] { return layout }
         var out: [(ExpertBank, rowStart: Int, rows: Int, offsets: Tensor)] = []
         var start = 0
         for (i, bank) in [core, universal].enumerated() {
@@ -56,6 +60,7 @@ final class SoftMoELayer: FeedForward {
             out.append((bank, start, bank.experts * per, offsets))
             start += bank.experts * per
         }
+        bankLayouts[batch] = out
         return out
     }
 
@@ -72,10 +77,8 @@ final class SoftMoELayer: FeedForward {
         let scores = try ws.get("scores", [rows, s])
         try b.gemm(Gemm(m: rows, n: s, k: d, transB: true), keys, q, scores)
         if training && noiseStd > 0 {
-            var rng = SplitMix64(seed: layerSeed ^ UInt64(step) &* 0x9E37_79B9_7F4A_7C15)
-            let noise = try ws.get("noise", [rows, s])
-            try noise.write((0..<(rows * s)).map { _ in rng.nextGaussian() * noiseStd })
-            try b.axpy(1, noise, scores)
+            // Drawn on the device from a counter hash of (layer, step): nothing uploaded.
+            try b.addGaussianNoise(scores, std: noiseStd, seed: layerSeed ^ (UInt64(step) &* 0x9E37_79B9_7F4A_7C15))
         }
         let ld = try ws.get("logitsDispatch", [rows, s]), lc = try ws.get("logitsCombine", [rows, s])
         if let tauDispatch, let tauCombine {
@@ -105,7 +108,7 @@ final class SoftMoELayer: FeedForward {
         try b.gemm(Gemm(m: tokens, n: d, k: s, batch: batch), combine, slotOut, out)
     }
 
-    func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor) throws {
+    func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor, lossScale: Float) throws {
         let b = dOut.backend, rows = batch * tokens, s = slots, d = width
         let combine = try ws.get("combine", [rows, s]), dispatch = try ws.get("dispatch", [batch, s, tokens])
         let slotOut = try ws.get("slotOut", [batch, s, d])
@@ -125,7 +128,7 @@ final class SoftMoELayer: FeedForward {
         // slots = D X: dD = dSlots X^T, dX += D^T dSlots.
         let dDispatch = try ws.get("dDispatch", [batch, s, tokens])
         try b.gemm(Gemm(m: s, n: tokens, k: d, transB: true, batch: batch), dSlotIn, x, dDispatch)
-        try b.gemm(Gemm(m: tokens, n: d, k: s, transA: true, beta: 1, batch: batch), dispatch, dSlotIn, dX)
+        try b.gemm(Gemm(m: tokens, n: d, k: s, transA: true, batch: batch), dispatch, dSlotIn, dX)
         // Through the two softmaxes back to the shared scores.
         try b.softmaxBackward(dY: dDispatch, y: dispatch, dX: dDispatch, scale: 1, accumulate: false)
         let dLd = try ws.get("dLogitsDispatch", [rows, s]), dLc = try ws.get("dLogitsCombine", [rows, s])
@@ -136,10 +139,10 @@ final class SoftMoELayer: FeedForward {
             let part = try ws.get("dScoresPart", [rows, s]), dTau = try ws.get("dTau", [1])
             try b.scaleByTemperatureBackward(dLogits: dLd, logits: try ws.get("logitsDispatch", [rows, s]), temperature: tauDispatch.value,
                                              dScores: dScores, dTemperature: dTau)
-            try b.axpy(1, dTau, tauDispatch.grad)
+            try b.axpy(1, dTau, try tauDispatch.gradient())
             try b.scaleByTemperatureBackward(dLogits: dLc, logits: try ws.get("logitsCombine", [rows, s]), temperature: tauCombine.value,
                                              dScores: part, dTemperature: dTau)
-            try b.axpy(1, dTau, tauCombine.grad)
+            try b.axpy(1, dTau, try tauCombine.gradient())
             try b.axpy(1, part, dScores)
         } else {
             try b.add(dLd, dLc, into: dScores)
@@ -154,13 +157,12 @@ final class SoftMoELayer: FeedForward {
             try b.l2NormalizeRowsBackward(x: x, dY: dKeys, dX: dxn, epsilon: 1e-6)
             try b.l2NormalizeRowsBackward(x: queries.value, dY: dQ, dX: dqn, epsilon: 1e-6)
             try b.axpy(1, dxn, dX)
-            try b.axpy(1, dqn, queries.grad)
+            try b.axpy(1, dqn, try queries.gradient())
         } else {
             try b.axpy(1, dKeys, dX)
-            try b.axpy(1, dQ, queries.grad)
+            try b.axpy(1, dQ, try queries.gradient())
         }
     }
 
     func auxiliaryLosses() throws -> [String: Float] { [:] }
-    func expertLoad() throws -> [Int]? { nil }
 }
