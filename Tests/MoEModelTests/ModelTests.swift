@@ -94,21 +94,6 @@ final class GradientCheckTests: XCTestCase {
     func testTopKGradientsOnOpenCL() throws { try checkGradients(router: "topk", backend: try TestBackends.openCLOrSkip()) }
 }
 
-enum TestBackends {
-    static let openCL: Result<OpenCLBackend, Error> = {
-        guard let d = DeviceCatalog().openCLDevices.first else {
-            return .failure(DeviceNotFound(description: "no OpenCL platform on this machine (install pocl-opencl-icd)"))
-        }
-        return Result { try OpenCLBackend(device: d) }
-    }()
-    static func openCLOrSkip() throws -> OpenCLBackend {
-        switch openCL {
-        case .success(let b): return b
-        case .failure(let e): throw XCTSkip("OpenCL tests skipped: \(e)")
-        }
-    }
-}
-
 final class UpcyclingTests: XCTestCase {
     /// Sparse Upcycling's invariant: identical experts with combine weights that sum
     /// to 1 and no drops compute the dense MLP, so the whole model's logits match.
