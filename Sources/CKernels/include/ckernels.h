@@ -8,4 +8,5 @@
 
 #include "ckernels_elementwise.h"
 #include "ckernels_attention.h"
+#include "ckernels_optim.h"
 int ck_vector_bits(void);

@@ -1,3 +1,4 @@
+import CKernels
 import Foundation
 
 /// `OptimOps` on the host.
@@ -13,17 +14,13 @@ extension CPUBackend {
         let lr = config.learningRate, b1 = config.beta1, b2 = config.beta2, eps = config.eps
         for g in groups {
             let p = try f32(g.param), gr = try f32(g.grad), m = try f32(g.m), v = try f32(g.v)
-            let decay = 1 - lr * g.weightDecay, decayed = g.decayed
-            parallelFor(g.param.count, work: g.param.count * 4) { range in
-                for i in range {
-                    let decay: Float = i < decayed ? decay : 1
-                    // Decoupled weight decay, then the bias-corrected Adam update.
-                    let gi = gr[i]
-                    let mi = b1 * m[i] + (1 - b1) * gi
-                    let vi = b2 * v[i] + (1 - b2) * gi * gi
-                    m[i] = mi; v[i] = vi
-                    p[i] = p[i] * decay - lr * (mi * c1) / ((vi * c2).squareRoot() + eps)
-                }
+            let decayed = g.decayed
+            // Chunks of 4096 split over the cores; each chunk one vectorised C call.
+            parallelFor((g.param.count + 4095) / 4096, work: g.param.count * 4) { range in
+                let lo = range.lowerBound * 4096, hi = min(range.upperBound * 4096, g.param.count)
+                guard lo < hi else { return }
+                ck_adamw(p + lo, gr + lo, m + lo, v + lo, hi - lo, max(0, min(decayed - lo, hi - lo)),
+                         lr, b1, b2, eps, g.weightDecay, c1, c2)
             }
         }
     }
@@ -33,16 +30,18 @@ extension CPUBackend {
         try require(norm.count == 1, "globalNorm: norm must hold one element, got \(norm.shape)")
         // Sum of squares per tensor in float64 (blocks of 4096 in eight float lanes, then added
         // in order), tensors added in list order: deterministic.
+        // Blocks of 4096 summed in parallel into per-block partials, then added in
+        // order: the same bits as one sequential pass, whatever the thread count.
         var total: Double = 0
         for t in tensors where t.count > 0 {
-            let p = try f32(t), n = t.count
-            var start = 0
-            while start < n {
-                let end = min(n, start + 4096)
-                let q = p + start
-                total += Double(Self.laneSum(end - start, { let v = Self.load8(q, $0); return v * v }, { q[$0] * q[$0] }))
-                start = end
+            let x = try f32(t), n = t.count, blocks = (n + 4095) / 4096
+            var partials = [Double](repeating: 0, count: blocks)
+            partials.withUnsafeMutableBufferPointer { out in
+                parallelFor(blocks, work: n) { range in
+                    for b in range { out[b] = ck_sum_of_squares(x + b * 4096, min(4096, n - b * 4096)) }
+                }
             }
+            for v in partials { total += v }
         }
         try f32(norm)[0] = Float(total.squareRoot())
     }
