@@ -1,9 +1,12 @@
 import Foundation
+import CKernels
 
-/// `NNOps` on the host: plain loops over contiguous rows (auto-vectorised in
-/// release builds), split over the cores by rows when the work is large.
-/// Reductions over rows are split by columns instead, so every column is summed
-/// in row order whatever the thread count: deterministic.
+/// `NNOps` on the host: the hot loops (activations, norms, softmax, cross-entropy,
+/// column sums) are C in CKernels (elementwise.c), vectorised for AVX-512 / AVX2
+/// by run-time dispatch; each call here handles one contiguous range, split over
+/// the cores by rows when the work is large. Reductions over rows are split by
+/// columns instead, so every column is summed in a fixed order whatever the
+/// thread count: deterministic.
 extension CPUBackend {
     /// Elements below which an op runs on the calling thread.
     static let parallelThreshold = 1 << 15
@@ -28,40 +31,18 @@ extension CPUBackend {
         if accumulate { p[i] += v } else { p[i] = v }
     }
 
-    /// `out[j] (+)= sum_r term(r, j)` for columns `cols`, in row order per column;
-    /// rows are added in blocks of 64 into a partial row first (as the OpenCL
-    /// kernels do), which keeps the float error small for many rows. `addRow`
-    /// adds row r's terms for a range of columns into the partial row.
-    @inline(__always)
-    func columnSums(rows: Int, cols: Int, out: UnsafeMutablePointer<Float>, accumulate: Bool,
-                           _ addRow: (Int, Range<Int>, UnsafeMutablePointer<Float>) -> Void) {
-        columnSums(rows: rows, cols: cols, out: out, out2: nil, accumulate: accumulate) { r, cr, part, _ in addRow(r, cr, part) }
-    }
-
-    /// Two column sums in one pass over the rows (`out2` gets the second partial row).
-    func columnSums(rows: Int, cols: Int, out: UnsafeMutablePointer<Float>, out2: UnsafeMutablePointer<Float>?,
-                           accumulate: Bool,
-                           _ addRow: (Int, Range<Int>, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>) -> Void) {
-        parallelFor(cols, work: rows * cols) { cr in
-            let width = cr.count
-            let buffer = UnsafeMutablePointer<Float>.allocate(capacity: 4 * width)
-            defer { buffer.deallocate() }
-            let total = buffer, part = buffer + width, total2 = buffer + 2 * width, part2 = buffer + 3 * width
-            total.initialize(repeating: 0, count: width)
-            total2.initialize(repeating: 0, count: width)
-            var r0 = 0
-            while r0 < rows {
-                part.initialize(repeating: 0, count: width)
-                part2.initialize(repeating: 0, count: width)
-                for r in r0..<min(rows, r0 + 64) { addRow(r, cr, part, part2) }
-                for k in 0..<width { total[k] += part[k]; total2[k] += part2[k] }
-                r0 += 64
-            }
-            for k in 0..<width { Self.store(out, cr.lowerBound + k, total[k], accumulate) }
-            if let out2 { for k in 0..<width { Self.store(out2, cr.lowerBound + k, total2[k], accumulate) } }
+    /// Runs `body` over column ranges of `0..<cols` split across the cores in
+    /// multiples of 16 columns (one AVX-512 register), for the column sums: each
+    /// column is summed in the same fixed order (blocks of 64 rows into a partial,
+    /// partials added in order; see `ck_sum_rows`) whatever the split, so results
+    /// are deterministic and independent of the thread count.
+    func columnGroups(rows: Int, cols: Int, _ body: (_ c0: Int, _ width: Int) -> Void) {
+        let groups = (cols + 15) / 16
+        parallelFor(groups, work: rows * cols) { gr in
+            let c0 = gr.lowerBound * 16, c1 = min(cols, gr.upperBound * 16)
+            body(c0, c1 - c0)
         }
     }
-
     // MARK: Row reductions in eight lanes
 
     // Float sums are not reassociated by the compiler, so a plain loop runs one
@@ -127,25 +108,6 @@ extension CPUBackend {
         return e * scale
     }
 
-    /// `max_j scale * p[j]` over `0..<n` (-inf for n = 0), eight lanes at a time.
-    @inline(__always)
-    static func scaledMax(_ p: UnsafePointer<Float>, _ n: Int, scale: Float) -> Float {
-        var m8 = SIMD8<Float>(repeating: -.infinity)
-        var j = 0
-        while j + 8 <= n { m8 = max8(m8, scale * load8(p, j)); j += 8 }
-        var m = m8.max()
-        while j < n { m = max(m, scale * p[j]); j += 1 }
-        return m
-    }
-
-    /// Runs `f8` on each full group of eight indices of `range` and `f1` on the rest.
-    @inline(__always)
-    static func forEight(_ range: Range<Int>, _ f8: (Int) -> Void, _ f1: (Int) -> Void) {
-        var i = range.lowerBound
-        while i + 8 <= range.upperBound { f8(i); i += 8 }
-        while i < range.upperBound { f1(i); i += 1 }
-    }
-
     // MARK: Normalisation
 
     private func normForward(_ x: Tensor, gamma: Tensor, beta: Tensor?, eps: Float, y: Tensor,
@@ -160,26 +122,10 @@ extension CPUBackend {
         if let mean { try NNCheck.f32(op, mean); try NNCheck.count(op, mean, rows, "mean") }
         let px = try f32(x), pg = try f32(gamma), pb = try beta.map(f32), py = try f32(y)
         let pm = try mean.map(f32), pr = try f32(rstd)
+        // Per row: mean, then the variance of (x - mean) (two passes), in C.
         parallelFor(rows, work: x.count) { range in
-            for r in range {
-                let xr = px + r * f, yr = py + r * f
-                var mu: Float = 0
-                if pb != nil {
-                    mu = Self.laneSum(f, { Self.load8(xr, $0) }, { xr[$0] }) / Float(f)
-                }
-                // Two passes: the variance of (x - mean), not E[x^2] - mean^2.
-                let mu8 = SIMD8<Float>(repeating: mu)
-                let ss = Self.laneSum(f, { let d = Self.load8(xr, $0) - mu8; return d * d },
-                                      { let d = xr[$0] - mu; return d * d })
-                let rs = 1 / (ss / Float(f) + eps).squareRoot()
-                if let pb {
-                    for j in 0..<f { yr[j] = (xr[j] - mu) * rs * pg[j] + pb[j] }
-                } else {
-                    for j in 0..<f { yr[j] = xr[j] * rs * pg[j] }
-                }
-                pm?[r] = mu
-                pr[r] = rs
-            }
+            let r0 = range.lowerBound
+            ck_norm_forward(px + r0 * f, pg, pb, eps, py + r0 * f, pm.map { $0 + r0 }, pr + r0, range.count, f)
         }
     }
 
@@ -197,38 +143,19 @@ extension CPUBackend {
         if let mean { try NNCheck.f32(op, mean); try NNCheck.count(op, mean, rows, "mean") }
         let pdy = try f32(dY), px = try f32(x), pg = try f32(gamma), pm = try mean.map(f32), pr = try f32(rstd)
         let pdx = try f32(dX), pdg = try f32(dGamma), pdb = try dBeta.map(f32)
-        let centered = dBeta != nil
+        // LayerNorm (mean and dBeta given) or RMSNorm (neither): ck_norm_* take both or none.
+        let centered = pdb != nil && pm != nil
+        let pmean = centered ? pm : nil, pdbeta = centered ? pdb : nil
+        let acc: Int32 = accumulate ? 1 : 0
         // dX = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dY * gamma (no mean(g) term for RMSNorm).
         parallelFor(rows, work: x.count) { range in
-            for r in range {
-                let dyr = pdy + r * f, xr = px + r * f, dxr = pdx + r * f
-                let mu = pm?[r] ?? 0, rs = pr[r]
-                let mu8 = SIMD8<Float>(repeating: mu)
-                let sg = centered ? Self.laneSum(f, { Self.load8(dyr, $0) * Self.load8(pg, $0) }, { dyr[$0] * pg[$0] }) : 0
-                let sgx = Self.laneSum(f, { Self.load8(dyr, $0) * Self.load8(pg, $0) * (Self.load8(xr, $0) - mu8) },
-                                       { dyr[$0] * pg[$0] * (xr[$0] - mu) }) * rs
-                let meanG = centered ? sg / Float(f) : 0, meanGX = sgx / Float(f)
-                for j in 0..<f {
-                    let v = rs * (dyr[j] * pg[j] - meanG - (xr[j] - mu) * rs * meanGX)
-                    if accumulate { dxr[j] += v } else { dxr[j] = v }
-                }
-            }
+            let r0 = range.lowerBound
+            ck_norm_backward_rows(pdy + r0 * f, px + r0 * f, pg, pmean.map { UnsafePointer($0 + r0) }, pr + r0,
+                                  pdx + r0 * f, range.count, f, acc)
         }
-        // dGamma = sum_r dY * xhat, dBeta = sum_r dY.
-        if let pdb {
-            columnSums(rows: rows, cols: f, out: pdg, out2: pdb, accumulate: accumulate) { r, cols, part, part2 in
-                let mu = pm?[r] ?? 0, rs = pr[r], base = r * f + cols.lowerBound
-                for k in 0..<cols.count {
-                    let d = pdy[base + k]
-                    part[k] += d * (px[base + k] - mu) * rs
-                    part2[k] += d
-                }
-            }
-        } else {
-            columnSums(rows: rows, cols: f, out: pdg, accumulate: accumulate) { r, cols, part in
-                let rs = pr[r], base = r * f + cols.lowerBound
-                for k in 0..<cols.count { part[k] += pdy[base + k] * px[base + k] * rs }
-            }
+        // dGamma = sum_r dY * xhat, dBeta = sum_r dY: fixed-order column sums.
+        columnGroups(rows: rows, cols: f) { c0, width in
+            ck_norm_param_grads(pdy + c0, px + c0, pmean, pr, rows, f, width, pdg + c0, pdbeta.map { $0 + c0 }, acc)
         }
     }
 
@@ -274,104 +201,28 @@ extension CPUBackend {
         guard cols > 0 else { return }
         let rows = try NNCheck.rows("sumRows", x, features: cols)
         let px = try f32(x), po = try f32(out)
-        columnSums(rows: rows, cols: cols, out: po, accumulate: accumulate) { r, cr, part in
-            let base = r * cols + cr.lowerBound
-            for k in 0..<cr.count { part[k] += px[base + k] }
+        columnGroups(rows: rows, cols: cols) { c0, width in
+            ck_sum_rows(px + c0, rows, cols, width, po + c0, accumulate ? 1 : 0)
         }
     }
 
     // MARK: Activations
 
+    // The activation loops are C (CKernels/elementwise.c: erf GELU through the
+    // XLA/Eigen rational erf, exact +-1 beyond |a| > 3.9; tanh GELU and SiLU through
+    // a Cephes exp), vectorised for AVX-512 / AVX2 by run-time dispatch. The scalar
+    // forms below serve swiGLU.
+
     @inline(__always)
     static func sigmoid(_ x: Float) -> Float { 1 / (1 + Foundation.exp(-x)) }
-
-    /// tanh through one exp (several times faster than libm's tanhf on this
-    /// path): exact limits +-1, absolute error a few ulp.
-    @inline(__always)
-    static func tanhViaExp(_ u: Float) -> Float { 1 - 2 / (1 + Foundation.exp(2 * u)) }
-
-    // tanh GELU: 0.5 x (1 + tanh(k (x + c x^3))), k = sqrt(2/pi), c = 0.044715
-    @inline(__always)
-    static func geluTanh(_ x: Float) -> Float { 0.5 * x * (1 + tanhViaExp(0.79788456080286536 * (x + 0.044715 * x * x * x))) }
-
-    @inline(__always)
-    static func geluTanhGrad(_ x: Float) -> Float {
-        let k: Float = 0.79788456080286536, c: Float = 0.044715
-        let t = tanhViaExp(k * (x + c * x * x * x))
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * c * x * x)
-    }
 
     @inline(__always)
     static func silu(_ x: Float) -> Float { x * sigmoid(x) }
 
-    // Eight-lane versions of the exp-based activations (same formulas).
     @inline(__always)
-    static func sigmoid8(_ x: SIMD8<Float>) -> SIMD8<Float> { 1 / (1 + exp8(-x)) }
-
-    @inline(__always)
-    static func tanh8(_ u: SIMD8<Float>) -> SIMD8<Float> { 1 - 2 / (1 + exp8(2 * u)) }
-
-    @inline(__always)
-    static func geluTanh8(_ x: SIMD8<Float>) -> SIMD8<Float> {
-        let u: SIMD8<Float> = 0.79788456080286536 * (x + 0.044715 * x * x * x)
-        return 0.5 * x * (1 + tanh8(u))
-    }
-
-    @inline(__always)
-    static func geluTanhGrad8(_ x: SIMD8<Float>) -> SIMD8<Float> {
-        let k: Float = 0.79788456080286536, c: Float = 0.044715
-        let x2: SIMD8<Float> = x * x
-        let t: SIMD8<Float> = tanh8(k * (x + c * x2 * x))
-        let outer: SIMD8<Float> = 0.5 * (1 + t)
-        let inner: SIMD8<Float> = (0.5 * k) * x * (1 - t * t) * (1 + (3 * c) * x2)
-        return outer + inner
-    }
-
-    /// `erf` on eight lanes: the odd/even rational approximation of XLA's and
-    /// Eigen's float erf (numerator degree 13, denominator degree 8) on [-3.9, 3.9],
-    /// exactly +-1 beyond (where float erf rounds to +-1 anyway; the rational's
-    /// value there, inf or NaN for huge inputs, is replaced, so no input clamp).
-    /// Max absolute error 4e-7 against float64 erf (erff: 5e-8), relative error
-    /// below 4e-7 everywhere; NaN in gives NaN. libm's erff is scalar and was the
-    /// largest single cost of the erf-GELU MLPs.
-    @inline(__always)
-    static func erf8(_ a: SIMD8<Float>) -> SIMD8<Float> {
-        let x2 = a * a
-        var p = SIMD8<Float>(repeating: -2.72614225801306e-10)
-        p = p * x2 + 2.77068142495902e-08
-        p = p * x2 + -2.10102402082508e-06
-        p = p * x2 + -5.69250639462346e-05
-        p = p * x2 + -7.34990630326855e-04
-        p = p * x2 + -2.95459980854025e-03
-        p = p * x2 + -1.60960333262415e-02
-        var q = SIMD8<Float>(repeating: -1.45660718464996e-05)
-        q = q * x2 + -2.13374055278905e-04
-        q = q * x2 + -1.68282697438203e-03
-        q = q * x2 + -7.37332916720468e-03
-        q = q * x2 + -1.42647390514189e-02
-        let y = (p * a) / q
-        // Saturate exactly; a NaN in a stays NaN through y (both compares false).
-        let one = SIMD8<Float>(repeating: 1)
-        return y.replacing(with: one, where: a .> 3.9).replacing(with: -one, where: a .< -3.9)
-    }
-
-    @inline(__always)
-    static func geluErf8(_ x: SIMD8<Float>) -> SIMD8<Float> { 0.5 * x * (1 + erf8(x * 0.70710678118654752)) }
-
-    @inline(__always)
-    static func geluErfGrad8(_ x: SIMD8<Float>) -> SIMD8<Float> {
-        let cdf: SIMD8<Float> = 0.5 * (1 + erf8(x * 0.70710678118654752))
-        return cdf + x * 0.39894228040143268 * exp8(-0.5 * x * x)
-    }
-
-    /// Applies `f8` to every element of `range`, the tail (fewer than eight) through
-    /// a zero-padded lane group, so each element gets the same formula wherever the
-    /// thread split puts it. `f8(i, n)` handles `n` (<= 8) elements from `i`.
-    @inline(__always)
-    static func forEightPadded(_ range: Range<Int>, _ f8: (Int, Int) -> Void) {
-        var i = range.lowerBound
-        while i + 8 <= range.upperBound { f8(i, 8); i += 8 }
-        if i < range.upperBound { f8(i, range.upperBound - i) }
+    static func siluGrad(_ x: Float) -> Float {
+        let s = sigmoid(x)
+        return s * (1 + x * (1 - s))
     }
 
     @inline(__always)
@@ -388,58 +239,31 @@ extension CPUBackend {
         for k in 0..<n { p[i + k] = v[k] }
     }
 
-    @inline(__always)
-    static func silu8(_ x: SIMD8<Float>) -> SIMD8<Float> { x * sigmoid8(x) }
-
-    @inline(__always)
-    static func siluGrad8(_ x: SIMD8<Float>) -> SIMD8<Float> {
-        let s = sigmoid8(x)
-        return s * (1 + x * (1 - s))
-    }
-
-    @inline(__always)
-    static func siluGrad(_ x: Float) -> Float {
-        let s = sigmoid(x)
-        return s * (1 + x * (1 - s))
+    /// The CKernels code of an activation function (CK_GELU_ERF, ...).
+    static func kernelCode(_ f: ActivationFunction) -> Int32 {
+        switch f {
+        case .geluErf: return Int32(CK_GELU_ERF)
+        case .geluTanh: return Int32(CK_GELU_TANH)
+        case .silu: return Int32(CK_SILU)
+        }
     }
 
     public func activation(_ f: ActivationFunction, _ x: Tensor, out y: Tensor) throws {
         try ElementwiseCheck.same("activation", x, y)
         let px = try f32(x), py = try f32(y)
-        // One loop per function, so each inlines into a tight loop.
+        let code = Self.kernelCode(f)
         parallelFor(x.count, work: x.count * 8) { range in
-            switch f {
-            case .geluErf:
-                Self.forEightPadded(range) { i, n in Self.store8(py, i, Self.geluErf8(Self.load8(px, i, count: n)), count: n) }
-            case .geluTanh:
-                Self.forEight(range, { Self.store8(py, $0, Self.geluTanh8(Self.load8(px, $0))) }, { py[$0] = Self.geluTanh(px[$0]) })
-            case .silu:
-                Self.forEight(range, { Self.store8(py, $0, Self.silu8(Self.load8(px, $0))) }, { py[$0] = Self.silu(px[$0]) })
-            }
+            ck_activation(code, px + range.lowerBound, py + range.lowerBound, range.count)
         }
     }
 
     public func activationBackward(_ f: ActivationFunction, dY: Tensor, x: Tensor, dX: Tensor, accumulate: Bool) throws {
         try ElementwiseCheck.same("activationBackward", dY, x, dX)
         let pdy = try f32(dY), px = try f32(x), pdx = try f32(dX)
+        let code = Self.kernelCode(f), acc: Int32 = accumulate ? 1 : 0
         parallelFor(x.count, work: x.count * 8) { range in
-            switch f {
-            case .geluErf:
-                Self.forEightPadded(range) { i, n in
-                    let v = Self.load8(pdy, i, count: n) * Self.geluErfGrad8(Self.load8(px, i, count: n))
-                    Self.store8(pdx, i, accumulate ? Self.load8(pdx, i, count: n) + v : v, count: n)
-                }
-            case .geluTanh:
-                Self.forEight(range, { i in
-                    let v = Self.load8(pdy, i) * Self.geluTanhGrad8(Self.load8(px, i))
-                    Self.store8(pdx, i, accumulate ? Self.load8(pdx, i) + v : v)
-                }, { Self.store(pdx, $0, pdy[$0] * Self.geluTanhGrad(px[$0]), accumulate) })
-            case .silu:
-                Self.forEight(range, { i in
-                    let v = Self.load8(pdy, i) * Self.siluGrad8(Self.load8(px, i))
-                    Self.store8(pdx, i, accumulate ? Self.load8(pdx, i) + v : v)
-                }, { Self.store(pdx, $0, pdy[$0] * Self.siluGrad(px[$0]), accumulate) })
-            }
+            let i = range.lowerBound
+            ck_activation_backward(code, pdy + i, px + i, pdx + i, range.count, acc)
         }
     }
 
@@ -478,21 +302,8 @@ extension CPUBackend {
         let (rows, f) = try NNCheck.softmax(x, y, causal: causal)
         let px = try f32(x), py = try f32(y)
         parallelFor(rows, work: x.count * 4) { range in
-            for r in range {
-                let xr = px + r * f, yr = py + r * f
-                let visible = causal ? r % f + 1 : f
-                let m = Self.scaledMax(xr, visible, scale: scale)
-                // One exp per element, eight at a time: e parked in y, then scaled.
-                let m8 = SIMD8<Float>(repeating: m)
-                let s = Self.laneSum(visible, { j in
-                    let e = Self.exp8(scale * Self.load8(xr, j) - m8); Self.store8(yr, j, e); return e
-                }, { j in
-                    let e = Foundation.exp(scale * xr[j] - m); yr[j] = e; return e
-                })
-                let inv = 1 / s
-                for j in 0..<visible { yr[j] *= inv }
-                for j in visible..<f { yr[j] = 0 }
-            }
+            let r0 = range.lowerBound
+            ck_softmax_rows(px + r0 * f, py + r0 * f, range.count, f, scale, causal ? 1 : 0, r0)
         }
     }
 
@@ -502,14 +313,8 @@ extension CPUBackend {
         try NNCheck.count("softmaxBackward", dX, y.count, "dX")
         let pdy = try f32(dY), py = try f32(y), pdx = try f32(dX)
         parallelFor(rows, work: y.count) { range in
-            for r in range {
-                let dyr = pdy + r * f, yr = py + r * f, dxr = pdx + r * f
-                let dot = Self.laneSum(f, { Self.load8(dyr, $0) * Self.load8(yr, $0) }, { dyr[$0] * yr[$0] })
-                for j in 0..<f {
-                    let v = scale * yr[j] * (dyr[j] - dot)
-                    if accumulate { dxr[j] += v } else { dxr[j] = v }
-                }
-            }
+            let o = range.lowerBound * f
+            ck_softmax_backward_rows(pdy + o, py + o, pdx + o, range.count, f, scale, accumulate ? 1 : 0)
         }
     }
 
@@ -548,36 +353,10 @@ extension CPUBackend {
         let (rows, c) = try NNCheck.crossEntropy(logits, labels, rowLoss, meanLoss, dLogits)
         let pz = try f32(logits), pl = try i32(labels), ploss = try f32(rowLoss), pd = try dLogits.map(f32)
         let s = labelSmoothing, gscale = gradientScale / Float(max(rows, 1))
+        // loss = lse - (1 - s) z_label - (s / C) sum z; dLogits = gscale (softmax - (1 - s) onehot - s / C).
         parallelFor(rows, work: logits.count * 4) { range in
-            for r in range {
-                let zr = pz + r * c
-                let label = Int(pl[r])
-                let valid = label >= 0 && label < c
-                let m = Self.scaledMax(zr, c, scale: 1)
-                let sz = Self.laneSum(c, { Self.load8(zr, $0) }, { zr[$0] })
-                let m8 = SIMD8<Float>(repeating: m)
-                let se: Float
-                if let pd {
-                    // One exp per element, eight at a time: park exp(z - m) in dLogits.
-                    let dr = pd + r * c
-                    se = Self.laneSum(c, { j in let e = Self.exp8(Self.load8(zr, j) - m8); Self.store8(dr, j, e); return e },
-                                      { j in let e = Foundation.exp(zr[j] - m); dr[j] = e; return e })
-                } else {
-                    se = Self.laneSum(c, { Self.exp8(Self.load8(zr, $0) - m8) }, { Foundation.exp(zr[$0] - m) })
-                }
-                let lse = m + Foundation.log(se)
-                // loss = lse - (1 - s) z_label - (s / C) sum z
-                ploss[r] = valid ? lse - (1 - s) * zr[label] - s / Float(c) * sz : .nan
-                if let pd {
-                    let dr = pd + r * c, inv = 1 / se, base = s / Float(c)
-                    if valid {
-                        for j in 0..<c { dr[j] = gscale * (dr[j] * inv - base) }
-                        dr[label] -= gscale * (1 - s)
-                    } else {
-                        for j in 0..<c { dr[j] = .nan }
-                    }
-                }
-            }
+            let r0 = range.lowerBound
+            ck_cross_entropy_rows(pz + r0 * c, pl + r0, s, ploss + r0, pd.map { $0 + r0 * c }, gscale, range.count, c)
         }
         var total: Double = 0
         for r in 0..<rows { total += Double(ploss[r]) }
