@@ -180,38 +180,50 @@ public struct Patchify: Sendable {
 
     /// Patches of the examples at `indices`, row-major patches, channel-last inside a patch.
     public func patches(_ data: ImageDataset, indices: [Int], rng: inout SplitMix64, augment: Bool) -> [Float] {
+        let per = (data.height / patchSize) * (data.width / patchSize) * patchSize * patchSize * data.channels
+        var out = [Float](repeating: 0, count: indices.count * per)
+        out.withUnsafeMutableBufferPointer { write(data, indices: indices, rng: &rng, augment: augment, into: $0.baseAddress!, leadingRows: 0) }
+        return out
+    }
+
+    /// Writes the patch rows of each example into `out`, after `leadingRows`
+    /// zero rows per example (the class-token slot of a ViT's token inputs):
+    /// no array per batch, straight into the caller's upload buffer.
+    public func write(_ data: ImageDataset, indices: [Int], rng: inout SplitMix64, augment: Bool,
+                      into out: UnsafeMutablePointer<Float>, leadingRows: Int) {
         let (c, h, w, p) = (data.channels, data.height, data.width, patchSize)
         let ph = h / p, pw = w / p, patchDim = p * p * c
-        var out = [Float](repeating: 0, count: indices.count * ph * pw * patchDim)
+        let perExample = (ph * pw + leadingRows) * patchDim
         let scale = 1 / (255 * std), shift = -mean / std
-        for (bi, idx) in indices.enumerated() {
-            var dy = 0, dx = 0, mirror = false
-            if augment {
-                if cropPadding > 0 {
-                    dy = Int(rng.next() % UInt64(2 * cropPadding + 1)) - cropPadding
-                    dx = Int(rng.next() % UInt64(2 * cropPadding + 1)) - cropPadding
+        data.images.withUnsafeBufferPointer { images in
+            for (bi, idx) in indices.enumerated() {
+                let example = out + bi * perExample
+                example.initialize(repeating: 0, count: leadingRows * patchDim)
+                let rows = example + leadingRows * patchDim
+                var dy = 0, dx = 0, mirror = false
+                if augment {
+                    if cropPadding > 0 {
+                        dy = Int(rng.next() % UInt64(2 * cropPadding + 1)) - cropPadding
+                        dx = Int(rng.next() % UInt64(2 * cropPadding + 1)) - cropPadding
+                    }
+                    if flip { mirror = rng.next() & 1 == 1 }
                 }
-                if flip { mirror = rng.next() & 1 == 1 }
-            }
-            let base = idx * data.pixelsPerImage
-            for y in 0..<(ph * p) {
-                for x in 0..<(pw * p) {
-                    let sy = y + dy, sxRaw = x + dx
-                    let sx = mirror ? (w - 1 - sxRaw) : sxRaw
-                    let patch = (y / p) * pw + x / p
-                    let within = ((y % p) * p + x % p) * c
-                    for ch in 0..<c {
-                        let v: Float
-                        if sy >= 0 && sy < h && sx >= 0 && sx < w {
-                            v = Float(data.images[base + ch * h * w + sy * w + sx]) * scale + shift
-                        } else {
-                            v = shift   // zero padding, normalised
+                let base = idx * data.pixelsPerImage
+                for y in 0..<(ph * p) {
+                    let sy = y + dy
+                    for x in 0..<(pw * p) {
+                        let sxRaw = x + dx
+                        let sx = mirror ? (w - 1 - sxRaw) : sxRaw
+                        let patch = (y / p) * pw + x / p
+                        let within = ((y % p) * p + x % p) * c
+                        let inside = sy >= 0 && sy < h && sx >= 0 && sx < w
+                        for ch in 0..<c {
+                            // Outside the image: zero padding, normalised.
+                            rows[patch * patchDim + within + ch] = inside ? Float(images[base + ch * h * w + sy * w + sx]) * scale + shift : shift
                         }
-                        out[((bi * ph * pw) + patch) * patchDim + within + ch] = v
                     }
                 }
             }
         }
-        return out
     }
 }

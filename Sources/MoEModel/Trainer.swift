@@ -149,15 +149,9 @@ public final class ImageBatchSource: BatchSource {
 
     public func fill(indices: [Int], augmentSeed: UInt64?, inputs: UnsafeMutableRawBufferPointer, labels: UnsafeMutableBufferPointer<Int32>) {
         var rng = SplitMix64(seed: augmentSeed ?? 0)
-        let rows = patchify.patches(data, indices: indices, rng: &rng, augment: augmentSeed != nil)
-        let out = inputs.bindMemory(to: Float.self)
-        let per = patches * patchDim, skip = classTokenSlot ? patchDim : 0
-        for i in 0..<indices.count {
-            let dst = out.baseAddress! + i * tokens * patchDim
-            if classTokenSlot { dst.initialize(repeating: 0, count: patchDim) }
-            rows.withUnsafeBufferPointer { (dst + skip).update(from: $0.baseAddress! + i * per, count: per) }
-            labels[i] = data.labels[indices[i]]
-        }
+        patchify.write(data, indices: indices, rng: &rng, augment: augmentSeed != nil,
+                       into: inputs.bindMemory(to: Float.self).baseAddress!, leadingRows: classTokenSlot ? 1 : 0)
+        for (i, idx) in indices.enumerated() { labels[i] = data.labels[idx] }
     }
 }
 

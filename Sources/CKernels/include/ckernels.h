@@ -9,4 +9,5 @@
 #include "ckernels_elementwise.h"
 #include "ckernels_attention.h"
 #include "ckernels_optim.h"
+#include "ckernels_parallel.h"
 int ck_vector_bits(void);

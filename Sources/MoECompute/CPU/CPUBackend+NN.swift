@@ -21,9 +21,7 @@ extension CPUBackend {
             if count > 0 { body(0..<count) }
             return
         }
-        DispatchQueue.concurrentPerform(iterations: threads) { t in
-            body((t * count / threads)..<((t + 1) * count / threads))
-        }
+        Self.parallel(threads) { t in body((t * count / threads)..<((t + 1) * count / threads)) }
     }
 
     @inline(__always)

@@ -1,4 +1,5 @@
 import CBLAS
+import CKernels
 import Foundation
 
 /// The CPU backend: OpenBLAS for GEMM, plain Swift loops (auto-vectorised in
@@ -28,6 +29,23 @@ public final class CPUBackend: Backend, @unchecked Sendable {
     }
 
     public init() {}
+
+    /// Runs `body(0..<parts)` on the CKernels thread pool (spin-then-sleep
+    /// workers: no thread wake-up per op) and returns when every part is done.
+    static func parallel(_ parts: Int, _ body: (Int) -> Void) {
+        withoutActuallyEscaping(body) { escaping in
+            let box = ParallelBody(escaping)
+            ck_parallel_for(Int32(parts), { context, part in
+                Unmanaged<ParallelBody>.fromOpaque(context!).takeUnretainedValue().body(Int(part))
+            }, Unmanaged.passUnretained(box).toOpaque())
+            withExtendedLifetime(box) {}
+        }
+    }
+
+    private final class ParallelBody {
+        let body: (Int) -> Void
+        init(_ body: @escaping (Int) -> Void) { self.body = body }
+    }
 
     /// The cores to spread work over. Read once: on Linux each
     /// `activeProcessorCount` opens and parses cgroup files (tens of microseconds,
@@ -125,7 +143,7 @@ public final class CPUBackend: Backend, @unchecked Sendable {
                 let biasAddress = bias.map { UInt(bitPattern: $0) }
                 let workers = min(g.batch, CPUBackend.cores)
                 CPUBackend.withBLASThreads(1) {
-                    DispatchQueue.concurrentPerform(iterations: workers) { w in
+                    Self.parallel(workers) { w in
                         let a = UnsafeMutablePointer<Float>(bitPattern: ua)!, b = UnsafeMutablePointer<Float>(bitPattern: ub)!
                         let c = UnsafeMutablePointer<Float>(bitPattern: uc)!
                         let biasPointer = biasAddress.flatMap { UnsafeMutablePointer<Float>(bitPattern: $0) }
@@ -247,7 +265,7 @@ public final class CPUBackend: Backend, @unchecked Sendable {
             let units = ((byRows ? m : g.n) + 15) / 16
             let parts = min(workers, units)
             CPUBackend.withBLASThreads(1) {
-                DispatchQueue.concurrentPerform(iterations: parts) { p in
+                Self.parallel(parts) { p in
                     let lo = min(p * units / parts * 16, byRows ? m : g.n), hi = min((p + 1) * units / parts * 16, byRows ? m : g.n)
                     guard lo < hi else { return }
                     if byRows { block(lo, hi, 0, g.n) } else { block(0, m, lo, hi) }

@@ -1,0 +1,116 @@
+// A small spin-then-sleep thread pool for the CPU backend's parallel loops.
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include "ckernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+// About 50-100 microseconds of pause loops before a worker goes to sleep:
+// longer than the gap between the ops of a step, short enough not to steal a
+// core from OpenBLAS's own threads for long.
+#define SPIN_ROUNDS 20000
+
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static int32_t threads = 1;
+static pthread_mutex_t dispatchLock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t sleepLock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+
+static _Atomic uint64_t generation;
+static _Atomic int32_t nextPart, donePart, sleepers;
+static int32_t totalParts;
+static void (*job)(void *, int32_t);
+static void *jobContext;
+static _Thread_local int insidePart;
+
+static void runParts(void) {
+    insidePart = 1;
+    for (;;) {
+        int32_t p = atomic_fetch_add_explicit(&nextPart, 1, memory_order_acq_rel);
+        if (p >= totalParts) break;
+        job(jobContext, p);
+        atomic_fetch_add_explicit(&donePart, 1, memory_order_release);
+    }
+    insidePart = 0;
+}
+
+static void *worker(void *unused) {
+    (void)unused;
+    uint64_t seen = atomic_load_explicit(&generation, memory_order_acquire);
+    for (;;) {
+        uint64_t g;
+        int spins = 0;
+        while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
+            if (++spins < SPIN_ROUNDS) { CPU_RELAX(); continue; }
+            pthread_mutex_lock(&sleepLock);
+            atomic_fetch_add(&sleepers, 1);
+            // seq_cst on both sides (here and in ck_parallel_for): either the
+            // dispatcher sees this sleeper, or this load sees its new generation.
+            while ((g = atomic_load(&generation)) == seen) pthread_cond_wait(&wake, &sleepLock);
+            atomic_fetch_sub(&sleepers, 1);
+            pthread_mutex_unlock(&sleepLock);
+            break;
+        }
+        seen = g;
+        runParts();
+    }
+    return NULL;
+}
+
+static void start(void) {
+    long cores = 1;
+#ifdef _SC_NPROCESSORS_ONLN
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) cores = CPU_COUNT(&set);
+    else cores = sysconf(_SC_NPROCESSORS_ONLN);
+#endif
+    const char *env = getenv("MOE_GPU_CPU_THREADS");
+    if (env && atoi(env) > 0) cores = atoi(env);
+    if (cores < 1) cores = 1;
+    if (cores > 256) cores = 256;
+    threads = (int32_t)cores;
+    for (int32_t i = 1; i < threads; i++) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&t, &attr, worker, NULL) != 0) { threads = i; pthread_attr_destroy(&attr); break; }
+        pthread_attr_destroy(&attr);
+    }
+}
+
+int32_t ck_parallel_threads(void) {
+    pthread_once(&once, start);
+    return threads;
+}
+
+void ck_parallel_for(int32_t parts, void (*fn)(void *, int32_t), void *ctx) {
+    if (parts <= 0) return;
+    pthread_once(&once, start);
+    if (parts == 1 || threads == 1 || insidePart || pthread_mutex_trylock(&dispatchLock) != 0) {
+        for (int32_t p = 0; p < parts; p++) fn(ctx, p);
+        return;
+    }
+    job = fn; jobContext = ctx; totalParts = parts;
+    atomic_store_explicit(&donePart, 0, memory_order_relaxed);
+    // Release: a worker that takes a part of this call sees job, context and count.
+    atomic_store_explicit(&nextPart, 0, memory_order_release);
+    atomic_fetch_add(&generation, 1);
+    if (atomic_load(&sleepers) > 0) {
+        pthread_mutex_lock(&sleepLock);
+        pthread_cond_broadcast(&wake);
+        pthread_mutex_unlock(&sleepLock);
+    }
+    runParts();
+    while (atomic_load_explicit(&donePart, memory_order_acquire) < parts) CPU_RELAX();
+    pthread_mutex_unlock(&dispatchLock);
+}
