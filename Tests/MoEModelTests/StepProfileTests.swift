@@ -87,6 +87,27 @@ final class StepProfileTests: XCTestCase {
         XCTAssertEqual(step.allocations, 0)
     }
 
+    /// Workspaces are per shape: an evaluation (another batch size) between
+    /// steps leaves the training run exactly as it was, for every router.
+    func testEvaluationBetweenStepsChangesNothing() throws {
+        for router in Self.routers {
+            let c = tinyTrainConfig(router: router, batch: 6)
+            let data = try syntheticImages(count: 64, seed: 5)
+            var curves: [[Float]] = []
+            for evaluateBetween in [false, true] {
+                let model = try ViT(config: c.model, backend: CPUBackend(), seed: 3)
+                let trainer = try Trainer(config: c, model: model, train: data, test: data)
+                var losses: [Float] = []
+                for step in 1...4 {
+                    losses.append(try trainer.trainStep().loss)
+                    if evaluateBetween && step == 2 { _ = try trainer.evaluate(limit: 50) }
+                }
+                curves.append(losses)
+            }
+            XCTAssertEqual(curves[0], curves[1], "\(router ?? "dense"): an evaluation changed the training curve")
+        }
+    }
+
     /// An inference-only model has no gradient buffer and no optimiser state.
     func testInferenceModelAllocatesNoGradients() throws {
         let backend = CPUBackend()

@@ -55,7 +55,8 @@ final class SoftMoELayer: FeedForward {
         for (i, bank) in [core, universal].enumerated() {
             guard let bank else { continue }
             let per = slotsPerExpert * batch
-            let offsets = try ws.get("offsets\(i)", [bank.experts + 1], dtype: .i32)
+            // Per batch size: the training and the evaluation batch each keep their own.
+            let offsets = try ws.get("offsets\(i)-batch\(batch)", [bank.experts + 1], dtype: .i32)
             try offsets.write((0...bank.experts).map { Int32($0 * per) })
             out.append((bank, start, bank.experts * per, offsets))
             start += bank.experts * per
