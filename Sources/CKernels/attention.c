@@ -19,11 +19,11 @@
 
 #include "ckernels.h"
 #include "dispatch.h"
+#include "ck_math.h"
 
 #define CK_W 16 /* lanes of one chunk: one zmm, two ymm or four xmm */
 #define CK_R 4  /* query rows per block */
 
-#define CK_INLINE static inline __attribute__((always_inline))
 
 /// Keys query i sees: 0..<att_visible(i).
 CK_INLINE int64_t att_visible(const ck_attention_config *c, int64_t i) {
@@ -58,32 +58,9 @@ size_t ck_attention_backward_scratch(const ck_attention_config *c) {
     return (size_t)(att_ldt(c->k_len) * (2 * c->head_dim + 2 * CK_R));
 }
 
-/// exp(x) in float: x = n ln2 + r (n rounded to nearest by the 1.5 * 2^23 trick,
-/// ln 2 in two parts), exp(r) by a degree-6 polynomial on |r| <= ln2 / 2 (about
-/// 1 ulp), times 2^n from the exponent bits. x < -87 (where float exp is subnormal
-/// or 0), -inf included, gives exactly 0; x is clamped at 88 (exp overflows there).
-CK_INLINE float att_exp(float x) {
-    const float magic = 12582912.0f;
-    float xc = x < -87.0f ? -87.0f : x;
-    xc = xc > 88.0f ? 88.0f : xc;
-    const float t = xc * 1.44269504088896341f + magic;
-    const float n = t - magic;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float e = p * (r * r) + r + 1.0f;
-    uint32_t bits;
-    memcpy(&bits, &t, sizeof bits);
-    bits = (bits - 0x4B400000u + 127u) << 23; /* 0x4B400000 = bits of 1.5 * 2^23 */
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return x < -87.0f ? 0.0f : e * two_n;
-}
+/// exp(x) as `ck_expf` (about 1 ulp), except that x < -87 (where float exp is
+/// subnormal or 0), -inf included, gives exactly 0: masked scores vanish.
+CK_INLINE float att_exp(float x) { return x < -87.0f ? 0.0f : ck_expf(x); }
 
 /// t[c * ldt + j] = rows[j * ld + c] for j < n, c < d.
 CK_INLINE void att_transpose(const float *rows, int64_t ld, int64_t n, int64_t d, float *t, int64_t ldt) {
