@@ -13,7 +13,7 @@ run: release
 	.build/release/moe-gpu train
 
 # Installs what is missing (packages, real checkpoints) and runs every test in
-# two passes over one build (the rule is at the top of Tests/MoEComputeTests/TestSupport.swift):
+# two passes over one build (the rule is at the top of Tests/MoETestSupport/TestSupport.swift):
 #  1. every test but the OpenCL cases, on the CPU backend with no OpenCL platform
 #     visible; any skip fails (only OpenCL cases may skip);
 #  2. the OpenCL cases of every target and the op tests (their CPU half as the

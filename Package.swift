@@ -60,10 +60,12 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
-        .testTarget(name: "MoEComputeTests", dependencies: ["MoECompute"]),
+        // What every test target shares: which backends run (the two passes of `make test`), inputs, error bounds.
+        .target(name: "MoETestSupport", dependencies: ["MoECompute"], path: "Tests/MoETestSupport"),
+        .testTarget(name: "MoEComputeTests", dependencies: ["MoECompute", "MoETestSupport"]),
         .testTarget(name: "MoECheckpointTests", dependencies: ["MoECheckpoint", "MoECompute", "moe-gpu"]),
-        .testTarget(name: "MoEModelTests", dependencies: ["MoEModel", "MoECompute", "MoECheckpoint"]),
-        .testTarget(name: "CLITests", dependencies: ["moe-gpu"]),
+        .testTarget(name: "MoEModelTests", dependencies: ["MoEModel", "MoECompute", "MoECheckpoint", "MoETestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["moe-gpu", "MoETestSupport"]),
     ],
     swiftLanguageModes: [.v5]
 )

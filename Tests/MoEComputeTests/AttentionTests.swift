@@ -1,5 +1,6 @@
 import MoECompute
 import XCTest
+import MoETestSupport
 
 /// The fused attention op (`AttentionOps`) on both backends against the float64
 /// reference, which is itself checked against finite differences. (The helpers

@@ -1,5 +1,6 @@
 import MoECompute
 import XCTest
+import MoETestSupport
 
 final class ElementwiseTests: XCTestCase {
     func testFillCopyAxpyAddScaleAgreeOnBothBackends() throws {

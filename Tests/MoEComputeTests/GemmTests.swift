@@ -1,5 +1,6 @@
 import MoECompute
 import XCTest
+import MoETestSupport
 
 final class GemmTests: XCTestCase {
     let shapes = [(1, 1, 1), (17, 33, 65), (128, 256, 64)]

@@ -1,5 +1,6 @@
 @testable import MoECompute
 import XCTest
+import MoETestSupport
 
 /// Grouped GEMM (experts' row segments and weight-gradient contraction) with
 /// the bias/activation epilogue, on every backend and kernel variant.

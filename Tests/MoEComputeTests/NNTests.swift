@@ -1,5 +1,6 @@
 import MoECompute
 import XCTest
+import MoETestSupport
 
 /// Float64 copies of float inputs.
 func dbl(_ x: [Float]) -> [Double] { x.map(Double.init) }

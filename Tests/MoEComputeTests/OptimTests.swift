@@ -1,5 +1,6 @@
 import MoECompute
 import XCTest
+import MoETestSupport
 
 final class OptimTests: XCTestCase {
     /// Five AdamW steps with fresh gradients each step, two weight-decay groups,

@@ -1,6 +1,7 @@
 import Foundation
 @testable import MoECompute
 import XCTest
+import MoETestSupport
 
 /// The FMA peak probes: they run, report a rate and what ran, and pick the
 /// widest vector width the CPU has. No timing assertions (shared machines).

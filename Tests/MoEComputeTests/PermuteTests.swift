@@ -1,5 +1,6 @@
 import MoECompute
 import XCTest
+import MoETestSupport
 
 final class PermuteTests: XCTestCase {
     /// Expert ids for T tokens with k distinct choices each, drawn from `allowed` experts.

@@ -1,6 +1,7 @@
 import Foundation
 @testable import MoECompute
 import XCTest
+import MoETestSupport
 
 final class ProgramTests: XCTestCase {
     func temporaryDirectory() throws -> URL {

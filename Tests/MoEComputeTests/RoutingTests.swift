@@ -1,5 +1,6 @@
 import MoECompute
 import XCTest
+import MoETestSupport
 
 /// Helpers of the routing and permute tests (namespaced: other test files have their own).
 enum RT {

@@ -2,6 +2,7 @@ import CKernels
 import Foundation
 import MoECompute
 import XCTest
+import MoETestSupport
 
 /// The CPU backend's C loops (CKernels/elementwise.c): the GELU/erf maths
 /// against float64 at the edges of its approximation, the run-time dispatch,

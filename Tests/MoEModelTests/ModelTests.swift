@@ -2,6 +2,7 @@ import Foundation
 import MoECompute
 @testable import MoEModel
 import XCTest
+import MoETestSupport
 
 /// A tiny ViT for gradient and parity checks: 8x8 images, 4x4 patches.
 func tinyConfig(router: String?) -> ViTConfig {

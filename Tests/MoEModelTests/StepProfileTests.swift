@@ -2,6 +2,7 @@ import Foundation
 import MoECompute
 @testable import MoEModel
 import XCTest
+import MoETestSupport
 
 /// Seeded random 8x8 images for the tiny models (no data package needed).
 func syntheticImages(count: Int, side: Int = 8, classes: Int = 3, seed: UInt64) throws -> ImageDataset {
@@ -221,12 +222,4 @@ final class GradientAccumulationTests: XCTestCase {
     /// Without the load-balancing loss (not linear in the batch), dropless top-k is
     /// linear in the examples: accumulation equals one batch of twice the size.
     func testTopKEqualsOneBatchOfTwiceTheSize() throws { try check(router: "topk", auxLoss: 0, againstOneBigBatch: true) }
-}
-
-func assertRelativeError(_ got: [Float], _ ref: [Double], below bound: Double, _ what: @autoclosure () -> String,
-                         file: StaticString = #filePath, line: UInt = #line) {
-    XCTAssertEqual(got.count, ref.count, "\(what()): length", file: file, line: line)
-    guard got.count == ref.count else { return }
-    let err = Reference.relativeError(got.map(Double.init), ref)
-    XCTAssertLessThan(err, bound, "\(what()): relative error \(err)", file: file, line: line)
 }

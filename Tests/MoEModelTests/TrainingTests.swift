@@ -2,6 +2,7 @@ import Foundation
 import MoECompute
 @testable import MoEModel
 import XCTest
+import MoETestSupport
 
 /// Fashion-MNIST from Debian's dataset-fashion-mnist, or a skip naming the install command.
 func fashionMNIST() throws -> (train: ImageDataset, test: ImageDataset) {

@@ -4,7 +4,7 @@ import XCTest
 
 // Which backends the tests use, and the two passes of `make test`.
 //
-// MOE_GPU_TEST_BACKENDS (read here; MoEModelTests and CLITests keep the same rule):
+// MOE_GPU_TEST_BACKENDS (read here, for every test target):
 //   all     (default) CPU always, OpenCL when a platform is present: without one, op
 //           tests run their CPU half (a note says so once) and OpenCL cases skip.
 //   cpu     CPU only. `TestDevices.all()` is [cpu]; an OpenCL case that runs anyway
@@ -15,8 +15,7 @@ import XCTest
 // Every test is one of three kinds:
 //   1. OpenCL cases need OpenCL for (part of) what they check. Their names start with
 //      `testOpenCL` or end with `OpenCL`; they get the device from
-//      `TestDevices.openCLOrSkip()` (MoEModelTests: `TestBackends.openCLOrSkip()`,
-//      CLITests: `CLI.requireOpenCL()`). They run in pass 2 only.
+//      `TestDevices.openCLOrSkip()` (CLITests: `CLI.requireOpenCL()`). They run in pass 2 only.
 //   2. Op tests in MoEComputeTests loop over `TestDevices.all()` (or a `backends()`
 //      built on `TestDevices.openCLHalf()`): the CPU half in pass 1, both halves in
 //      pass 2. A comparison between backends runs when there are two.
@@ -34,10 +33,10 @@ import XCTest
 //      (MoEComputeTests' few pure-host checks run here again; they take milliseconds.)
 
 /// MOE_GPU_TEST_BACKENDS: see the top of this file.
-enum TestBackendSelection: String {
+public enum TestBackendSelection: String {
     case all, cpu, opencl
 
-    static let current: TestBackendSelection = {
+    public static let current: TestBackendSelection = {
         let raw = ProcessInfo.processInfo.environment["MOE_GPU_TEST_BACKENDS"] ?? ""
         if raw.isEmpty { return .all }
         guard let s = TestBackendSelection(rawValue: raw.lowercased()) else {
@@ -48,18 +47,19 @@ enum TestBackendSelection: String {
 }
 
 /// An OpenCL case ran in the CPU pass: a failure, never a skip.
-struct OpenCLCaseInCPUPass: Error, CustomStringConvertible {
-    var description: String {
+public struct OpenCLCaseInCPUPass: Error, CustomStringConvertible {
+    public init() {}
+    public var description: String {
         "an OpenCL case ran with MOE_GPU_TEST_BACKENDS=cpu: name it testOpenCL... or ...OpenCL so the CPU pass "
-            + "leaves it out (rule at the top of Tests/MoEComputeTests/TestSupport.swift)"
+            + "leaves it out (rule at the top of Tests/MoETestSupport/TestSupport.swift)"
     }
 }
 
 /// The backends under test: the CPU one, and the OpenCL backend on the first
 /// OpenCL device (PoCL in CI), shared across tests so each kernel file is
 /// compiled once per run.
-enum TestDevices {
-    static let openCL: Result<OpenCLBackend, Error> = {
+public enum TestDevices {
+    public static let openCL: Result<OpenCLBackend, Error> = {
         let catalog = DeviceCatalog()
         guard let device = catalog.openCLDevices.first else {
             return .failure(DeviceNotFound(description: "no OpenCL platform on this machine (install pocl-opencl-icd)"))
@@ -67,11 +67,11 @@ enum TestDevices {
         return Result { try OpenCLBackend(device: device) }
     }()
 
-    static let cpu = CPUBackend()
+    public static let cpu = CPUBackend()
 
     /// For OpenCL cases: the OpenCL backend, or an XCTSkip naming why there is
     /// none (never a silent pass); in the CPU pass, a failure.
-    static func openCLOrSkip() throws -> OpenCLBackend {
+    public static func openCLOrSkip() throws -> OpenCLBackend {
         if TestBackendSelection.current == .cpu { throw OpenCLCaseInCPUPass() }
         switch openCL {
         case .success(let b): return b
@@ -81,7 +81,7 @@ enum TestDevices {
 
     /// Tunings that force each GEMM kernel (the tiled GPU one and the CPU-device
     /// one) with odd tile sizes, so both are tested on whatever device is present.
-    static func gemmVariants() throws -> [(String, KernelTuning)] {
+    public static func gemmVariants() throws -> [(String, KernelTuning)] {
         let device = try openCLOrSkip().device
         var tiled = KernelTuning(for: device)
         tiled.cpuGemm = false
@@ -94,7 +94,7 @@ enum TestDevices {
 
     /// The OpenCL half of an op test: nil in the CPU pass, and (with a note, once)
     /// when no platform is present by default; an XCTSkip in the OpenCL pass.
-    static func openCLHalf() throws -> OpenCLBackend? {
+    public static func openCLHalf() throws -> OpenCLBackend? {
         switch TestBackendSelection.current {
         case .cpu: return nil
         case .opencl: return try openCLOrSkip()
@@ -114,16 +114,16 @@ enum TestDevices {
     /// The backends an op test loops over: the CPU one always, then the OpenCL
     /// one when selected and present. Never throws for a missing platform except
     /// in the OpenCL pass.
-    static func all() throws -> [Backend] { [cpu] + (try openCLHalf().map { [$0] } ?? []) }
+    public static func all() throws -> [Backend] { [cpu] + (try openCLHalf().map { [$0] } ?? []) }
 }
 
 /// Deterministic random inputs.
-func randomFloats(_ n: Int, seed: UInt64, in range: ClosedRange<Float> = -1...1) -> [Float] {
+public func randomFloats(_ n: Int, seed: UInt64, in range: ClosedRange<Float> = -1...1) -> [Float] {
     var rng = SplitMix64(seed: seed)
     return (0..<n).map { _ in rng.nextFloat(in: range) }
 }
 
-func assertRelativeError(_ got: [Float], _ ref: [Double], below bound: Double, _ what: @autoclosure () -> String,
+public func assertRelativeError(_ got: [Float], _ ref: [Double], below bound: Double, _ what: @autoclosure () -> String,
                          file: StaticString = #filePath, line: UInt = #line) {
     XCTAssertEqual(got.count, ref.count, "\(what()): length", file: file, line: line)
     guard got.count == ref.count else { return }
