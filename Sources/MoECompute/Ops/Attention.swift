@@ -176,7 +176,12 @@ enum AttentionCheck {
     }
 
     static func forward(_ c: AttentionConfig, q: Tensor, k: Tensor, v: Tensor, out: Tensor, logSumExp: Tensor) throws {
-        let op = "attention"
+        try forwardTensors("attention", c, q: q, k: k, v: v, out: out, logSumExp: logSumExp)
+    }
+
+    /// The forward's tensors (also the backward's inputs): sizes and no aliasing.
+    private static func forwardTensors(_ op: String, _ c: AttentionConfig, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                       logSumExp: Tensor) throws {
         try config(op, c)
         try tensor(op, "q", q, extent: c.extentQ)
         try tensor(op, "k", k, extent: c.extentK)
@@ -190,12 +195,7 @@ enum AttentionCheck {
     static func backward(_ c: AttentionConfig, q: Tensor, k: Tensor, v: Tensor, out: Tensor, logSumExp: Tensor,
                          dOut: Tensor, dQ: Tensor, dK: Tensor, dV: Tensor) throws {
         let op = "attentionBackward"
-        try config(op, c)
-        try tensor(op, "q", q, extent: c.extentQ)
-        try tensor(op, "k", k, extent: c.extentK)
-        try tensor(op, "v", v, extent: c.extentV)
-        try tensor(op, "out", out, extent: c.extentO)
-        try tensor(op, "logSumExp", logSumExp, extent: c.batch * c.queryHeads * c.queryLength)
+        try forwardTensors(op, c, q: q, k: k, v: v, out: out, logSumExp: logSumExp)
         try tensor(op, "dOut", dOut, extent: c.extentO)
         try tensor(op, "dQ", dQ, extent: c.extentQ)
         try tensor(op, "dK", dK, extent: c.extentK)
