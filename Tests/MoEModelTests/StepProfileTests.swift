@@ -109,6 +109,34 @@ final class StepProfileTests: XCTestCase {
         }
     }
 
+    /// A step whose loss turns NaN throws `TrainError.nonFinite` after its one
+    /// host read, and AdamW (guarded on the device by the gradient norm) has
+    /// changed neither the parameters nor the moments.
+    func checkNaNStepChangesNothing(on backend: Backend) throws {
+        let c = tinyTrainConfig(router: "topk", batch: 4)
+        let data = try syntheticImages(count: 32, seed: 5)
+        let model = try ViT(config: c.model, backend: backend, seed: 3)
+        let trainer = try Trainer(config: c, model: model, train: data, test: data)
+        _ = try trainer.trainStep()
+        // Poison the head bias: every logit, the loss and every gradient become NaN.
+        let bias = model.params["head.bias"]!
+        try bias.value.write([Float](repeating: .nan, count: bias.count))
+        let values = try model.params.values!.floats()
+        let (m, v) = try trainer.optimizer.moments()
+        let (m0, v0) = (try m.floats(), try v.floats())
+        XCTAssertThrowsError(try trainer.trainStep()) { error in
+            guard case TrainError.nonFinite(let step, _) = error else { return XCTFail("unexpected error \(error)") }
+            XCTAssertEqual(step, 2)
+        }
+        let after = try model.params.values!.floats()
+        XCTAssertTrue(zip(values, after).allSatisfy { $0.bitPattern == $1.bitPattern }, "parameters changed in the NaN step")
+        XCTAssertEqual(try m.floats(), m0, "first moments changed in the NaN step")
+        XCTAssertEqual(try v.floats(), v0, "second moments changed in the NaN step")
+    }
+
+    func testNaNStepChangesNothingOnCPU() throws { try checkNaNStepChangesNothing(on: CPUBackend()) }
+    func testNaNStepChangesNothingOpenCL() throws { try checkNaNStepChangesNothing(on: try TestBackends.openCLOrSkip()) }
+
     /// An inference-only model has no gradient buffer and no optimiser state.
     func testInferenceModelAllocatesNoGradients() throws {
         let backend = CPUBackend()
