@@ -155,6 +155,29 @@ final class StepProfileTests: XCTestCase {
         XCTAssertEqual(state.m?.count, trained.params.trainableCount)
     }
 
+    /// Frozen parameters live after the trainable ones, with no gradient and no
+    /// optimiser state; AdamW leaves them alone.
+    func testFrozenParametersHaveNoGradient() throws {
+        let backend = CPUBackend()
+        let store = ParameterStore(backend: backend, seed: 1)
+        let frozen = try store.make("embed", [4, 3], .normal(std: 1), decays: true, trainable: false)
+        let w = try store.make("w", [3, 2], .normal(std: 1), decays: true)
+        let bias = try store.make("b", [2], .zeros, decays: false)
+        try store.finalize()
+        XCTAssertNil(frozen.grad)
+        XCTAssertEqual(store.trainableCount, 8)
+        XCTAssertEqual(store.ranges, [ParameterRange(name: ParameterStore.denseRange, offset: 0, count: 8, decayed: 6)])
+        XCTAssertEqual(frozen.offset, 8)
+        XCTAssertEqual(store.gradients?.count, 8)
+        let before = try frozen.value.floats()
+        try w.grad!.write([Float](repeating: 1, count: 6)); try bias.grad!.write([Float](repeating: 1, count: 2))
+        let state = OptimizerState(store: store)
+        try state.step(config: AdamWConfig(learningRate: 0.1), weightDecay: 0.1, step: 1, guardNorm: nil)
+        XCTAssertEqual(try frozen.value.floats(), before)
+        XCTAssertThrowsError(try state.moments(of: frozen))
+        XCTAssertNotEqual(try w.value.floats().first, 0)
+    }
+
     /// Flat buffers: the non-expert parameters and each MoE layer's experts are
     /// separate contiguous ranges, decayed parameters first inside each range.
     func testParameterRangesAreContiguous() throws {

@@ -49,9 +49,16 @@ final class LayerNormLayer {
     }
 
     /// Adds the gradients: dX += ..., dGamma += ..., dBeta += ... (the caller
-    /// seeds dX with the residual gradient, or zeros).
+    /// seeds dX with the residual gradient, or zeros). A frozen norm's
+    /// parameter gradients go to a scratch pair and are dropped.
     func backward(dY: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, dX: Tensor) throws {
-        try dY.backend.layerNormBackward(dY: dY, x: x, gamma: gamma.value, mean: mean, rstd: rstd,
-                                         dX: dX, dGamma: try gamma.gradient(), dBeta: try beta.gradient(), accumulate: true)
+        let b = dY.backend
+        if frozenScratch == nil && (gamma.grad == nil || beta.grad == nil) {
+            frozenScratch = (try b.zeros([features]), try b.zeros([features]))
+        }
+        try b.layerNormBackward(dY: dY, x: x, gamma: gamma.value, mean: mean, rstd: rstd, dX: dX,
+                                dGamma: gamma.grad ?? frozenScratch!.gamma, dBeta: beta.grad ?? frozenScratch!.beta,
+                                accumulate: true)
     }
+    private var frozenScratch: (gamma: Tensor, beta: Tensor)?
 }
