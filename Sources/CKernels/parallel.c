@@ -14,10 +14,12 @@
 #define CPU_RELAX() ((void)0)
 #endif
 
-// About 50-100 microseconds of pause loops before a worker goes to sleep:
-// longer than the gap between the ops of a step, short enough not to steal a
-// core from OpenBLAS's own threads for long.
-#define SPIN_ROUNDS 20000
+// About 100 microseconds of pause loops before a worker goes to sleep: longer
+// than the gap between the ops of a step, short enough not to hold a core for
+// long. Every YIELD_EVERY rounds the spinner yields, so on a core shared with
+// another busy process (a build, a second job) the thread with real work runs.
+#define SPIN_ROUNDS 4096
+#define YIELD_EVERY 128
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static int32_t threads = 1;
@@ -50,7 +52,10 @@ static void *worker(void *unused) {
         uint64_t g;
         int spins = 0;
         while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
-            if (++spins < SPIN_ROUNDS) { CPU_RELAX(); continue; }
+            if (++spins < SPIN_ROUNDS) {
+                if (spins % YIELD_EVERY == 0) sched_yield(); else CPU_RELAX();
+                continue;
+            }
             pthread_mutex_lock(&sleepLock);
             atomic_fetch_add(&sleepers, 1);
             // seq_cst on both sides (here and in ck_parallel_for): either the
@@ -111,6 +116,8 @@ void ck_parallel_for(int32_t parts, void (*fn)(void *, int32_t), void *ctx) {
         pthread_mutex_unlock(&sleepLock);
     }
     runParts();
-    while (atomic_load_explicit(&donePart, memory_order_acquire) < parts) CPU_RELAX();
+    for (int spins = 1; atomic_load_explicit(&donePart, memory_order_acquire) < parts; spins++) {
+        if (spins % YIELD_EVERY == 0) sched_yield(); else CPU_RELAX();
+    }
     pthread_mutex_unlock(&dispatchLock);
 }

@@ -21,7 +21,10 @@ extension CPUBackend {
             if count > 0 { body(0..<count) }
             return
         }
-        Self.parallel(threads) { t in body((t * count / threads)..<((t + 1) * count / threads)) }
+        // Four parts per thread: a thread that is descheduled (a busy shared machine)
+        // leaves its later parts to the others. The split depends only on the sizes.
+        let parts = min(count, threads * 4)
+        Self.parallel(parts) { t in body((t * count / parts)..<((t + 1) * count / parts)) }
     }
 
     @inline(__always)
