@@ -227,3 +227,33 @@ public struct Patchify: Sendable {
         }
     }
 }
+
+/// Images as ViT token inputs: normalised patch rows, with a zero row in front
+/// of each image's patches when the model has a class token (see `ViT.forward`).
+public final class ImageBatchSource: BatchSource {
+    public let data: ImageDataset
+    public let patchify: Patchify
+    public let tokens: Int, patches: Int, patchDim: Int
+    let classTokenSlot: Bool
+
+    public init(_ data: ImageDataset, model m: ViTConfig, augment: Bool) {
+        self.data = data
+        var p = Patchify(patchSize: m.patchSize)
+        if augment { p.cropPadding = 2; p.flip = true }
+        patchify = p
+        tokens = m.tokens; patches = m.patches; patchDim = m.patchDim
+        classTokenSlot = m.pool == "cls"
+    }
+
+    public var count: Int { data.count }
+    public var inputType: DType { .f32 }
+    public func inputShape(batch: Int) -> [Int] { [batch, tokens, patchDim] }
+    public func labelCount(batch: Int) -> Int { batch }
+
+    public func fill(indices: [Int], augmentSeed: UInt64?, inputs: UnsafeMutableRawBufferPointer, labels: UnsafeMutableBufferPointer<Int32>) {
+        var rng = SplitMix64(seed: augmentSeed ?? 0)
+        patchify.write(data, indices: indices, rng: &rng, augment: augmentSeed != nil,
+                       into: inputs.bindMemory(to: Float.self).baseAddress!, leadingRows: classTokenSlot ? 1 : 0)
+        for (i, idx) in indices.enumerated() { labels[i] = data.labels[idx] }
+    }
+}
