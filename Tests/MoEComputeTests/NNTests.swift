@@ -498,6 +498,27 @@ final class NNTests: XCTestCase {
         if masks.count == 2 { XCTAssertEqual(masks[0], masks[1], "dropout masks differ between backends") }
     }
 
+    /// Routing noise drawn on the device: x + std * z with z the reference's
+    /// Box-Muller normals of the counter hash; standard normal in distribution.
+    func testGaussianNoiseIsTheReferenceNoiseOnBothBackends() throws {
+        let n = 5003, std: Float = 0.25, seed: UInt64 = 0x0123_4567_89AB_CDEF
+        let xs = randomFloats(n, seed: 103)
+        let reference = (0..<n).map { Double(xs[$0]) + Double(std) * Reference.gaussianNoise(seed: seed, index: $0) }
+        for backend in try TestDevices.all() {
+            let x = try backend.tensor(xs, shape: [n])
+            try backend.addGaussianNoise(x, std: std, seed: seed)
+            let got = try x.floats()
+            assertRelativeError(got, reference, below: 1e-5, "gaussian noise \(backend.name)")
+            let z = (0..<n).map { (Double(got[$0]) - Double(xs[$0])) / Double(std) }
+            let mean = z.reduce(0, +) / Double(n), variance = z.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Double(n)
+            XCTAssertEqual(mean, 0, accuracy: 0.05, "noise mean \(backend.name)")
+            XCTAssertEqual(variance, 1, accuracy: 0.06, "noise variance \(backend.name)")
+            let y = try backend.tensor(xs, shape: [n])
+            try backend.addGaussianNoise(y, std: std, seed: seed + 1)
+            XCTAssertNotEqual(try y.floats(), got, "another seed gives other noise \(backend.name)")
+        }
+    }
+
     func testScaleRowsAndMeanPoolMatchReference() throws {
         for backend in try TestDevices.all() {
             for (rows, f) in [(1, 1), (3, 7), (130, 37)] {
