@@ -196,11 +196,14 @@ extension CPUBackend: RoutingOps {
         try RoutingCheck.sameShape("l2NormalizeRows", x, y)
         let (R, D) = (x.shape[0], x.shape[1])
         let px = try f32(x), py = try f32(y)
-        for r in 0..<R {
-            var ss = 0.0
-            for c in 0..<D { ss += Double(px[r * D + c]) * Double(px[r * D + c]) }
-            let inv = 1 / max(ss.squareRoot(), Double(epsilon))
-            for c in 0..<D { py[r * D + c] = Float(Double(px[r * D + c]) * inv) }
+        // Rows are independent (each in float64, in column order): split over the cores.
+        parallelFor(R, work: R * D * 2) { rows in
+            for r in rows {
+                var ss = 0.0
+                for c in 0..<D { ss += Double(px[r * D + c]) * Double(px[r * D + c]) }
+                let inv = 1 / max(ss.squareRoot(), Double(epsilon))
+                for c in 0..<D { py[r * D + c] = Float(Double(px[r * D + c]) * inv) }
+            }
         }
     }
 
@@ -208,18 +211,20 @@ extension CPUBackend: RoutingOps {
         try RoutingCheck.sameShape("l2NormalizeRowsBackward", x, dY, dX)
         let (R, D) = (x.shape[0], x.shape[1])
         let px = try f32(x), pdy = try f32(dY), pdx = try f32(dX)
-        for r in 0..<R {
-            var ss = 0.0, dot = 0.0
-            for c in 0..<D {
-                ss += Double(px[r * D + c]) * Double(px[r * D + c])
-                dot += Double(px[r * D + c]) * Double(pdy[r * D + c])
-            }
-            let norm = ss.squareRoot()
-            for c in 0..<D {
-                // Clamped norm: y = x / eps is linear; else dx = (dy - x (x.dy)/|x|^2) / |x|.
-                pdx[r * D + c] = norm <= Double(epsilon)
-                    ? Float(Double(pdy[r * D + c]) / Double(epsilon))
-                    : Float((Double(pdy[r * D + c]) - Double(px[r * D + c]) * dot / ss) / norm)
+        parallelFor(R, work: R * D * 4) { rows in
+            for r in rows {
+                var ss = 0.0, dot = 0.0
+                for c in 0..<D {
+                    ss += Double(px[r * D + c]) * Double(px[r * D + c])
+                    dot += Double(px[r * D + c]) * Double(pdy[r * D + c])
+                }
+                let norm = ss.squareRoot()
+                for c in 0..<D {
+                    // Clamped norm: y = x / eps is linear; else dx = (dy - x (x.dy)/|x|^2) / |x|.
+                    pdx[r * D + c] = norm <= Double(epsilon)
+                        ? Float(Double(pdy[r * D + c]) / Double(epsilon))
+                        : Float((Double(pdy[r * D + c]) - Double(px[r * D + c]) * dot / ss) / norm)
+                }
             }
         }
     }
