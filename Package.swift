@@ -55,6 +55,8 @@ let package = Package(
         .target(name: "MoECheckpoint", dependencies: ["MoECompute"]),
         .target(name: "MoEModel", dependencies: ["MoECompute", "MoECheckpoint", "CZlib",
                                                .product(name: "Yams", package: "Yams")]),
+        // Tokenizers (byte-level BPE from GGUF or tokenizer.json, bytes): data handling.
+        .target(name: "MoETokenizer", dependencies: ["MoECheckpoint"]),
         .executableTarget(name: "moe-gpu", dependencies: [
             "MoECompute", "MoEModel", "MoECheckpoint",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -65,6 +67,7 @@ let package = Package(
         .testTarget(name: "MoEComputeTests", dependencies: ["MoECompute", "MoETestSupport"]),
         .testTarget(name: "MoECheckpointTests", dependencies: ["MoECheckpoint", "MoECompute", "moe-gpu"]),
         .testTarget(name: "MoEModelTests", dependencies: ["MoEModel", "MoECompute", "MoECheckpoint", "MoETestSupport"]),
+        .testTarget(name: "MoETokenizerTests", dependencies: ["MoETokenizer", "MoECheckpoint"], exclude: ["Fixtures"]),
         .testTarget(name: "CLITests", dependencies: ["moe-gpu", "MoETestSupport"]),
     ],
     swiftLanguageModes: [.v5]
