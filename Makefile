@@ -24,6 +24,7 @@ OPENCL_CASES := /testOpenCL|OpenCL$$
 test:
 	scripts/setup.sh test
 	scripts/fetch-checkpoints.sh || echo "test: checkpoints could not be fetched; the CPU pass will fail on the tests that need them"
+	scripts/fetch-data.sh || echo "test: the Shakespeare plays could not be fetched; the CPU pass will fail on the tests that need them"
 	$(SWIFT) build --build-tests
 	@mkdir -p $(TEST_LOGS) $(NO_OPENCL)
 	@echo "test: pass 1 of 2: CPU backend, no OpenCL platform visible"

