@@ -65,9 +65,9 @@ let package = Package(
         // What every test target shares: which backends run (the two passes of `make test`), inputs, error bounds.
         .target(name: "MoETestSupport", dependencies: ["MoECompute"], path: "Tests/MoETestSupport"),
         .testTarget(name: "MoEComputeTests", dependencies: ["MoECompute", "MoETestSupport"]),
-        .testTarget(name: "MoECheckpointTests", dependencies: ["MoECheckpoint", "MoECompute", "moe-gpu"]),
+        .testTarget(name: "MoECheckpointTests", dependencies: ["MoECheckpoint", "MoECompute", "moe-gpu", "MoETestSupport"]),
         .testTarget(name: "MoEModelTests", dependencies: ["MoEModel", "MoECompute", "MoECheckpoint", "MoETestSupport"]),
-        .testTarget(name: "MoETokenizerTests", dependencies: ["MoETokenizer", "MoECheckpoint"], exclude: ["Fixtures"]),
+        .testTarget(name: "MoETokenizerTests", dependencies: ["MoETokenizer", "MoECheckpoint", "MoETestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "CLITests", dependencies: ["moe-gpu", "MoETestSupport"]),
     ],
     swiftLanguageModes: [.v5]

