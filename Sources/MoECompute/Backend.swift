@@ -133,7 +133,7 @@ public struct GemmEpilogue {
 
 /// Where tensors live and how ops run on them. Model code only talks to this
 /// protocol; `CPUBackend` and `OpenCLBackend` compute the same functions.
-public protocol Backend: AnyObject, Sendable, RoutingOps, PermuteOps, NNOps, OptimOps, AttentionOps {
+public protocol Backend: AnyObject, Sendable, RoutingOps, PermuteOps, NNOps, OptimOps, AttentionOps, PositionOps {
     /// `cpu` or `opencl:P:D`: what `--device` takes to get this backend again.
     var name: String { get }
     /// A human description of the device.
