@@ -30,7 +30,7 @@
 // (numerator degree 13, denominator degree 8) on [-3.9, 3.9], exactly +-1
 // beyond (the rational's value there, inf or NaN for huge inputs, is replaced,
 // so no input clamp). Max absolute error 4e-7 against float64 erf; NaN in gives
-// NaN (both compares false).
+// NaN (both compares false). Kernels/nn.cl (erf_rational) computes the same on OpenCL.
 CK_INLINE float ck_erf1(float a) {
     float x2 = a * a;
     float p = -2.72614225801306e-10f;

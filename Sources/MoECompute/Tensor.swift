@@ -53,17 +53,6 @@ public final class Tensor: @unchecked Sendable {
         Tensor(shape: shape, dtype: newType, storage: storage, offset: offset, backend: backend)
     }
 
-    /// Uploads host values without waiting (see `Backend.upload`).
-    public func upload(_ values: [Float]) throws {
-        try require(dtype == .f32 && values.count == count, "uploading \(values.count) floats into \(dtype) tensor \(shape)")
-        try values.withUnsafeBytes { try backend.upload($0, to: self) }
-    }
-
-    public func upload(_ values: [Int32]) throws {
-        try require(dtype == .i32 && values.count == count, "uploading \(values.count) ints into \(dtype) tensor \(shape)")
-        try values.withUnsafeBytes { try backend.upload($0, to: self) }
-    }
-
     public func reshaped(_ newShape: [Int]) throws -> Tensor {
         guard newShape.reduce(1, *) == count else { throw ShapeError("cannot reshape \(shape) to \(newShape)") }
         return Tensor(shape: newShape, dtype: dtype, storage: storage, offset: offset, backend: backend)

@@ -95,37 +95,47 @@ final class DeviceBatch {
         hostInputs.withUnsafeMutableBytes { i in
             hostLabels.withUnsafeMutableBufferPointer { l in source.fill(indices: indices, augmentSeed: augmentSeed, inputs: i, labels: l) }
         }
-        try hostInputs.withUnsafeBytes { try inputs.backend.upload($0, to: inputs) }
-        try labels.upload(hostLabels)
+        let backend = inputs.backend
+        try hostInputs.withUnsafeBytes { try backend.upload($0, to: inputs) }
+        try hostLabels.withUnsafeBytes { try backend.upload($0, to: labels) }
     }
 }
 
 /// The one small buffer a step's results go to, read once per step: the
 /// loss, the gradient norm, the auxiliary losses by name and the expert loads
-/// (as i32 bits) of every routed layer.
+/// (as i32 bits) of every routed layer. Which layer's tensor goes to which slot
+/// is fixed when the trainer is built, so a step only enqueues the adds and copies.
 final class StepMetricsBuffer {
     let buffer: Tensor
     let loss: Tensor, gradNorm: Tensor
-    /// Slot of each auxiliary-loss name.
-    let auxSlots: [String: Tensor]
-    let loads: [(name: String, offset: Int, count: Int)]
+    /// A routed layer's unweighted loss, its coefficient and the slot it adds into.
+    let auxTerms: [(value: Tensor, coefficient: Float, slot: Tensor)]
+    /// A routed layer with expert loads and its slot (i32 bits) of the buffer.
+    let loadSlots: [(name: String, layer: RoutedLayer, slot: Tensor)]
     private let auxNames: [String]
 
     init(model: Model) throws {
+        let routed = model.routedLayers
         var names: [String] = []
-        for (_, layer) in model.routedLayers { for a in layer.auxiliaryLossTensors where !names.contains(a.name) { names.append(a.name) } }
-        var loads: [(String, Int, Int)] = []
-        var offset = 2 + names.count
-        for (name, layer) in model.routedLayers {
-            if layer.loadCount > 0 { loads.append((name, offset, layer.loadCount)); offset += layer.loadCount }
-        }
-        buffer = try model.backend.zeros([offset])
+        for (_, layer) in routed { for a in layer.auxiliaryLossTensors where !names.contains(a.name) { names.append(a.name) } }
+        let loadCount = routed.reduce(0) { $0 + $1.layer.loadCount }
+        buffer = try model.backend.zeros([2 + names.count + loadCount])
         loss = try buffer.view(offset: 0, shape: [1])
         gradNorm = try buffer.view(offset: 1, shape: [1])
-        var slots: [String: Tensor] = [:]
-        for (i, n) in names.enumerated() { slots[n] = try buffer.view(offset: 2 + i, shape: [1]) }
-        auxSlots = slots; auxNames = names
-        self.loads = loads
+        var terms: [(value: Tensor, coefficient: Float, slot: Tensor)] = []
+        for (_, layer) in routed {
+            for a in layer.auxiliaryLossTensors {
+                terms.append((a.value, a.coefficient, try buffer.view(offset: 2 + names.firstIndex(of: a.name)!, shape: [1])))
+            }
+        }
+        let ints = buffer.bitcast(to: .i32)
+        var offset = 2 + names.count
+        var slots: [(name: String, layer: RoutedLayer, slot: Tensor)] = []
+        for (name, layer) in routed where layer.loadCount > 0 {
+            slots.append((name, layer, try ints.view(offset: offset, shape: [layer.loadCount])))
+            offset += layer.loadCount
+        }
+        auxTerms = terms; loadSlots = slots; auxNames = names
     }
 
     /// The one host sync of a step.
@@ -134,7 +144,10 @@ final class StepMetricsBuffer {
         var aux: [String: Float] = [:]
         for (i, n) in auxNames.enumerated() { aux[n] = v[2 + i] }
         var loads: [String: [Int]] = [:]
-        for (name, offset, count) in self.loads { loads[name] = v[offset..<(offset + count)].map { Int(Int32(bitPattern: $0.bitPattern)) } }
+        for (name, _, slot) in loadSlots {
+            let start = slot.offset - buffer.offset
+            loads[name] = v[start..<(start + slot.count)].map { Int(Int32(bitPattern: $0.bitPattern)) }
+        }
         return (v[0], v[1], aux, loads)
     }
 }
@@ -246,15 +259,11 @@ public final class Trainer {
                                meanLoss: meanLoss, dLogits: dLogits, gradientScale: scale)
             try b.axpy(scale, meanLoss, metrics.loss)
             try model.backward(dLogits: dLogits, inputs: micro.inputs, lossScale: scale)
-            for (_, layer) in model.routedLayers {
-                for a in layer.auxiliaryLossTensors { try b.axpy(a.coefficient * scale, a.value, metrics.auxSlots[a.name]!) }
-            }
+            for term in metrics.auxTerms { try b.axpy(term.coefficient * scale, term.value, term.slot) }
         }
         // Expert loads of the last micro-batch, as i32 bits in the metrics buffer.
-        let ints = metrics.buffer.bitcast(to: .i32)
-        for ((_, layer), slot) in zip(model.routedLayers.filter { $0.layer.loadCount > 0 }, metrics.loads) {
-            guard let counts = layer.expertCounts else { continue }
-            try b.copy(counts, to: try ints.view(offset: slot.offset, shape: [slot.count]))
+        for load in metrics.loadSlots {
+            if let counts = load.layer.expertCounts { try b.copy(counts, to: load.slot) }
         }
         guard let grads = model.params.gradients else { throw ModelError.badInput("the model was built without gradients (inference only)") }
         try b.globalNorm([grads], into: metrics.gradNorm)

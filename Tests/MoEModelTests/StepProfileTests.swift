@@ -30,18 +30,20 @@ final class StepProfileTests: XCTestCase {
 
     struct Profile { var launches: Int; var syncs: Int; var allocations: Int }
 
+    /// The backend's counters over one more step of `trainer`.
+    func nextStep(_ trainer: Trainer, on backend: Backend) throws -> DeviceCounters.Snapshot {
+        let before = backend.counters.snapshot
+        _ = try trainer.trainStep()
+        return backend.counters.snapshot.since(before)
+    }
+
     /// Steps 2 and 3 of a fresh run (step 1 sizes the workspaces), then two evaluations.
     func profile(_ c: TrainConfig, on backend: Backend, file: StaticString = #filePath, line: UInt = #line) throws -> Profile {
         let data = try syntheticImages(count: 64, seed: 5)
         let model = try ViT(config: c.model, backend: backend, seed: 3)
         let trainer = try Trainer(config: c, model: model, train: data, test: data)
         _ = try trainer.trainStep()
-        let before = backend.counters.snapshot
-        _ = try trainer.trainStep()
-        let one = backend.counters.snapshot.since(before)
-        let middle = backend.counters.snapshot
-        _ = try trainer.trainStep()
-        let two = backend.counters.snapshot.since(middle)
+        let one = try nextStep(trainer, on: backend), two = try nextStep(trainer, on: backend)
         let what = "\(c.model.moe?.router ?? "dense") batch \(c.batchSize)"
         XCTAssertEqual(one.allocations, 0, "\(what): step 2 allocated \(one.allocatedBytes) bytes", file: file, line: line)
         XCTAssertEqual(two.allocations, 0, "\(what): step 3 allocated", file: file, line: line)
@@ -80,9 +82,7 @@ final class StepProfileTests: XCTestCase {
         let model = try ViT(config: c.model, backend: backend, seed: 1)
         let trainer = try Trainer(config: c, model: model, train: data, test: data)
         _ = try trainer.trainStep()
-        let before = backend.counters.snapshot
-        _ = try trainer.trainStep()
-        let step = backend.counters.snapshot.since(before)
+        let step = try nextStep(trainer, on: backend)
         XCTAssertLessThan(step.launches, 400, "default model: \(step.launches) launches per step")
         XCTAssertEqual(step.hostSyncs, 1)
         XCTAssertEqual(step.allocations, 0)
