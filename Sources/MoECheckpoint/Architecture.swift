@@ -220,7 +220,7 @@ public enum ArchitectureAdapter {
     }
 
     /// `config.json` beside a safetensors checkpoint; for GGUF, the Llama facts from its metadata.
-    static func loadConfig(_ source: TensorSource) throws -> [String: JSONValue] {
+    public static func loadConfig(_ source: TensorSource) throws -> [String: JSONValue] {
         if let g = source as? GGUFCheckpoint { return LlamaConfig.fromGGUF(g) }
         let url = source.directory.appendingPathComponent("config.json")
         guard let data = try? Data(contentsOf: url) else { return [:] }

@@ -24,7 +24,7 @@ public enum LayerBenchmark {
             let gate = GateConfig(k: k, mode: .softmaxThenTopK, renormalize: true)
             let dispatch = DispatchConfig(experts: e)
             let layer = try MoELayer(store, "moe", width: h, hidden: i, experts: e, routing: .topK(gate: gate, dispatch: dispatch),
-                                     auxCoefficient: 0.01, zCoefficient: 0.001, activation: .geluErf, dropout: 0)
+                                     auxCoefficient: 0.01, zCoefficient: 0.001, experts: .mlp(.geluErf), dropout: 0)
             let x = try backend.tensor(randomValues(t * h, seed: 101), shape: [t, h])
             let dOut = try backend.tensor(randomValues(t * h, seed: 102), shape: [t, h])
             let out = try backend.zeros([t, h]), dX = try backend.zeros([t, h])
@@ -131,7 +131,7 @@ public enum LayerBenchmark {
     /// Soft MoE and SpheroMoE.
     public static func activeParameters(_ model: ViT) -> Double {
         var active = Double(model.params.parameterCount)
-        func bankCount(_ b: ExpertBank) -> Double { Double(b.w1.count + b.b1.count + b.w2.count + b.b2.count) }
+        func bankCount(_ b: ExpertBank) -> Double { Double(b.w1.count + (b.b1?.count ?? 0) + b.w2.count + (b.b2?.count ?? 0)) }
         let tokens = model.config.tokens
         for block in model.blocks {
             if let moe = block.ffn as? MoELayer {

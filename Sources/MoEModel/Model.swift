@@ -19,6 +19,34 @@ public protocol Model: AnyObject {
     var routedLayers: [(name: String, layer: RoutedLayer)] { get }
     /// Metadata every checkpoint of this model carries (config, format, router names).
     var checkpointMetadata: [String: String] { get throws }
+    /// The tensors of this model's checkpoint files, each a slice of a parameter
+    /// (stacked experts and fused projections are split into the names other tools use).
+    var checkpointTensors: [CheckpointTensor] { get }
+}
+
+/// One tensor of a checkpoint file: `shape.product` values of `parameter` from element `offset`.
+public struct CheckpointTensor {
+    public let name: String
+    public let shape: [Int]
+    public let parameter: Parameter
+    public let offset: Int
+    public var count: Int { shape.reduce(1, *) }
+    /// The parameter's values this tensor covers.
+    public func value() throws -> Tensor { try parameter.value.view(offset: offset, shape: shape) }
+
+    /// The parameter itself, or its stacked experts as one tensor each
+    /// (`blocks.3.moe.experts.fc1.weight [E, ...]` -> `blocks.3.moe.experts.e.fc1.weight`).
+    public static func split(_ p: Parameter) -> [CheckpointTensor] {
+        for leaf in ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"] where p.name.hasSuffix("experts." + leaf) {
+            let prefix = String(p.name.dropLast(leaf.count + 1)), experts = p.shape[0], per = p.count / max(experts, 1)
+            return (0..<experts).map { CheckpointTensor(name: "\(prefix).\($0).\(leaf)", shape: Array(p.shape.dropFirst()), parameter: p, offset: $0 * per) }
+        }
+        return [CheckpointTensor(name: p.name, shape: p.shape, parameter: p, offset: 0)]
+    }
+}
+
+extension Model {
+    public var checkpointTensors: [CheckpointTensor] { params.all.flatMap(CheckpointTensor.split) }
 }
 
 /// What an MoE layer leaves on the device after each forward and backward,

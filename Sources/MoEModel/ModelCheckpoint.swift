@@ -8,28 +8,10 @@ import MoECompute
 public enum ModelCheckpoint {
     static let configKey = "moe-gpu.config"
 
-    /// `blocks.3.moe.experts.fc1.weight` -> (`blocks.3.moe.experts`, `fc1.weight`) for stacked expert tensors.
-    static func expertStack(_ name: String) -> (prefix: String, leaf: String)? {
-        for leaf in ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"] {
-            let suffix = "experts." + leaf
-            if name.hasSuffix(suffix) { return (String(name.dropLast(leaf.count + 1)), leaf) }
-        }
-        return nil
-    }
-
     public static func save(_ model: Model, to url: URL, metadata extra: [String: String] = [:]) throws {
         var tensors: [(name: String, dtype: StorageDType, shape: [Int], data: Data)] = []
-        for p in model.params.all {
-            let values = try p.value.floats()
-            if let (prefix, leaf) = expertStack(p.name) {
-                let experts = p.shape[0], per = p.count / max(experts, 1)
-                for e in 0..<experts {
-                    tensors.append(("\(prefix).\(e).\(leaf)", .F32, Array(p.shape.dropFirst()),
-                                    encodeFloats(Array(values[(e * per)..<((e + 1) * per)]), as: .F32)))
-                }
-            } else {
-                tensors.append((p.name, .F32, p.shape, encodeFloats(values, as: .F32)))
-            }
+        for t in model.checkpointTensors {
+            tensors.append((t.name, .F32, t.shape, encodeFloats(try t.value().floats(), as: .F32)))
         }
         var metadata = extra
         metadata["format"] = "pt"
@@ -55,24 +37,12 @@ public enum ModelCheckpoint {
     public static func load(_ path: String, into model: Model, requireAll: Bool = true) throws -> [String] {
         let file = try SafetensorsFile(path: path)
         var missing: [String] = []
-        for p in model.params.all {
-            var values: [Float] = []
-            if let (prefix, leaf) = expertStack(p.name) {
-                for e in 0..<p.shape[0] {
-                    let name = "\(prefix).\(e).\(leaf)"
-                    guard file.entry(name) != nil else { missing.append(name); values = []; break }
-                    values += try file.floats(name)
-                }
-            } else if file.entry(p.name) != nil {
-                values = try file.floats(p.name)
-            } else {
-                missing.append(p.name)
+        for t in model.checkpointTensors {
+            guard let entry = file.entry(t.name) else { missing.append(t.name); continue }
+            guard entry.shape.reduce(1, *) == t.count else {
+                throw ModelError.badInput("\(path): \(t.name) has shape \(entry.shape), the model needs \(t.shape)")
             }
-            guard !values.isEmpty || p.count == 0 else { continue }
-            guard values.count == p.count else {
-                throw ModelError.badInput("\(path): \(p.name) holds \(values.count) values, the model needs \(p.shape)")
-            }
-            try p.value.write(values)
+            try t.value().write(try file.floats(t.name))
         }
         if requireAll && !missing.isEmpty {
             throw ModelError.badInput("\(path) lacks \(missing.count) tensors of this model, e.g. \(missing.prefix(3).joined(separator: ", "))")

@@ -102,8 +102,11 @@ public final class ParameterStore {
     /// The range of every parameter outside the MoE experts.
     public static let denseRange = "dense"
 
-    public init(backend: Backend, seed: UInt64, training: Bool = true) {
-        self.backend = backend; self.seed = seed; self.training = training
+    /// Which parameters train (`--train experts,router`); nil: all.
+    let trainablePredicate: ((String) -> Bool)?
+
+    public init(backend: Backend, seed: UInt64, training: Bool = true, trainable: ((String) -> Bool)? = nil) {
+        self.backend = backend; self.seed = seed; self.training = training; trainablePredicate = trainable
     }
 
     /// Creates (and registers) a parameter. `range` groups expert weights by MoE
@@ -112,6 +115,7 @@ public final class ParameterStore {
                      trainable: Bool = true, range: String = ParameterStore.denseRange) throws -> Parameter {
         precondition(byName[name] == nil, "duplicate parameter \(name)")
         precondition(values == nil, "parameter \(name) created after finalize()")
+        let trainable = trainable && (trainablePredicate?(name) ?? true)
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         for b in name.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
         let value = try backend.tensor(initializer.values(shape: shape, seed: seed ^ h), shape: shape)

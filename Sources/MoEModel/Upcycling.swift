@@ -85,8 +85,8 @@ public enum OnlineUpcycle {
                     bw2 += e2
                     bb2 += b2
                 }
-                try bank.w1.value.write(bw1); try bank.b1.value.write(bb1)
-                try bank.w2.value.write(bw2); try bank.b2.value.write(bb2)
+                try bank.w1.value.write(bw1); try bank.b1?.value.write(bb1)
+                try bank.w2.value.write(bw2); try bank.b2?.value.write(bb2)
                 widths.append(bank.hidden)
             }
             log.append("block \(mBlock.index): \(banks.map(\.experts).reduce(0, +)) experts of width \(widths.map(String.init).joined(separator: "/")) from the dense MLP (\(hidden)) by \(method.rawValue)")

@@ -192,11 +192,11 @@ func makeMoE(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, t
                                       dropPolicy: c.dropPolicy == "probs" ? .probs : .position)
         return try MoELayer(store, name, width: width, hidden: expertHidden, experts: c.experts,
                             routing: .topK(gate: gate, dispatch: dispatch), auxCoefficient: c.auxLossCoefficient,
-                            zCoefficient: c.zLossCoefficient, activation: .geluErf, dropout: c.dropout)
+                            zCoefficient: c.zLossCoefficient, experts: .mlp(.geluErf), dropout: c.dropout)
     case "expert-choice":
         return try MoELayer(store, name, width: width, hidden: expertHidden, experts: c.experts,
                             routing: .expertChoice(capacityFactor: c.capacityFactor ?? 2), auxCoefficient: 0,
-                            zCoefficient: c.zLossCoefficient, activation: .geluErf, dropout: c.dropout)
+                            zCoefficient: c.zLossCoefficient, experts: .mlp(.geluErf), dropout: c.dropout)
     default:
         return try SoftMoELayer(store, name, width: width, hidden: expertHidden, tokens: tokens, config: c)
     }

@@ -47,24 +47,42 @@ final class DenseMLP: FeedForward {
     func auxiliaryLosses() throws -> [String: Float] { [:] }
 }
 
-/// Expert weights stacked per expert: fc1 `[E, I, D]` + `[E, I]`, fc2 `[E, D, I]` + `[E, D]`,
-/// applied to expert-contiguous rows with grouped GEMMs.
+/// What one expert computes.
+enum ExpertStyle: Equatable {
+    /// `fc2(act(fc1 x + b1)) + b2` (ViT, BERT): `fc1.weight [E, I, D]`, `fc1.bias`, `fc2.weight [E, D, I]`, `fc2.bias`.
+    case mlp(ActivationFunction)
+    /// `w2(silu(w1 x) * w3 x)` without biases (Llama, Mixtral): `w13 [E, 2I, D]` holds
+    /// each expert's gate rows (Mixtral's w1) then its up rows (w3), so one grouped GEMM
+    /// gives `[gate | up]` per row; `w2 [E, D, I]`.
+    case swiGLU
+}
+
+/// Expert weights stacked per expert and applied to expert-contiguous rows with grouped GEMMs.
 final class ExpertBank {
-    let w1: Parameter, b1: Parameter, w2: Parameter, b2: Parameter
+    let w1: Parameter, b1: Parameter?, w2: Parameter, b2: Parameter?
     let experts: Int, width: Int, hidden: Int
-    let activation: ActivationFunction
+    let style: ExpertStyle
     let dropout: Float
     let ws: Workspace
+    /// Columns of the first GEMM: `hidden`, or `2 * hidden` for the gate and up halves.
+    var firstWidth: Int { style == .swiGLU ? 2 * hidden : hidden }
 
     /// `range`: the flat-buffer range of this MoE layer's experts (its name).
     init(_ store: ParameterStore, _ name: String, experts: Int, width: Int, hidden: Int,
-         activation: ActivationFunction, dropout: Float, range: String) throws {
+         style: ExpertStyle, dropout: Float, range: String, std: Float = 0.02) throws {
         self.experts = experts; self.width = width; self.hidden = hidden
-        self.activation = activation; self.dropout = dropout
-        w1 = try store.make("\(name).fc1.weight", [experts, hidden, width], .normal(std: 0.02), decays: true, range: range)
-        b1 = try store.make("\(name).fc1.bias", [experts, hidden], .zeros, decays: false, range: range)
-        w2 = try store.make("\(name).fc2.weight", [experts, width, hidden], .normal(std: 0.02), decays: true, range: range)
-        b2 = try store.make("\(name).fc2.bias", [experts, width], .zeros, decays: false, range: range)
+        self.style = style; self.dropout = dropout
+        switch style {
+        case .mlp:
+            w1 = try store.make("\(name).fc1.weight", [experts, hidden, width], .normal(std: std), decays: true, range: range)
+            b1 = try store.make("\(name).fc1.bias", [experts, hidden], .zeros, decays: false, range: range)
+            w2 = try store.make("\(name).fc2.weight", [experts, width, hidden], .normal(std: std), decays: true, range: range)
+            b2 = try store.make("\(name).fc2.bias", [experts, width], .zeros, decays: false, range: range)
+        case .swiGLU:
+            w1 = try store.make("\(name).w13", [experts, 2 * hidden, width], .normal(std: std), decays: true, range: range)
+            w2 = try store.make("\(name).w2", [experts, width, hidden], .normal(std: std), decays: true, range: range)
+            b1 = nil; b2 = nil
+        }
         ws = Workspace(backend: store.backend)
     }
 
@@ -74,40 +92,59 @@ final class ExpertBank {
 
     /// yp[r] = expert_e(xp[r]) for the rows offsets[e]..<offsets[e+1]; `rows` is the buffers' row capacity.
     func forward(_ xp: Tensor, offsets: Tensor, rows: Int, into yp: Tensor, training: Bool, seed: UInt64) throws {
-        let b = xp.backend
-        let h = try ws.get("h", [rows, hidden]), a = try ws.get("a", [rows, hidden])
-        try b.gemm(Gemm(m: rows, n: hidden, k: width, transB: true, batch: experts, strideB: hidden * width),
-                   xp, w1.value, h, grouping: .rows(offsets: offsets), epilogue: GemmEpilogue(bias: b1.value))
-        try b.activation(activation, h, out: a)
+        let b = xp.backend, f = firstWidth
+        let h = try ws.get("h", [rows, f]), a = try ws.get("a", [rows, hidden])
+        try b.gemm(Gemm(m: rows, n: f, k: width, transB: true, batch: experts, strideB: f * width),
+                   xp, w1.value, h, grouping: .rows(offsets: offsets), epilogue: GemmEpilogue(bias: b1?.value))
+        switch style {
+        case .mlp(let activation): try b.activation(activation, h, out: a)
+        case .swiGLU: try b.swiGLU(h, out: a)
+        }
         dropping = training && dropout > 0
         dropSeed = seed
         if dropping { try b.dropout(a, p: dropout, seed: seed, out: a, accumulate: false) }
         try b.gemm(Gemm(m: rows, n: width, k: hidden, transB: true, batch: experts, strideB: width * hidden),
-                   a, w2.value, yp, grouping: .rows(offsets: offsets), epilogue: GemmEpilogue(bias: b2.value))
+                   a, w2.value, yp, grouping: .rows(offsets: offsets), epilogue: GemmEpilogue(bias: b2?.value))
     }
 
-    /// From dYp: accumulates the expert gradients and writes dXp.
+    /// From dYp: accumulates the expert gradients (frozen experts get none) and writes dXp.
     func backward(dYp: Tensor, xp: Tensor, offsets: Tensor, rows: Int, dXp: Tensor) throws {
-        let b = dYp.backend
-        let h = try ws.get("h", [rows, hidden]), a = try ws.get("a", [rows, hidden])
+        let b = dYp.backend, f = firstWidth
+        let h = try ws.get("h", [rows, f]), a = try ws.get("a", [rows, hidden])
         let ones = try ws.get("ones", [rows, 1])
-        if onesFilled != rows { try b.fill(ones, value: 1); onesFilled = rows }
+        if (b1?.grad != nil || b2?.grad != nil) && onesFilled != rows { try b.fill(ones, value: 1); onesFilled = rows }
         // dW2_e += dYp_e^T a_e ; db2_e += dYp_e^T 1
-        try b.gemm(Gemm(m: width, n: hidden, k: rows, transA: true, beta: 1, batch: experts, lda: width, ldb: hidden,
-                        strideC: width * hidden), dYp, a, try w2.gradient(), grouping: .contraction(offsets: offsets), epilogue: .none)
-        try b.gemm(Gemm(m: width, n: 1, k: rows, transA: true, beta: 1, batch: experts, lda: width, ldb: 1, strideC: width),
-                   dYp, ones, try b2.gradient(), grouping: .contraction(offsets: offsets), epilogue: .none)
+        if let dW2 = w2.grad {
+            try b.gemm(Gemm(m: width, n: hidden, k: rows, transA: true, beta: 1, batch: experts, lda: width, ldb: hidden,
+                            strideC: width * hidden), dYp, a, dW2, grouping: .contraction(offsets: offsets), epilogue: .none)
+        }
+        if let dB2 = b2?.grad {
+            try b.gemm(Gemm(m: width, n: 1, k: rows, transA: true, beta: 1, batch: experts, lda: width, ldb: 1, strideC: width),
+                       dYp, ones, dB2, grouping: .contraction(offsets: offsets), epilogue: .none)
+        }
         // dA = dYp W2_e, through dropout and the activation.
         let dA = try ws.get("dA", [rows, hidden])
         try b.gemm(Gemm(m: rows, n: hidden, k: width, batch: experts, strideB: width * hidden),
                    dYp, w2.value, dA, grouping: .rows(offsets: offsets), epilogue: .none)
         if dropping { try b.dropout(dA, p: dropout, seed: dropSeed, out: dA, accumulate: false) }
-        try b.activationBackward(activation, dY: dA, x: h, dX: dA, accumulate: false)
-        try b.gemm(Gemm(m: hidden, n: width, k: rows, transA: true, beta: 1, batch: experts, lda: hidden, ldb: width,
-                        strideC: hidden * width), dA, xp, try w1.gradient(), grouping: .contraction(offsets: offsets), epilogue: .none)
-        try b.gemm(Gemm(m: hidden, n: 1, k: rows, transA: true, beta: 1, batch: experts, lda: hidden, ldb: 1, strideC: hidden),
-                   dA, ones, try b1.gradient(), grouping: .contraction(offsets: offsets), epilogue: .none)
-        try b.gemm(Gemm(m: rows, n: width, k: hidden, batch: experts, strideB: hidden * width),
-                   dA, w1.value, dXp, grouping: .rows(offsets: offsets), epilogue: .none)
+        let dH: Tensor
+        switch style {
+        case .mlp(let activation):
+            try b.activationBackward(activation, dY: dA, x: h, dX: dA, accumulate: false)
+            dH = dA
+        case .swiGLU:
+            dH = try ws.get("dH", [rows, f])
+            try b.swiGLUBackward(dY: dA, x: h, dX: dH, accumulate: false)
+        }
+        if let dW1 = w1.grad {
+            try b.gemm(Gemm(m: f, n: width, k: rows, transA: true, beta: 1, batch: experts, lda: f, ldb: width,
+                            strideC: f * width), dH, xp, dW1, grouping: .contraction(offsets: offsets), epilogue: .none)
+        }
+        if let dB1 = b1?.grad {
+            try b.gemm(Gemm(m: f, n: 1, k: rows, transA: true, beta: 1, batch: experts, lda: f, ldb: 1, strideC: f),
+                       dH, ones, dB1, grouping: .contraction(offsets: offsets), epilogue: .none)
+        }
+        try b.gemm(Gemm(m: rows, n: width, k: f, batch: experts, strideB: f * width),
+                   dH, w1.value, dXp, grouping: .rows(offsets: offsets), epilogue: .none)
     }
 }

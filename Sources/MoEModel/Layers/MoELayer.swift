@@ -24,12 +24,12 @@ final class MoELayer: FeedForward, RoutedLayer {
     private var plans: [Int: DispatchPlan] = [:]
 
     init(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, experts e: Int, routing: Routing,
-         auxCoefficient: Float, zCoefficient: Float, activation: ActivationFunction, dropout: Float,
-         routerInit: Initializer = .normal(std: 0.02)) throws {
-        router = try Linear(store, "\(name).router", in: width, out: e, bias: false)
+         auxCoefficient: Float, zCoefficient: Float, experts style: ExpertStyle, dropout: Float,
+         routerInit: Initializer = .normal(std: 0.02), routerName: String = "router", expertsName: String = "experts") throws {
+        router = try Linear(store, "\(name).\(routerName)", in: width, out: e, bias: false)
         if case .zeros = routerInit { try store.backend.fill(router.weight.value, value: 0) }
-        experts = try ExpertBank(store, "\(name).experts", experts: e, width: width, hidden: hidden,
-                                 activation: activation, dropout: dropout, range: name)
+        experts = try ExpertBank(store, "\(name).\(expertsName)", experts: e, width: width, hidden: hidden,
+                                 style: style, dropout: dropout, range: name)
         self.routing = routing
         self.auxCoefficient = auxCoefficient; self.zCoefficient = zCoefficient
         ws = Workspace(backend: store.backend)

@@ -33,10 +33,10 @@ final class SoftMoELayer: FeedForward {
         }
         let universalHidden = max(1, Int((Double(hidden) * c.universalWidthRatio).rounded()))
         core = coreExperts > 0 ? try ExpertBank(store, "\(name).core_experts", experts: coreExperts, width: width, hidden: hidden,
-                                                activation: .geluErf, dropout: c.dropout, range: name) : nil
+                                                style: .mlp(.geluErf), dropout: c.dropout, range: name) : nil
         let u = c.experts - coreExperts
         universal = u > 0 ? try ExpertBank(store, "\(name).universal_experts", experts: u, width: width, hidden: universalHidden,
-                                           activation: .geluErf, dropout: c.dropout, range: name) : nil
+                                           style: .mlp(.geluErf), dropout: c.dropout, range: name) : nil
         noiseStd = spherical ? (c.logitNoise ?? 1 / Float(slots)) : (c.logitNoise ?? 0)
         ws = Workspace(backend: store.backend)
         var h: UInt64 = 0
