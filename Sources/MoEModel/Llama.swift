@@ -25,6 +25,9 @@ public struct LMConfig: Codable, Equatable, Sendable {
     public var bosID: Int32? = nil
     public var eosID: Int32? = nil
     public var padID: Int32? = nil
+    /// The tokenizer: "byte" (256 bytes + BOS, EOS, PAD), or the path of a GGUF
+    /// file, a tokenizer.json or a Hugging Face folder holding one.
+    public var tokenizer = "byte"
     /// Layers whose MLP is an MoE block (empty: a dense model).
     public var moeLayers: [Int] = []
     public var moe: MoEConfig? = nil

@@ -59,6 +59,7 @@ public enum LlamaCheckpoint {
             return v
         }
         var c = LMConfig()
+        c.tokenizer = path
         c.hidden = try int("hidden_size")
         c.intermediate = try int("intermediate_size")
         c.layers = try int("num_hidden_layers")

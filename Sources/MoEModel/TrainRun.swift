@@ -12,6 +12,8 @@ public final class TrainRun {
     public let trainer: Trainer
     public var log: (String) -> Void = { print($0) }
     public var progress: ((StepMetrics, Int) -> Void)?
+    /// Mean test cross-entropy of the last evaluation.
+    public private(set) var evalLoss: Double?
     private let started = Date()
 
     /// A run of the ViT on image datasets.
@@ -76,7 +78,8 @@ public final class TrainRun {
     /// `user` laid over `defaults`, recursively; keys the defaults lack are reported.
     /// Optional settings (absent from the defaults) are accepted where known.
     static func merge(_ defaults: [String: Any], _ user: [String: Any], path: String, unknown: inout [String]) -> [String: Any] {
-        let optional: Set<String> = ["data", "trainExamples", "testExamples", "moe", "capacityFactor", "logitNoise"]
+        let optional: Set<String> = ["data", "trainExamples", "testExamples", "moe", "capacityFactor", "logitNoise",
+                                     "lm", "evalData", "evalBatchSize", "ropeScaling", "bosID", "eosID", "padID"]
         var out = defaults
         for (k, v) in user {
             let full = path.isEmpty ? k : "\(path).\(k)"
@@ -150,6 +153,7 @@ public final class TrainRun {
                 accuracy = eval.accuracy
                 m.accuracy = accuracy
                 m.evalLoss = eval.loss
+                evalLoss = eval.loss
                 try saveCheckpoint()
                 windowStart = Date()   // evaluation and checkpoint time is not training time
             }
@@ -160,11 +164,19 @@ public final class TrainRun {
             progress?(m, config.steps)
             last = m
         }
-        if last == nil { accuracy = try trainer.evaluate(limit: config.testExamples) }
-        let summary: [String: Any] = ["accuracy": accuracy, "step": trainer.step, "test_examples": min(config.testExamples ?? trainer.test.count, trainer.test.count),
+        if last == nil {
+            let eval = try trainer.evaluateWithLoss(limit: config.testExamples)
+            accuracy = eval.accuracy
+            evalLoss = eval.loss
+        }
+        var summary: [String: Any] = ["accuracy": accuracy, "step": trainer.step, "test_examples": min(config.testExamples ?? trainer.test.count, trainer.test.count),
                                       "final_loss": last?.loss ?? .nan, "tokens_per_s": last?.tokensPerSecond ?? 0,
                                       "parameters": trainer.model.params.parameterCount,
                                       "wall_s": Date().timeIntervalSince(started)]
+        if let evalLoss, evalLoss.isFinite {
+            summary["eval_loss"] = evalLoss
+            summary["perplexity"] = exp(evalLoss)
+        }
         try atomicWrite(try JSONSerialization.data(withJSONObject: summary, options: [.sortedKeys, .prettyPrinted]),
                         to: out.appendingPathComponent("eval.json"))
         return (accuracy, last)

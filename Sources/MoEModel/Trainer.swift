@@ -3,7 +3,18 @@ import MoECompute
 
 /// Everything about one training run, as a plain JSON file a person can read.
 public struct TrainConfig: Codable, Equatable, Sendable {
+    /// "image" (the ViT in `model`) or "lm" (the decoder language model in `lm`).
+    public var task = "image"
     public var model = ViTConfig()
+    /// The language model (task "lm").
+    public var lm: LMConfig? = nil
+    /// Tokens per training window (task "lm").
+    public var seqLen = 256
+    /// Validation text (task "lm"); nil: the default corpus's validation plays, or
+    /// the last 5% of the training text when `data` is given.
+    public var evalData: String? = nil
+    /// Examples per evaluation batch (nil: 250 images, or `batchSize` windows).
+    public var evalBatchSize: Int? = nil
     /// Folder of MNIST-format IDX files (default Fashion-MNIST from Debian's dataset-fashion-mnist).
     public var data: String? = nil
     /// Use only the first N training / test examples (nil: all).
@@ -32,7 +43,14 @@ public struct TrainConfig: Codable, Equatable, Sendable {
         try check(learningRate > 0 && minLearningRate >= 0 && warmupSteps >= 0, "learning rates must be positive")
         try check(labelSmoothing >= 0 && labelSmoothing < 1, "labelSmoothing must be in [0, 1)")
         try check(evalEvery >= 0 && logEvery >= 1, "evalEvery must be >= 0 and logEvery >= 1")
-        try model.validate()
+        try check(task == "image" || task == "lm", "task must be image or lm, got \"\(task)\"")
+        if task == "lm" {
+            guard let lm else { throw ModelError.badConfig("task lm needs an lm model config") }
+            try lm.validate()
+            try check(seqLen >= 1 && seqLen <= lm.maxPositions, "seqLen \(seqLen) must be in 1...\(lm.maxPositions) (the model's context): lower --seq-len")
+        } else {
+            try model.validate()
+        }
     }
 
     /// Linear warm-up to the peak, then cosine decay to the floor.
@@ -285,13 +303,21 @@ public final class Trainer {
     /// Top-1 accuracy on the first `limit` test examples.
     public func evaluate(limit: Int? = nil) throws -> Double { try evaluateWithLoss(limit: limit).accuracy }
 
-    /// Top-1 accuracy and mean cross-entropy (no label smoothing) on the first `limit` test examples.
+    /// Top-1 accuracy and mean cross-entropy (no label smoothing) on the first
+    /// `limit` test examples, over every label that is not ignored (one per image;
+    /// every predicted token of a language model's windows).
     public func evaluateWithLoss(limit: Int? = nil) throws -> (accuracy: Double, loss: Double) {
+        let r = try evaluateCounts(limit: limit)
+        return (Double(r.correct) / Double(max(r.targets, 1)), r.targets > 0 ? r.lossSum / Double(r.targets) : .nan)
+    }
+
+    /// Correct predictions, the summed cross-entropy and the number of targets counted.
+    public func evaluateCounts(limit: Int? = nil) throws -> (correct: Int, lossSum: Double, targets: Int) {
         let b = backend
         let n = min(limit ?? test.count, test.count)
-        guard n > 0 else { return (0, .nan) }
-        let evalBatch = min(250, n)
-        var correct = 0
+        guard n > 0 else { return (0, 0, 0) }
+        let evalBatch = min(config.evalBatchSize ?? (config.task == "lm" ? config.batchSize : 250), n)
+        var correct = 0, targets = 0
         var lossSum = 0.0
         var start = 0
         while start < n {
@@ -308,11 +334,17 @@ public final class Trainer {
             // Predictions (as i32 bits) and the batch loss in one read.
             try b.copy(pred, to: try out.view(offset: 0, shape: [rows]).bitcast(to: .i32))
             let v = try out.floats()
-            for i in 0..<rows where Int32(bitPattern: v[i].bitPattern) == device.hostLabels[i] { correct += 1 }
-            lossSum += Double(v[rows]) * Double(count)
+            var counted = 0
+            for i in 0..<rows where device.hostLabels[i] >= 0 {
+                counted += 1
+                if Int32(bitPattern: v[i].bitPattern) == device.hostLabels[i] { correct += 1 }
+            }
+            // The mean is over this batch's counted targets.
+            if counted > 0 { lossSum += Double(v[rows]) * Double(counted) }
+            targets += counted
             start += count
         }
-        return (Double(correct) / Double(n), lossSum / Double(n))
+        return (correct, lossSum, targets)
     }
 
     private var evalBatchBySize: [Int: DeviceBatch] = [:]

@@ -48,6 +48,16 @@ struct Train: ParsableCommand {
     var seed: UInt64?
     @Flag(name: .long, help: "With --init dense, skip training the dense model for the same steps as a baseline.")
     var noBaseline = false
+    @Option(name: .long, help: "image (a ViT on images, the default) or lm (a Llama-style decoder on text).")
+    var task: String?
+    @Option(name: .long, help: "Language models: tokens per training window.")
+    var seqLen: Int?
+    @Option(name: .long, help: "Language models: which parameters train: all, experts, or experts,router (the rest frozen).")
+    var train: String?
+    @Option(name: .long, help: "Language models with --upcycle granular: shards per copy of the dense MLP.")
+    var granularity: Int?
+    @Option(name: .long, help: "Language models: validation text (default: the corpus's validation plays, or the last 5% of --data).")
+    var evalData: String?
     @Flag(name: .long, help: "Print the resolved config as JSON and exit.")
     var printConfig = false
 
@@ -58,6 +68,7 @@ struct Train: ParsableCommand {
         if let resume {
             let dir = URL(fileURLWithPath: resume)
             var cfg = try TrainRun.loadConfig(dir.appendingPathComponent("config.json").path)
+            if cfg.task == "lm" { return try resumeLanguageModel(cfg, dir: dir, backend: backend) }
             if let steps { cfg.steps = steps }
             let model = try ViT(config: cfg.model, backend: backend, seed: cfg.seed)
             let run = try TrainRun(config: cfg, model: model, out: dir, data: try loadData(cfg))
@@ -67,7 +78,10 @@ struct Train: ParsableCommand {
             return
         }
 
-        var cfg = try config.map(TrainRun.loadConfig) ?? Recipe.defaultFineTune()
+        let fileConfig = try config.map(TrainRun.loadConfig)
+        if task == "lm" || fileConfig?.task == "lm" { return try runLanguageModel(fileConfig, backend: backend) }
+        guard task == nil || task == "image" else { throw ValidationError("unknown --task '\(task!)': use image or lm") }
+        var cfg = fileConfig ?? Recipe.defaultFineTune()
         apply(to: &cfg)
         let start = config == nil ? "dense" : "scratch"
         let initFrom = self.`init` ?? start
@@ -183,6 +197,7 @@ final class ProgressLine {
         var line = String(format: "%@ step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  ETA %@", label, m.step, total, m.loss,
                           m.learningRate, m.tokensPerSecond, formatDuration(eta))
         if let acc = m.accuracy { line += String(format: "  test acc %.2f%%", 100 * acc) }
+        if let loss = m.evalLoss { line += String(format: "  val loss %.4f", loss) }
         if tty {
             print("\r\u{1B}[K" + line, terminator: m.accuracy != nil ? "\n" : "")
             fflush(stdout)
