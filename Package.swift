@@ -53,7 +53,7 @@ let package = Package(
                 swiftSettings: vectorISA,
                 plugins: ["EmbedKernelsPlugin"]),
         .target(name: "MoECheckpoint", dependencies: ["MoECompute"]),
-        .target(name: "MoEModel", dependencies: ["MoECompute", "MoECheckpoint", "CZlib",
+        .target(name: "MoEModel", dependencies: ["MoECompute", "MoECheckpoint", "MoETokenizer", "CZlib",
                                                .product(name: "Yams", package: "Yams")]),
         // Tokenizers (byte-level BPE from GGUF or tokenizer.json, bytes): data handling.
         .target(name: "MoETokenizer", dependencies: ["MoECheckpoint"]),
@@ -66,7 +66,7 @@ let package = Package(
         .target(name: "MoETestSupport", dependencies: ["MoECompute"], path: "Tests/MoETestSupport"),
         .testTarget(name: "MoEComputeTests", dependencies: ["MoECompute", "MoETestSupport"]),
         .testTarget(name: "MoECheckpointTests", dependencies: ["MoECheckpoint", "MoECompute", "moe-gpu", "MoETestSupport"]),
-        .testTarget(name: "MoEModelTests", dependencies: ["MoEModel", "MoECompute", "MoECheckpoint", "MoETestSupport"]),
+        .testTarget(name: "MoEModelTests", dependencies: ["MoEModel", "MoECompute", "MoECheckpoint", "MoETokenizer", "MoETestSupport"]),
         .testTarget(name: "MoETokenizerTests", dependencies: ["MoETokenizer", "MoECheckpoint", "MoETestSupport"], exclude: ["Fixtures"]),
         .testTarget(name: "CLITests", dependencies: ["moe-gpu", "MoETestSupport"]),
     ],
