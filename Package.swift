@@ -58,7 +58,7 @@ let package = Package(
         // Tokenizers (byte-level BPE from GGUF or tokenizer.json, bytes): data handling.
         .target(name: "MoETokenizer", dependencies: ["MoECheckpoint"]),
         .executableTarget(name: "moe-gpu", dependencies: [
-            "MoECompute", "MoEModel", "MoECheckpoint",
+            "MoECompute", "MoEModel", "MoECheckpoint", "MoETokenizer",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 

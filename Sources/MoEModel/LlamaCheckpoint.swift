@@ -32,10 +32,23 @@ public struct LMUpcycleOptions: Sendable {
 /// Reading language models from GGUF files, Hugging Face folders (Llama,
 /// Mistral-style or Mixtral `config.json` + safetensors) and moe-gpu checkpoints.
 public enum LlamaCheckpoint {
-    /// Opens `path` and reads its model config.
+    /// Opens `path` (a checkpoint file, a Hugging Face folder, or a moe-gpu run
+    /// folder: its model.safetensors) and reads its model config.
     public static func open(_ path: String) throws -> (source: TensorSource, config: LMConfig) {
+        let path = resolve(path)
         let source = try openCheckpoint(path: path)
         return (source, try config(of: source, path: path))
+    }
+
+    /// A run folder (it has metrics.jsonl or optimizer.safetensors) means its model.safetensors.
+    public static func resolve(_ path: String) -> String {
+        let fm = FileManager.default, dir = path as NSString
+        let model = dir.appendingPathComponent("model.safetensors")
+        if fm.fileExists(atPath: model) && (fm.fileExists(atPath: dir.appendingPathComponent("metrics.jsonl"))
+                                            || fm.fileExists(atPath: dir.appendingPathComponent("optimizer.safetensors"))) {
+            return model
+        }
+        return path
     }
 
     /// The model a checkpoint holds: the config a moe-gpu run stored, else the
