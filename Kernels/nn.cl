@@ -1,5 +1,5 @@
 // Neural-network ops for the transformer around the experts: LayerNorm/RMSNorm,
-// activations, SwiGLU, softmax, layout permutes, cross-entropy, dropout, pooling.
+// activations, SwiGLU, softmax, layout permutes, cross-entropy, token embedding, dropout, pooling.
 //
 // Conventions: every buffer argument is followed by its offset in elements;
 // "rows x f" means rows of f features, row-major. Row kernels (norms, softmax,
@@ -43,6 +43,26 @@ static float group_max(float v, __local float* red)
     const float total = red[0];
     barrier(CLK_LOCAL_MEM_FENCE);
     return total;
+}
+
+// Inclusive prefix sum of one int per work-item over the work-group
+// (Hillis-Steele in local memory); *total gets the group's sum. Callers pass a
+// __local buffer of MAX_GROUP ints; local size is a power of two.
+static int group_scan(int v, __local int* buf, int* total)
+{
+    const int lid = get_local_id(0), g = get_local_size(0);
+    buf[lid] = v;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int off = 1; off < g; off <<= 1) {
+        const int add = lid >= off ? buf[lid - off] : 0;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        buf[lid] += add;
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const int mine = buf[lid];
+    *total = buf[g - 1];
+    barrier(CLK_LOCAL_MEM_FENCE);   // buf is reused by the next scan
+    return mine;
 }
 
 // Row kernels walk a row four consecutive features at a time (vload4: any
@@ -433,35 +453,58 @@ __kernel void transpose_axes(__global const float* x, const int offX, __global f
 // Cross-entropy with label smoothing s, one work-group per row of C logits z:
 //   q = (1 - s) onehot(label) + s / C,  lse = log sum exp z
 //   loss = -sum q (z - lse) = lse - (1 - s) z_label - (s / C) sum z
-//   dz = gscale * (softmax(z) - q)     (gscale = gradientScale / rows)
+//   dz = gscale * (softmax(z) - q)     (gscale = gradientScale / n)
+// A negative label is an ignored row (loss 0, dz 0); n, the rows with a label
+// >= 0, is counted on the device first (count_targets), so nothing syncs.
+
+// n[0] = the number of labels >= 0; one work-group.
+__kernel void count_targets(__global const int* labels, const int offL, __global int* n, const int rows)
+{
+    __local int buf[MAX_GROUP];
+    int mine = 0, total;
+    for (int i = get_local_id(0); i < rows; i += get_local_size(0)) mine += labels[offL + i] >= 0;
+    group_scan(mine, buf, &total);
+    if (get_local_id(0) == 0) n[0] = total;
+}
+
 __kernel void cross_entropy_rows(__global const float* z, const int offZ, __global const int* labels, const int offL,
                                  __global float* rowLoss, const int offLoss,
                                  __global float* dz, const int offDZ,
-                                 const int C, const float smoothing, const float gscale, const int hasGrad)
+                                 const int C, const float smoothing, const int hasGrad,
+                                 __global const int* targets, const int rows,
+                                 const float gradientScale, const float gscaleAllRows)
 {
     __local float red[MAX_GROUP];
     const int row = get_group_id(0), lid = get_local_id(0), step = get_local_size(0);
     __global const float* zr = z + offZ + (size_t)row * C;
     __global float* dr = dz + offDZ + (size_t)row * C;
     const int label = labels[offL + row];
-    const int valid = label >= 0 && label < C;
     const int quads = C / 4;
+    // A negative label is an ignored row: it reads no logits (zero-length loops)
+    // and writes zeros, but meets every barrier. No early return: on PoCL a
+    // return before the barriers (even one never taken) corrupted memory.
+    const int ignored = label < 0, valid = !ignored && label < C;
+    const int seen = ignored ? 0 : C, seenQuads = seen / 4;
+    // With every row a target, the host's gradientScale / rows: the same bits as
+    // before ignored rows existed (a device division need not be correctly rounded).
+    const int n = targets[0];
+    const float gscale = n == rows ? gscaleAllRows : gradientScale / n;
 
     float4 m4 = -INFINITY, sz4 = 0.0f;
-    for (int q = lid; q < quads; q += step) { const float4 v = vload4(q, zr); m4 = fmax(m4, v); sz4 += v; }
+    for (int q = lid; q < seenQuads; q += step) { const float4 v = vload4(q, zr); m4 = fmax(m4, v); sz4 += v; }
     float m = fmax(fmax(m4.x, m4.y), fmax(m4.z, m4.w)), sz = hsum(sz4);
-    for (int j = 4 * quads + lid; j < C; j += step) { m = fmax(m, zr[j]); sz += zr[j]; }
+    for (int j = 4 * seenQuads + lid; j < seen; j += step) { m = fmax(m, zr[j]); sz += zr[j]; }
     m = group_max(m, red);
     sz = group_sum(sz, red);
     // One exp per element (four at a time); with a gradient, e = exp(z - m) is parked in dz.
     float4 se4 = 0.0f;
-    for (int q = lid; q < quads; q += step) {
+    for (int q = lid; q < seenQuads; q += step) {
         const float4 e = exp(vload4(q, zr) - m);
         if (hasGrad) vstore4(e, q, dr);
         se4 += e;
     }
     float se = hsum(se4);
-    for (int j = 4 * quads + lid; j < C; j += step) {
+    for (int j = 4 * seenQuads + lid; j < seen; j += step) {
         const float e = exp(zr[j] - m);
         if (hasGrad) dr[j] = e;
         se += e;
@@ -470,33 +513,36 @@ __kernel void cross_entropy_rows(__global const float* z, const int offZ, __glob
     const float lse = m + log(se);
 
     if (lid == 0) {
-        rowLoss[offLoss + row] = valid ? lse - (1.0f - smoothing) * zr[label] - smoothing / C * sz : NAN;
+        rowLoss[offLoss + row] = ignored ? 0.0f : valid ? lse - (1.0f - smoothing) * zr[label] - smoothing / C * sz : NAN;
     }
     if (hasGrad) {
         // dz = gscale * (e / se - q); the same split as the exp pass, so each
-        // item rescales only what it parked.
+        // item rescales only what it parked (an ignored row parked nothing: zeros).
         const float inv = 1.0f / se, hit = 1.0f - smoothing, base = smoothing / C;
         for (int q = lid; q < quads; q += step) {
             const int d = label - 4 * q;   // the label's lane in this quad, if any
             const float4 q4 = (float4)(d == 0 ? hit : 0.0f, d == 1 ? hit : 0.0f, d == 2 ? hit : 0.0f, d == 3 ? hit : 0.0f) + base;
-            vstore4(valid ? gscale * (vload4(q, dr) * inv - q4) : (float4)NAN, q, dr);
+            vstore4(ignored ? (float4)0.0f : valid ? gscale * (vload4(q, dr) * inv - q4) : (float4)NAN, q, dr);
         }
         for (int j = 4 * quads + lid; j < C; j += step) {
             const float qj = (j == label ? hit : 0.0f) + base;
-            dr[j] = valid ? gscale * (dr[j] * inv - qj) : NAN;
+            dr[j] = ignored ? 0.0f : valid ? gscale * (dr[j] * inv - qj) : NAN;
         }
     }
 }
 
-// out[0] = mean of v[0..n): one work-group, strided partial sums then the tree.
-__kernel void mean_of(__global const float* v, const int offV, __global float* out, const int offOut, const int n)
+// out[0] = sum of v[0..rows) / targets[0] (ignored rows hold 0), or 0 with no
+// targets: one work-group, strided partial sums then the tree.
+__kernel void mean_loss(__global const float* v, const int offV, __global float* out, const int offOut, const int rows,
+                        __global const int* targets)
 {
     __local float red[MAX_GROUP];
     const int lid = get_local_id(0);
     float s = 0.0f;
-    for (int i = lid; i < n; i += get_local_size(0)) s += v[offV + i];
+    for (int i = lid; i < rows; i += get_local_size(0)) s += v[offV + i];
     s = group_sum(s, red);
-    if (lid == 0) out[offOut] = s / n;
+    const int n = targets[0];
+    if (lid == 0) out[offOut] = n > 0 ? s / n : 0.0f;
 }
 
 // out[r] = first index of the row maximum, one work-item per row (evaluation only).
@@ -509,6 +555,92 @@ __kernel void argmax_rows(__global const float* x, const int offX, __global int*
     int best = 0;
     for (int j = 1; j < f; j++) if (xr[j] > xr[best]) best = j;
     out[offOut + r] = best;
+}
+
+// ---------------------------------------------------------------------------
+// Token embedding: table [V, D], ids [rows], out / dOut [rows, D].
+
+// out[r, j] = table[ids[r], j], one work-item per output element; an id outside
+// 0..<V writes NaN (nothing reports it to the host).
+__kernel void embedding_forward(__global const float* table, const int offT, __global const int* ids, const int offI,
+                                __global float* out, const int offO, const int V, const int D, const int n)
+{
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    const int r = i / D, j = i - r * D;
+    const int id = ids[offI + r];
+    out[offO + i] = id >= 0 && id < V ? table[offT + (size_t)id * D + j] : NAN;
+}
+
+// embedding_forward for CPU devices: one work-item per row, a contiguous copy.
+__kernel void embedding_forward_rowwise(__global const float* table, const int offT, __global const int* ids,
+                                        const int offI, __global float* out, const int offO,
+                                        const int V, const int D, const int rows)
+{
+    const int r = get_global_id(0);
+    if (r >= rows) return;
+    const int id = ids[offI + r];
+    __global float* o = out + offO + (size_t)r * D;
+    if (id >= 0 && id < V) {
+        __global const float* src = table + offT + (size_t)id * D;
+        for (int j = 0; j < D; j++) o[j] = src[j];
+    } else {
+        for (int j = 0; j < D; j++) o[j] = NAN;
+    }
+}
+
+// dTable[id, :] += dOut[r, :] for every row r holding id, added in ascending r
+// with no float atomics: one work-group per row r; the group of the first row
+// holding an id does all of that id's rows and the others return. Items own the
+// columns lid, lid + g, ... of the table row; the rows holding the id are found a
+// tile of g ids at a time (one compare per item, a prefix sum packs the hits in
+// order). Work: O(rows / g) compares per item per group, dOut read once.
+__kernel void embedding_backward(__global const float* dOut, const int offD, __global const int* ids, const int offI,
+                                 __global float* dTable, const int offT, const int rows, const int V, const int D)
+{
+    __local int buf[MAX_GROUP];
+    __local int hits[MAX_GROUP];
+    const int row = get_group_id(0), lid = get_local_id(0), g = get_local_size(0);
+    const int id = ids[offI + row];
+    // No early return (on PoCL one before a barrier corrupted memory): a skipped
+    // id, or one an earlier row's group adds, scans no tiles instead.
+    const int live = id >= 0 && id < V;
+    int earlier = 0, total;
+    if (live) for (int s = lid; s < row; s += g) earlier |= ids[offI + s] == id;
+    group_scan(earlier, buf, &total);
+    const int end = live && total == 0 ? rows : row;
+    __global float* t = dTable + offT + (size_t)(live ? id : 0) * D;
+    for (int s0 = row; s0 < end; s0 += g) {
+        const int s = s0 + lid;
+        const int hit = s < rows && ids[offI + s] == id;
+        const int slot = group_scan(hit, buf, &total);
+        if (hit) hits[slot - 1] = s;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        // The next tile writes hits only after its scan's barriers: no barrier after the reads.
+        for (int k = 0; k < total; k++) {
+            __global const float* src = dOut + offD + (size_t)hits[k] * D;
+            for (int j = lid; j < D; j += g) t[j] += src[j];
+        }
+    }
+}
+
+// embedding_backward for CPU devices: one work-item per row (the first holding
+// its id adds all of that id's rows, whole contiguous rows in ascending order).
+__kernel void embedding_backward_rowwise(__global const float* dOut, const int offD, __global const int* ids,
+                                         const int offI, __global float* dTable, const int offT,
+                                         const int rows, const int V, const int D)
+{
+    const int row = get_global_id(0);
+    if (row >= rows) return;
+    const int id = ids[offI + row];
+    if (id < 0 || id >= V) return;
+    for (int s = 0; s < row; s++) if (ids[offI + s] == id) return;
+    __global float* t = dTable + offT + (size_t)id * D;
+    for (int s = row; s < rows; s++) {
+        if (ids[offI + s] != id) continue;
+        __global const float* src = dOut + offD + (size_t)s * D;
+        for (int j = 0; j < D; j++) t[j] += src[j];
+    }
 }
 
 // ---------------------------------------------------------------------------

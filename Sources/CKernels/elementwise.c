@@ -373,7 +373,13 @@ CK_DISPATCH void ck_cross_entropy_rows(const float *z, const int32_t *labels, fl
     for (size_t r = 0; r < rows; r++) {
         const float *restrict zr = z + r * c;
         const int32_t label = labels[r];
-        const int valid = label >= 0 && (size_t)label < c;
+        if (label < 0) {
+            // Ignored row (no target): no loss and no gradient.
+            loss[r] = 0;
+            if (dlogits) memset(dlogits + r * c, 0, c * sizeof(float));
+            continue;
+        }
+        const int valid = (size_t)label < c;
         float m, sz, se;
         CK_LANE_MAX(m, c, zr[j]);
         CK_LANE_SUM(sz, c, zr[j]);

@@ -205,22 +205,49 @@ extension Reference {
 
     // MARK: Loss and evaluation
 
-    /// Row losses, their mean and `d(mean loss)/d logits`.
+    /// Row losses, their mean over the rows with a target and `d(mean loss)/d logits`.
+    /// A negative label is an ignored row (loss 0, gradient 0, not in the mean; the
+    /// mean is 0 without targets); a label `>= classes` gives NaN for its row.
     public static func crossEntropy(_ logits: [Double], labels: [Int32], classes c: Int, labelSmoothing s: Double)
         -> (rowLoss: [Double], mean: Double, dLogits: [Double]) {
-        let rows = labels.count
+        let rows = labels.count, targets = labels.filter { $0 >= 0 }.count
         var loss = [Double](repeating: 0, count: rows), d = [Double](repeating: 0, count: logits.count)
-        for r in 0..<rows {
+        for r in 0..<rows where labels[r] >= 0 {
+            guard Int(labels[r]) < c else {
+                loss[r] = .nan
+                for j in 0..<c { d[r * c + j] = .nan }
+                continue
+            }
             let z = Array(logits[(r * c)..<(r * c + c)])
             let m = z.max()!
             let lse = m + log(z.reduce(0) { $0 + exp($1 - m) })
             for j in 0..<c {
                 let q = (j == Int(labels[r]) ? 1 - s : 0) + s / Double(c)
                 loss[r] -= q * (z[j] - lse)
-                d[r * c + j] = (exp(z[j] - lse) - q) / Double(rows)
+                d[r * c + j] = (exp(z[j] - lse) - q) / Double(targets)
             }
         }
-        return (loss, loss.reduce(0, +) / Double(rows), d)
+        return (loss, targets > 0 ? loss.reduce(0, +) / Double(targets) : 0, d)
+    }
+
+    // MARK: Embedding
+
+    /// `out[r, :] = table[ids[r], :]` (`table: [V, d]`); NaN rows for ids outside `0..<V`.
+    public static func embedding(_ table: [Double], dim d: Int, ids: [Int32]) -> [Double] {
+        let v = table.count / d
+        return ids.flatMap { id -> [Double] in
+            (0..<v).contains(Int(id)) ? Array(table[(Int(id) * d)..<(Int(id) * d + d)]) : [Double](repeating: .nan, count: d)
+        }
+    }
+
+    /// `dTable + sum over r with ids[r] == v of dOut[r, :]`; ids outside `0..<V` skipped.
+    public static func embeddingBackward(_ dOut: [Double], ids: [Int32], dTable: [Double], dim d: Int) -> [Double] {
+        let v = dTable.count / d
+        var out = dTable
+        for (r, id) in ids.enumerated() where (0..<v).contains(Int(id)) {
+            for j in 0..<d { out[Int(id) * d + j] += dOut[r * d + j] }
+        }
+        return out
     }
 
     public static func argmaxRows(_ x: [Double], features f: Int) -> [Int32] {

@@ -10,5 +10,6 @@
 #include "ckernels_attention.h"
 #include "ckernels_optim.h"
 #include "ckernels_rotary.h"
+#include "ckernels_embedding.h"
 #include "ckernels_parallel.h"
 int ck_vector_bits(void);

@@ -59,9 +59,10 @@ void ck_softmax_backward_rows(const float *dy, const float *y, float *dx, size_t
                               float scale, int accumulate);
 
 /// Cross-entropy with label smoothing `s` for `rows` rows of `c` logits:
-/// loss[r] = lse - (1 - s) z_label - (s / c) sum z (NaN for a label outside
-/// 0..<c); with `dlogits`, dlogits = gscale * (softmax - (1 - s) onehot - s / c)
-/// (all NaN for an invalid label).
+/// loss[r] = lse - (1 - s) z_label - (s / c) sum z (NaN for a label >= c, 0
+/// for a negative label: an ignored row); with `dlogits`, dlogits = gscale *
+/// (softmax - (1 - s) onehot - s / c) (all NaN for a label >= c, all 0 for an
+/// ignored row).
 void ck_cross_entropy_rows(const float *z, const int32_t *labels, float s, float *loss, float *dlogits,
                            float gscale, size_t rows, size_t c);
 

@@ -347,13 +347,39 @@ extension CPUBackend {
         }
     }
 
+    // MARK: Embedding
+
+    public func embedding(table: Tensor, ids: Tensor, out: Tensor) throws {
+        let (v, d, rows) = try NNCheck.embedding("embedding", table: table, ids: ids, rowsTensor: out, "out")
+        guard rows > 0 else { return }
+        let pt = try f32(table), pi = try i32(ids), po = try f32(out)
+        parallelFor(rows, work: rows * d) { range in
+            let r0 = range.lowerBound
+            ck_embedding_rows(pt, v, d, pi + r0, range.count, po + r0 * d)
+        }
+    }
+
+    public func embeddingBackward(dOut: Tensor, ids: Tensor, dTable: Tensor) throws {
+        let (v, d, rows) = try NNCheck.embedding("embeddingBackward", table: dTable, ids: ids, rowsTensor: dOut, "dOut")
+        guard rows > 0 else { return }
+        let pg = try f32(dOut), pi = try i32(ids), pt = try f32(dTable)
+        // Split by columns, never by rows: each table element is summed by one
+        // thread in ascending row order, so repeated ids give the same bits.
+        columnGroups(rows: rows, cols: d) { c0, width in
+            ck_embedding_backward_columns(pg, pi, rows, v, d, c0, width, pt)
+        }
+    }
+
     // MARK: Loss and evaluation
 
     public func crossEntropy(logits: Tensor, labels: Tensor, labelSmoothing: Float,
                              rowLoss: Tensor, meanLoss: Tensor, dLogits: Tensor?, gradientScale: Float) throws {
         let (rows, c) = try NNCheck.crossEntropy(logits, labels, rowLoss, meanLoss, dLogits)
         let pz = try f32(logits), pl = try i32(labels), ploss = try f32(rowLoss), pd = try dLogits.map(f32)
-        let s = labelSmoothing, gscale = gradientScale / Float(max(rows, 1))
+        // Negative labels are ignored rows: the mean and the gradient are over the others.
+        var targets = 0
+        for r in 0..<rows where pl[r] >= 0 { targets += 1 }
+        let s = labelSmoothing, gscale = gradientScale / Float(max(targets, 1))
         // loss = lse - (1 - s) z_label - (s / C) sum z; dLogits = gscale (softmax - (1 - s) onehot - s / C).
         parallelFor(rows, work: logits.count * 4) { range in
             let r0 = range.lowerBound
@@ -361,7 +387,7 @@ extension CPUBackend {
         }
         var total: Double = 0
         for r in 0..<rows { total += Double(ploss[r]) }
-        try f32(meanLoss)[0] = rows > 0 ? Float(total / Double(rows)) : .nan
+        try f32(meanLoss)[0] = targets > 0 ? Float(total / Double(targets)) : 0
     }
 
     public func argmaxRows(_ x: Tensor, out: Tensor) throws {

@@ -216,18 +216,49 @@ extension OpenCLBackend {
             try arg(x) + arg(out) + d.map(int) + s.map(int), global: [walkers, outer], local: [walkers, 1])
     }
 
+    // MARK: Embedding
+
+    public func embedding(table: Tensor, ids: Tensor, out: Tensor) throws {
+        let (v, d, rows) = try NNCheck.embedding("embedding", table: table, ids: ids, rowsTensor: out, "out")
+        let args: [CLArg] = try arg(table) + arg(ids) + arg(out) + [int(v), int(d)]
+        if cpuShapes {
+            try kernel("embedding_forward_rowwise", in: "nn.cl").launch(args + [int(rows)], global: [rows], local: [1])
+        } else {
+            try launch1D("embedding_forward", in: "nn.cl", args + [int(rows * d)], count: rows * d)
+        }
+    }
+
+    public func embeddingBackward(dOut: Tensor, ids: Tensor, dTable: Tensor) throws {
+        let (v, d, rows) = try NNCheck.embedding("embeddingBackward", table: dTable, ids: ids, rowsTensor: dOut, "dOut")
+        guard rows > 0 else { return }
+        let args: [CLArg] = try arg(dOut) + arg(ids) + arg(dTable) + [int(rows), int(v), int(d)]
+        if cpuShapes {
+            try kernel("embedding_backward_rowwise", in: "nn.cl").launch(args, global: [rows], local: [1])
+        } else {
+            // A full group whatever D: the group also scans the ids, a tile of g at a time.
+            let g = maxReductionGroup
+            try kernel("embedding_backward", in: "nn.cl").launch(args, global: [rows * g], local: [g])
+        }
+    }
+
     // MARK: Loss and evaluation
 
     public func crossEntropy(logits: Tensor, labels: Tensor, labelSmoothing: Float,
                              rowLoss: Tensor, meanLoss: Tensor, dLogits: Tensor?, gradientScale: Float) throws {
         let (rows, c) = try NNCheck.crossEntropy(logits, labels, rowLoss, meanLoss, dLogits)
-        guard rows > 0 else { return try fill(meanLoss, value: .nan) }
+        guard rows > 0 else { return try fill(meanLoss, value: 0) }
+        // The rows with a target (label >= 0), counted on the device: the mean and
+        // the gradient divide by it without a host sync.
+        let targets = CLArg.buffer(try buffer(try scratchTensor("targets", 1, dtype: .i32)))
+        let g = rowGroup(rows)
+        try kernel("count_targets", in: "nn.cl").launch(try arg(labels) + [targets, int(rows)], global: [g], local: [g])
         let grad = dLogits ?? logits
         let args: [CLArg] = try arg(logits) + arg(labels) + arg(rowLoss) + arg(grad)
-            + [int(c), .float(labelSmoothing), .float(gradientScale / Float(rows)), flag(dLogits != nil)]
+            + [int(c), .float(labelSmoothing), flag(dLogits != nil), targets, int(rows),
+               .float(gradientScale), .float(gradientScale / Float(rows))]
         try launchRows("cross_entropy_rows", in: "nn.cl", args, rows: rows, features: c)
-        let g = rowGroup(rows)
-        try kernel("mean_of", in: "nn.cl").launch(try arg(rowLoss) + arg(meanLoss) + [int(rows)], global: [g], local: [g])
+        try kernel("mean_loss", in: "nn.cl").launch(try arg(rowLoss) + arg(meanLoss) + [int(rows), targets],
+                                                    global: [g], local: [g])
     }
 
     public func argmaxRows(_ x: Tensor, out: Tensor) throws {

@@ -1,4 +1,4 @@
-/// LayerNorm, RMSNorm, GELU, SiLU/SwiGLU, softmax, cross-entropy, attention helpers, with gradients.
+/// LayerNorm, RMSNorm, GELU, SiLU/SwiGLU, softmax, token embedding, cross-entropy, attention helpers, with gradients.
 /// Both backends implement every requirement; tests compare them with float64 references.
 ///
 /// Conventions shared by every op here:
@@ -102,15 +102,32 @@ public protocol NNOps: AnyObject {
     /// (`Reference.inversePermutation`). Not in place.
     func transposeAxes(_ x: Tensor, permutation: [Int], out: Tensor) throws
 
+    // MARK: Embedding
+
+    /// Token embedding lookup: `out[r, :] = table[ids[r], :]`. `table`: f32 `[V, D]`
+    /// (`D = table.shape.last`); `ids`: i32 of any shape, `rows = ids.count`; `out`:
+    /// f32 holding `rows * D` elements. An id outside `0..<V` writes a row of NaN
+    /// (the device does not report it to the host; the NaN shows up in the loss).
+    func embedding(table: Tensor, ids: Tensor, out: Tensor) throws
+
+    /// Gradient of `embedding`, always accumulated:
+    /// `dTable[v, :] += sum over r with ids[r] == v of dOut[r, :]`, added row by row
+    /// in ascending `r` (no float atomics: bit-identical run to run). Ids outside
+    /// `0..<V` are skipped; rows of `dTable` no id names are not touched.
+    func embeddingBackward(dOut: Tensor, ids: Tensor, dTable: Tensor) throws
+
     // MARK: Loss and evaluation
 
     /// Cross-entropy with label smoothing `s` over `logits: [rows, classes]` and
-    /// `labels: [rows]` (i32 in `0..<classes`; a label out of range gives a NaN loss
-    /// for its row). The target is `q = (1 - s) * onehot(label) + s / classes`.
+    /// `labels: [rows]` (i32). The target is `q = (1 - s) * onehot(label) + s / classes`.
+    /// A negative label (PyTorch's `ignore_index = -100`) means no target: its
+    /// `rowLoss` is 0, its `dLogits` row 0, and it does not count in the mean. A
+    /// label `>= classes` gives a NaN loss (and gradient) for its row, and so a NaN mean.
     /// Writes `rowLoss[r] = -sum_c q_c log softmax(z_r)_c` (`[rows]`), their mean
-    /// into `meanLoss` (`[1]`, a fixed-order reduction, stays on the device), and,
-    /// when `dLogits` is given, the gradient of `gradientScale * meanLoss`:
-    /// `dLogits = gradientScale * (softmax(z) - q) / rows` (overwritten; not the
+    /// over the `n` rows with a label `>= 0` into `meanLoss` (`[1]`, 0 when `n == 0`;
+    /// a fixed-order reduction that stays on the device), and, when `dLogits` is
+    /// given, the gradient of `gradientScale * meanLoss`:
+    /// `dLogits = gradientScale * (softmax(z) - q) / n` (overwritten; not the
     /// `logits` tensor itself: the rows are read after dLogits is written).
     func crossEntropy(logits: Tensor, labels: Tensor, labelSmoothing: Float,
                       rowLoss: Tensor, meanLoss: Tensor, dLogits: Tensor?, gradientScale: Float) throws
@@ -261,6 +278,21 @@ enum NNCheck {
         if let dLogits { try f32("crossEntropy", dLogits); try count("crossEntropy", dLogits, logits.count, "dLogits") }
         try require(logits.count + logits.offset < Int(Int32.max), "crossEntropy: tensors over 2^31 elements are not supported")
         return (rows, c)
+    }
+
+    /// `table: [V, D]` f32, `ids` i32, `rows = ids.count`, `out` (or `dOut`) `rows * D` f32;
+    /// returns `(V, D, rows)`. `op` names the caller in the messages.
+    static func embedding(_ op: String, table: Tensor, ids: Tensor, rowsTensor: Tensor,
+                          _ rowsName: String) throws -> (vocabulary: Int, dim: Int, rows: Int) {
+        try f32(op, table, rowsTensor)
+        try require(ids.dtype == .i32, "\(op): ids must be i32, got \(ids.dtype)")
+        try require(table.rank >= 2, "\(op): table must be [vocabulary, dim], got \(table.shape)")
+        let d = table.shape.last!
+        let v = try self.rows(op, table, features: d)
+        let rows = ids.count
+        try count(op, rowsTensor, rows * d, "\(rowsName) (\(rows) ids of \(d) features)")
+        try require(rowsTensor.count + rowsTensor.offset < Int(Int32.max), "\(op): tensors over 2^31 elements are not supported")
+        return (v, d, rows)
     }
 
     static func argmax(_ x: Tensor, _ out: Tensor) throws -> (rows: Int, features: Int) {
