@@ -14,6 +14,10 @@ let vectorISA: [SwiftSetting] = [.unsafeFlags(["-target-cpu", isa])]
 #else
 let vectorISA: [SwiftSetting] = []
 #endif
+// Checkpoint decoding (GGUF dequantisation, upcycling's weight shuffles) and the
+// model's host-side loops run over hundreds of millions of values: optimised in
+// debug builds too, or the tests on the real checkpoints take minutes.
+let alwaysOptimized: [SwiftSetting] = [.unsafeFlags(["-O"])]
 
 let package = Package(
     name: "moe-gpu",
@@ -52,9 +56,9 @@ let package = Package(
         .target(name: "MoECompute", dependencies: ["COpenCL", "CBLAS", "CPeak", "CKernels"],
                 swiftSettings: vectorISA,
                 plugins: ["EmbedKernelsPlugin"]),
-        .target(name: "MoECheckpoint", dependencies: ["MoECompute"]),
+        .target(name: "MoECheckpoint", dependencies: ["MoECompute"], swiftSettings: alwaysOptimized),
         .target(name: "MoEModel", dependencies: ["MoECompute", "MoECheckpoint", "MoETokenizer", "CZlib",
-                                               .product(name: "Yams", package: "Yams")]),
+                                               .product(name: "Yams", package: "Yams")], swiftSettings: alwaysOptimized),
         // Tokenizers (byte-level BPE from GGUF or tokenizer.json, bytes): data handling.
         .target(name: "MoETokenizer", dependencies: ["MoECheckpoint"]),
         .executableTarget(name: "moe-gpu", dependencies: [

@@ -163,7 +163,7 @@ extension LMRecipe {
                                         backend: Backend, batch: Int = 8) throws -> [Int: [Double]] {
         var c = config
         c.moe = nil; c.moeLayers = []
-        let model = try LlamaModel(config: c, backend: backend, seed: 0, sequenceLength: windows.seqLen, training: false)
+        let model = try LlamaModel(config: c, backend: backend, seed: 0, sequenceLength: windows.seqLen, training: false, initialize: false)
         try LlamaCheckpoint.load(source, into: model)
         var sums: [Int: [Double]] = [:]
         var start = 0

@@ -278,13 +278,15 @@ public final class LlamaModel: Model {
     public var sequenceLength: Int
 
     /// `training: false` builds an inference-only model (no gradients, no moments);
-    /// `trainable` picks the parameters that train (nil: all).
+    /// `trainable` picks the parameters that train (nil: all); `initialize: false`
+    /// leaves every value zero for a checkpoint to fill (`LlamaCheckpoint.load`).
     public init(config: LMConfig, backend: Backend, seed: UInt64, sequenceLength: Int = 256, training: Bool = true,
-                trainable: ((String) -> Bool)? = nil) throws {
+                trainable: ((String) -> Bool)? = nil, initialize: Bool = true) throws {
         try config.validate()
         self.config = config
         self.sequenceLength = sequenceLength
-        let store = ParameterStore(backend: backend, seed: seed, training: training, trainable: trainable)
+        let store = ParameterStore(backend: backend, seed: seed, training: training, trainable: trainable,
+                                   initialize: initialize, deferGradients: true)
         params = store
         embedding = try store.make("model.embed_tokens.weight", [config.vocabSize, config.hidden], .normal(std: 0.02), decays: false)
         layers = try (0..<config.layers).map { try DecoderLayer(store, index: $0, config: config) }

@@ -104,9 +104,16 @@ public final class ParameterStore {
 
     /// Which parameters train (`--train experts,router`); nil: all.
     let trainablePredicate: ((String) -> Bool)?
+    /// False when every value will be loaded from a checkpoint: parameters start
+    /// at zero instead of drawing their initialisers (seconds for large models).
+    let initialize: Bool
+    /// True for models that call `finalize()`: gradients are made there only, in the flat buffer.
+    let deferGradients: Bool
 
-    public init(backend: Backend, seed: UInt64, training: Bool = true, trainable: ((String) -> Bool)? = nil) {
+    public init(backend: Backend, seed: UInt64, training: Bool = true, trainable: ((String) -> Bool)? = nil,
+                initialize: Bool = true, deferGradients: Bool = false) {
         self.backend = backend; self.seed = seed; self.training = training; trainablePredicate = trainable
+        self.initialize = initialize; self.deferGradients = deferGradients
     }
 
     /// Creates (and registers) a parameter. `range` groups expert weights by MoE
@@ -118,9 +125,9 @@ public final class ParameterStore {
         let trainable = trainable && (trainablePredicate?(name) ?? true)
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         for b in name.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
-        let value = try backend.tensor(initializer.values(shape: shape, seed: seed ^ h), shape: shape)
+        let value = initialize ? try backend.tensor(initializer.values(shape: shape, seed: seed ^ h), shape: shape) : try backend.zeros(shape)
         // Until finalize() a parameter owns its tensors, so layers built alone (benchmarks) work too.
-        let grad = training && trainable ? try backend.zeros(shape) : nil
+        let grad = training && trainable && !deferGradients ? try backend.zeros(shape) : nil
         let p = Parameter(name: name, value: value, grad: grad, decays: decays, trainable: trainable, range: range)
         all.append(p)
         byName[name] = p

@@ -219,7 +219,7 @@ public final class ViT: Model {
     public init(config: ViTConfig, backend: Backend, seed: UInt64, training: Bool = true) throws {
         try config.validate()
         self.config = config
-        let store = ParameterStore(backend: backend, seed: seed, training: training)
+        let store = ParameterStore(backend: backend, seed: seed, training: training, deferGradients: true)
         params = store
         patchEmbed = try Linear(store, "patch_embed.proj", in: config.patchDim, out: config.width)
         // The class token, when used, is row 0 of the position table (cls + pos[0] is one free vector).

@@ -33,7 +33,7 @@ struct Generate: ParsableCommand {
         let backend = try DeviceCatalog().makeBackend(try DeviceSelector.resolve(device))
         let (source, config) = try LlamaCheckpoint.open(checkpoint)
         let (tokenizer, _) = try LMRecipe.tokenizer(config.tokenizer)
-        let model = try LlamaModel(config: config, backend: backend, seed: 0, sequenceLength: 1, training: false)
+        let model = try LlamaModel(config: config, backend: backend, seed: 0, sequenceLength: 1, training: false, initialize: false)
         try LlamaCheckpoint.load(source, into: model)
         var text = prompt
         var stops: Set<Int32> = Set([config.eosID, tokenizer.eosID].compactMap { $0 })

@@ -66,7 +66,8 @@ extension Train {
             source = try openCheckpoint(path: file)
         default: break
         }
-        let model = try LlamaModel(config: lm, backend: backend, seed: cfg.seed, sequenceLength: cfg.seqLen, trainable: trainable)
+        let model = try LlamaModel(config: lm, backend: backend, seed: cfg.seed, sequenceLength: cfg.seqLen, trainable: trainable,
+                                   initialize: source == nil)
         if let source {
             var options = LMUpcycleOptions(method: method ?? .replicate, granularity: granularity ?? 1, seed: cfg.seed)
             if method == .recycle {
@@ -89,7 +90,7 @@ extension Train {
             // The fair comparison: the same dense model trained for the same extra steps.
             var denseCfg = cfg
             denseCfg.lm?.moe = nil; denseCfg.lm?.moeLayers = []
-            let dense = try LlamaModel(config: denseCfg.lm!, backend: backend, seed: cfg.seed, sequenceLength: cfg.seqLen)
+            let dense = try LlamaModel(config: denseCfg.lm!, backend: backend, seed: cfg.seed, sequenceLength: cfg.seqLen, initialize: false)
             try LlamaCheckpoint.load(try openCheckpoint(path: denseFile), into: dense)
             let continued = try TrainRun(config: denseCfg, trainer: try Trainer(config: denseCfg, model: dense, train: data.train, test: data.test),
                                          out: outDir.appendingPathComponent("dense-continued"))
@@ -104,7 +105,8 @@ extension Train {
         var cfg = saved
         if let steps { cfg.steps = steps }
         let lm = cfg.lm!
-        let model = try LlamaModel(config: lm, backend: backend, seed: cfg.seed, sequenceLength: cfg.seqLen, trainable: try trainablePredicate())
+        let model = try LlamaModel(config: lm, backend: backend, seed: cfg.seed, sequenceLength: cfg.seqLen, trainable: try trainablePredicate(),
+                                   initialize: false)
         let data = try LMRecipe.sources(train: cfg.data, validation: cfg.evalData, tokenizer: lm.tokenizer, seqLen: cfg.seqLen)
         let run = try TrainRun(config: cfg, trainer: try Trainer(config: cfg, model: model, train: data.train, test: data.test), out: dir)
         try run.resume(from: dir)
