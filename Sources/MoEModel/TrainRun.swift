@@ -61,6 +61,14 @@ public final class TrainRun {
             model["moe"] = try JSONSerialization.jsonObject(with: try JSONEncoder().encode(Recipe.moe(router: router)))
             defaults["model"] = model
         }
+        // A language-model section starts from the default Llama (and Mixtral routing for its MoE).
+        if let lm = user["lm"] as? [String: Any] {
+            var lmDefaults = try JSONSerialization.jsonObject(with: try JSONEncoder().encode(LMRecipe.denseModel())) as! [String: Any]
+            if lm["moe"] is [String: Any] {
+                lmDefaults["moe"] = try JSONSerialization.jsonObject(with: try JSONEncoder().encode(LMRecipe.mixtralMoE()))
+            }
+            defaults["lm"] = lmDefaults
+        }
         var unknown: [String] = []
         let merged = merge(defaults, user, path: "", unknown: &unknown)
         guard unknown.isEmpty else {

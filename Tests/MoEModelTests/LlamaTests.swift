@@ -302,3 +302,48 @@ final class GenerationTests: XCTestCase {
         XCTAssertEqual(greedy.next(logits), 0)
     }
 }
+
+final class LMCheckpointErrorTests: XCTestCase {
+    /// A Hugging Face Mixtral folder whose expert 1 is narrower than the others.
+    func testMixtralWhoseExpertsDisagreeInShape() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mixtral-bad-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        var c = tinyLM(moe: "topk", experts: 3)
+        c.moeLayers = [0, 1]
+        let model = try LlamaModel(config: c, backend: CPUBackend(), seed: 1, training: false)
+        var tensors: [(name: String, dtype: StorageDType, shape: [Int], data: Data)] = []
+        for t in model.checkpointTensors {
+            var shape = t.shape, values = try t.value().floats()
+            if t.name == "model.layers.1.block_sparse_moe.experts.1.w1.weight" { shape[0] -= 2; values.removeLast(2 * shape[1]) }
+            tensors.append((t.name, .F32, shape, encodeFloats(values, as: .F32)))
+        }
+        try writeSafetensors(to: dir.appendingPathComponent("model.safetensors"), tensors: tensors, metadata: ["format": "pt"])
+        let config = """
+            {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 8, "intermediate_size": 12,
+             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 11,
+             "num_local_experts": 3, "num_experts_per_tok": 2, "rope_theta": 100.0, "rms_norm_eps": 1e-05,
+             "max_position_embeddings": 16, "tie_word_embeddings": false}
+            """
+        try Data(config.utf8).write(to: dir.appendingPathComponent("config.json"))
+        let (source, stored) = try LlamaCheckpoint.open(dir.path)
+        XCTAssertEqual(stored.moe?.experts, 3)
+        XCTAssertEqual(stored.moeLayers, [0, 1])
+        let target = try LlamaModel(config: stored, backend: CPUBackend(), seed: 1, training: false, initialize: false)
+        XCTAssertThrowsError(try LlamaCheckpoint.load(source, into: target)) { e in
+            XCTAssertTrue("\(e)".contains("experts.1.w1.weight has shape [10, 8], the model needs [12, 8]"), "\(e)")
+        }
+    }
+
+    func testUnknownArchitectureInConfig() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bert-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        try writeSafetensors(to: dir.appendingPathComponent("model.safetensors"),
+                             tensors: [("embeddings.word_embeddings.weight", .F32, [2, 2], encodeFloats([1, 2, 3, 4], as: .F32))], metadata: [:])
+        try Data(#"{"model_type": "bert", "hidden_size": 2}"#.utf8).write(to: dir.appendingPathComponent("config.json"))
+        XCTAssertThrowsError(try LlamaCheckpoint.open(dir.path)) { e in
+            XCTAssertTrue("\(e)".contains("is a \"bert\" model"), "\(e)")
+        }
+    }
+}
