@@ -1,4 +1,5 @@
 import Foundation
+import MoECheckpoint
 import MoECompute
 
 /// Bench cases that need the model: a whole top-k MoE layer (forward + backward)
@@ -149,5 +150,57 @@ public enum LayerBenchmark {
             }
         }
         return active
+    }
+}
+
+extension LayerBenchmark {
+    /// One training step of a decoder LM on seeded random token windows: the
+    /// model `config.lm`, or the checkpoint at `checkpoint` (GGUF, Hugging Face
+    /// folder) upcycled at load into `config.lm`'s MoE layout when it has one.
+    /// FLOPs = 6 x active parameters x tokens (attention's score FLOPs not
+    /// counted, as MFU usually states it).
+    public static func lmTrainStep(config: TrainConfig, checkpoint: String? = nil, upcycle: LMUpcycleMethod = .replicate,
+                                   label: String) -> BenchCase {
+        BenchCase(kernel: "lm-train-step", shape: label) { backend in
+            var cfg = config
+            var source: TensorSource?
+            if let checkpoint {
+                let (s, stored) = try LlamaCheckpoint.open(checkpoint)
+                var lm = stored
+                lm.moe = config.lm?.moe
+                lm.moeLayers = config.lm?.moe == nil ? [] : Array(0..<lm.layers)
+                cfg.lm = lm
+                source = s
+            }
+            cfg.evalEvery = 0
+            let lm = cfg.lm!
+            let model = try LlamaModel(config: lm, backend: backend, seed: cfg.seed, sequenceLength: cfg.seqLen, initialize: source == nil)
+            if let source {
+                try LlamaCheckpoint.load(source, into: model, upcycle: lm.moeLayers.isEmpty ? nil : LMUpcycleOptions(method: upcycle))
+            }
+            var rng = SplitMix64(seed: 3)
+            let windows = cfg.batchSize * 8
+            let ids = (0..<(windows * cfg.seqLen + 1)).map { _ in Int32(rng.next() % UInt64(lm.vocabSize)) }
+            let corpus = try TokenizedCorpus(tokens: ids, padID: 0)
+            let data = try LMBatchSource(corpus, seqLen: cfg.seqLen)
+            let trainer = try Trainer(config: cfg, model: model, train: data, test: data)
+            let tokens = Double(cfg.batchSize * cfg.gradientAccumulation * cfg.seqLen)
+            var active = Double(model.params.parameterCount)
+            for layer in model.layers {
+                guard let moe = layer.ffn as? MoELayer, let m = lm.moe else { continue }
+                let bank = Double(moe.experts.w1.count + moe.experts.w2.count)
+                active -= bank * (1 - Double(m.topK) / Double(m.experts))
+            }
+            _ = try trainer.trainStep()
+            let before = backend.counters.snapshot
+            _ = try trainer.trainStep()
+            let profile = backend.counters.snapshot.since(before)
+            return BenchWork(run: { _ = try trainer.trainStep() }, flops: 6 * active * tokens,
+                             extra: ["active_params": active, "total_params": Double(model.params.parameterCount),
+                                     "tokens_per_step": tokens, "launches_per_step": Double(profile.launches),
+                                     "host_syncs_per_step": Double(profile.hostSyncs),
+                                     "allocations_per_step": Double(profile.allocations)],
+                             derive: { t, _ in ["tokens_per_s": tokens / t] }, reportsMFU: true)
+        }
     }
 }

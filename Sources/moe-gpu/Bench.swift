@@ -34,6 +34,8 @@ struct Bench: ParsableCommand {
     var quick = false
     @Flag(name: .long, help: "One JSON object per line instead of a table.")
     var json = false
+    @Option(name: .long, help: "A Llama checkpoint (GGUF or Hugging Face folder): adds lm-train-step rows for it dense and upcycled to 8 experts top-2 (sequence 256 x batch 4, as the issue's PyTorch figures).")
+    var lmCheckpoint: String?
 
     /// The model-level cases: the whole MoE layer, and the training step of the
     /// default model (SpheroMoE), its dense variant and the same model with every
@@ -58,6 +60,30 @@ struct Bench: ParsableCommand {
         // Quick runs train on synthetic images: loading Fashion-MNIST takes longer than the steps.
         return [LayerBenchmark.moeLayer(tokens: s.t, width: s.h, hidden: s.i, experts: s.e, k: s.k)]
             + configs.map { LayerBenchmark.trainStep(config: $0, label: describe($0), synthetic: s.quick) }
+            + languageModelCases(s)
+    }
+
+    /// The default byte-level Llama of `train --task lm`, dense and 8 experts top-2 in every layer.
+    static func languageModelCases(_ s: BenchShapes) -> [BenchCase] {
+        var moe = LMRecipe.defaultFineTune()
+        if s.quick { moe.batchSize = 2; moe.seqLen = 32 }
+        var dense = moe
+        dense.lm?.moe = nil; dense.lm?.moeLayers = []
+        let describe = { (c: TrainConfig) in
+            "Llama h=\(c.lm!.hidden) L=\(c.lm!.layers) \(c.lm!.moe.map { "\($0.experts)x top-\($0.topK)" } ?? "dense") \(c.batchSize)x\(c.seqLen)"
+        }
+        return [dense, moe].map { LayerBenchmark.lmTrainStep(config: $0, label: describe($0)) }
+    }
+
+    /// A real checkpoint at the issue's shapes (batch 4 x sequence 256), dense and 8 x top-2 replicate.
+    static func checkpointCases(_ path: String) -> [BenchCase] {
+        var c = LMRecipe.defaultFineTune()
+        c.batchSize = 4; c.seqLen = 256
+        var dense = c
+        dense.lm?.moe = nil
+        let name = (path as NSString).lastPathComponent
+        return [LayerBenchmark.lmTrainStep(config: dense, checkpoint: path, label: "\(name) dense 4x256"),
+                LayerBenchmark.lmTrainStep(config: c, checkpoint: path, label: "\(name) 8x top-2 replicate 4x256")]
     }
 
     func run() throws {
@@ -67,7 +93,7 @@ struct Bench: ParsableCommand {
             : [try DeviceSelector.resolve(device)]
         let shapes: BenchShapes = quick ? .quick : .full
         let timedRuns = max(runs ?? (quick ? 3 : 10), 1)
-        let all = BenchSuite.cases(shapes) + Bench.modelCases(shapes)
+        let all = BenchSuite.cases(shapes) + Bench.modelCases(shapes) + (lmCheckpoint.map(Bench.checkpointCases) ?? [])
         let cases = all.filter { c in
             (kernel.map { c.kernel.contains($0) } ?? true) && (shape.map { c.shape.contains($0) } ?? true)
         }
