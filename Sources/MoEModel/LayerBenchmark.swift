@@ -185,12 +185,7 @@ extension LayerBenchmark {
             let data = try LMBatchSource(corpus, seqLen: cfg.seqLen)
             let trainer = try Trainer(config: cfg, model: model, train: data, test: data)
             let tokens = Double(cfg.batchSize * cfg.gradientAccumulation * cfg.seqLen)
-            var active = Double(model.params.parameterCount)
-            for layer in model.layers {
-                guard let moe = layer.ffn as? MoELayer, let m = lm.moe else { continue }
-                let bank = Double(moe.experts.w1.count + moe.experts.w2.count)
-                active -= bank * (1 - Double(m.topK) / Double(m.experts))
-            }
+            let active = model.activeParameterCount
             _ = try trainer.trainStep()
             let before = backend.counters.snapshot
             _ = try trainer.trainStep()

@@ -106,7 +106,10 @@ final class CausalSelfAttention {
     let rotary: RotaryConfig
     let ws: Workspace
 
-    init(_ store: ParameterStore, _ name: String, config c: LMConfig) throws {
+    let scratch: Workspace
+
+    init(_ store: ParameterStore, _ name: String, config c: LMConfig, scratch: Workspace) throws {
+        self.scratch = scratch
         heads = c.heads; kvHeads = c.kvHeads; headDim = c.resolvedHeadDim; rotary = c.rotary
         qkv = try Linear(store, "\(name).qkv_proj", in: c.hidden, out: (heads + 2 * kvHeads) * headDim, bias: false)
         output = try Linear(store, "\(name).o_proj", in: heads * headDim, out: c.hidden, bias: false)
@@ -141,9 +144,9 @@ final class CausalSelfAttention {
     /// Writes (overwrites) the input gradient into `dX`.
     func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, positions: Tensor, dX: Tensor) throws {
         let b = dOut.backend, rows = batch * tokens, c = shape(batch: batch, tokens: tokens)
-        let merged = try ws.get("merged", [rows, heads * headDim]), dMerged = try ws.get("dMerged", [rows, heads * headDim])
+        let merged = try ws.get("merged", [rows, heads * headDim]), dMerged = try scratch.get("attn.dMerged", [rows, heads * headDim])
         try output.backward(dY: dOut, x: merged, rows: rows, dX: dMerged)
-        let packed = try ws.get("qkv", [rows, packedWidth]), dPacked = try ws.get("dqkv", [rows, packedWidth])
+        let packed = try ws.get("qkv", [rows, packedWidth]), dPacked = try scratch.get("attn.dqkv", [rows, packedWidth])
         let (q, k, v) = try c.views(ofPacked: packed)
         let (dq, dk, dv) = try c.views(ofPacked: dPacked)
         try b.attentionBackward(c, q: q, k: k, v: v, out: merged, logSumExp: try ws.get("logSumExp", [batch, heads, tokens]),
@@ -159,10 +162,10 @@ final class CausalSelfAttention {
 final class GatedMLP: FeedForward {
     let gateUp: Linear, down: Linear
     let hidden: Int
-    let ws: Workspace
+    let ws: Workspace, scratch: Workspace
 
-    init(_ store: ParameterStore, _ name: String, width: Int, hidden: Int) throws {
-        self.hidden = hidden
+    init(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, scratch: Workspace) throws {
+        self.hidden = hidden; self.scratch = scratch
         gateUp = try Linear(store, "\(name).gate_up_proj", in: width, out: 2 * hidden, bias: false)
         down = try Linear(store, "\(name).down_proj", in: hidden, out: width, bias: false)
         ws = Workspace(backend: store.backend)
@@ -179,7 +182,7 @@ final class GatedMLP: FeedForward {
     func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor, lossScale: Float) throws {
         let rows = batch * tokens, b = dOut.backend
         let h = try ws.get("h", [rows, 2 * hidden]), a = try ws.get("a", [rows, hidden])
-        let dA = try ws.get("dA", [rows, hidden]), dH = try ws.get("dH", [rows, 2 * hidden])
+        let dA = try scratch.get("mlp.dA", [rows, hidden]), dH = try scratch.get("mlp.dH", [rows, 2 * hidden])
         try down.backward(dY: dOut, x: a, rows: rows, dX: dA)
         try b.swiGLUBackward(dY: dA, x: h, dX: dH, accumulate: false)
         try gateUp.backward(dY: dH, x: x, rows: rows, dX: dX, accumulateDX: false)
@@ -194,19 +197,19 @@ final class DecoderLayer {
     let inputNorm: RMSNormLayer, postAttentionNorm: RMSNormLayer
     let attention: CausalSelfAttention
     let ffn: FeedForward
-    let ws: Workspace
+    let ws: Workspace, scratch: Workspace
     private var input: Tensor?
 
-    init(_ store: ParameterStore, index: Int, config c: LMConfig) throws {
-        self.index = index
+    init(_ store: ParameterStore, index: Int, config c: LMConfig, scratch: Workspace) throws {
+        self.index = index; self.scratch = scratch
         let name = "model.layers.\(index)"
         inputNorm = try RMSNormLayer(store, "\(name).input_layernorm.weight", features: c.hidden, eps: c.rmsNormEps)
-        attention = try CausalSelfAttention(store, "\(name).self_attn", config: c)
+        attention = try CausalSelfAttention(store, "\(name).self_attn", config: c, scratch: scratch)
         postAttentionNorm = try RMSNormLayer(store, "\(name).post_attention_layernorm.weight", features: c.hidden, eps: c.rmsNormEps)
         if c.moeLayers.contains(index), let m = c.moe {
-            ffn = try makeLanguageMoE(store, "\(name).block_sparse_moe", width: c.hidden, hidden: c.expertIntermediate, config: m)
+            ffn = try makeLanguageMoE(store, "\(name).block_sparse_moe", width: c.hidden, hidden: c.expertIntermediate, config: m, scratch: scratch)
         } else {
-            ffn = try GatedMLP(store, "\(name).mlp", width: c.hidden, hidden: c.intermediate)
+            ffn = try GatedMLP(store, "\(name).mlp", width: c.hidden, hidden: c.intermediate, scratch: scratch)
         }
         ws = Workspace(backend: store.backend)
     }
@@ -216,13 +219,13 @@ final class DecoderLayer {
         input = x
         let n1 = try ws.get("n1", [rows, d])
         try inputNorm.forward(x, into: n1, rstd: try ws.get("r1", [rows]))
-        let attnOut = try ws.get("attnOut", [rows, d])
+        let attnOut = try scratch.get("layer.attnOut", [rows, d])
         try attention.forward(n1, batch: batch, tokens: tokens, positions: positions, into: attnOut)
         let mid = try ws.get("mid", [rows, d])
         try b.add(x, attnOut, into: mid)
         let n2 = try ws.get("n2", [rows, d])
         try postAttentionNorm.forward(mid, into: n2, rstd: try ws.get("r2", [rows]))
-        let ffnOut = try ws.get("ffnOut", [rows, d])
+        let ffnOut = try scratch.get("layer.ffnOut", [rows, d])
         try ffn.forward(n2, batch: batch, tokens: tokens, into: ffnOut, training: training, step: step)
         let out = try ws.get("out", [rows, d])
         try b.add(mid, ffnOut, into: out)
@@ -233,10 +236,10 @@ final class DecoderLayer {
     func backward(_ dX: Tensor, batch: Int, tokens: Int, positions: Tensor, lossScale: Float) throws {
         guard let input else { throw ShapeError("decoder layer backward called before forward") }
         let rows = batch * tokens, d = dX.shape.last!
-        let dN2 = try ws.get("dN2", [rows, d])
+        let dN2 = try scratch.get("layer.dN2", [rows, d])
         try ffn.backward(dOut: dX, x: try ws.get("n2", [rows, d]), batch: batch, tokens: tokens, dX: dN2, lossScale: lossScale)
         try postAttentionNorm.backward(dY: dN2, x: try ws.get("mid", [rows, d]), rstd: try ws.get("r2", [rows]), dX: dX)
-        let dN1 = try ws.get("dN1", [rows, d])
+        let dN1 = try scratch.get("layer.dN1", [rows, d])
         try attention.backward(dOut: dX, x: try ws.get("n1", [rows, d]), batch: batch, tokens: tokens, positions: positions, dX: dN1)
         try inputNorm.backward(dY: dN1, x: input, rstd: try ws.get("r1", [rows]), dX: dX)
     }
@@ -245,7 +248,7 @@ final class DecoderLayer {
 /// A Mixtral-style MoE block: a bias-free router (`gate`), top-k of the softmax
 /// (renormalised as Mixtral, or not as Qwen2-MoE's `norm_topk_prob: false`) or
 /// expert choice, SwiGLU experts as grouped GEMMs.
-func makeLanguageMoE(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, config c: MoEConfig) throws -> MoELayer {
+func makeLanguageMoE(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, config c: MoEConfig, scratch: Workspace) throws -> MoELayer {
     let routing: MoELayer.Routing
     switch c.router {
     case "expert-choice":
@@ -258,7 +261,7 @@ func makeLanguageMoE(_ store: ParameterStore, _ name: String, width: Int, hidden
     }
     return try MoELayer(store, name, width: width, hidden: hidden, experts: c.experts, routing: routing,
                         auxCoefficient: c.router == "expert-choice" ? 0 : c.auxLossCoefficient, zCoefficient: c.zLossCoefficient,
-                        experts: .swiGLU, dropout: c.dropout, routerName: "gate", expertsName: "experts")
+                        experts: .swiGLU, dropout: c.dropout, routerName: "gate", expertsName: "experts", scratch: scratch)
 }
 
 /// Llama / Mixtral decoder: token embedding, decoder layers, final RMSNorm, LM
@@ -289,7 +292,8 @@ public final class LlamaModel: Model {
                                    initialize: initialize, deferGradients: true)
         params = store
         embedding = try store.make("model.embed_tokens.weight", [config.vocabSize, config.hidden], .normal(std: 0.02), decays: false)
-        layers = try (0..<config.layers).map { try DecoderLayer(store, index: $0, config: config) }
+        let scratch = Workspace(backend: backend)
+        layers = try (0..<config.layers).map { try DecoderLayer(store, index: $0, config: config, scratch: scratch) }
         finalNorm = try RMSNormLayer(store, "model.norm.weight", features: config.hidden, eps: config.rmsNormEps)
         lmHead = config.tieEmbeddings ? nil : try store.make("lm_head.weight", [config.vocabSize, config.hidden], .normal(std: 0.02), decays: true)
         ws = Workspace(backend: backend)
@@ -297,6 +301,20 @@ public final class LlamaModel: Model {
     }
 
     public var tokensPerExample: Int { sequenceLength }
+
+    /// Parameters one token uses: all, except each expert bank counts by k / E
+    /// (top-k) or the capacity factor / E (expert choice). 6 x this x tokens is a
+    /// training step's model FLOPs.
+    public var activeParameterCount: Double {
+        var active = Double(params.parameterCount)
+        guard let m = config.moe else { return active }
+        for layer in layers {
+            guard let moe = layer.ffn as? MoELayer else { continue }
+            let share = m.router == "expert-choice" ? min(1, (m.capacityFactor ?? 2) / Double(m.experts)) : Double(m.topK) / Double(m.experts)
+            active -= Double(moe.experts.w1.count + moe.experts.w2.count) * (1 - share)
+        }
+        return active
+    }
     var headWeight: Parameter { lmHead ?? embedding }
 
     private var last: (batch: Int, tokens: Int, positions: Tensor, top: Tensor)?
@@ -362,6 +380,7 @@ public final class LlamaModel: Model {
             m[LlamaModel.configKey] = String(decoding: try JSONEncoder.sorted.encode(config), as: UTF8.self)
             m["moe-gpu.format"] = config.moeLayers.isEmpty ? "dense" : "moe"
             if let moe = config.moe, !config.moeLayers.isEmpty {
+                m["moe-gpu.router"] = moe.routerName
                 m["moe-gpu.num_experts"] = "\(moe.experts)"
                 m["moe-gpu.top_k"] = "\(moe.topK)"
                 m["moe-gpu.capacity_factor"] = "\(moe.capacityFactor ?? 0)"

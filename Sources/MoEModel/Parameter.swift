@@ -234,6 +234,10 @@ public final class OptimizerState {
 /// Buffers are keyed by name and shape: the training batch and the evaluation
 /// batch each get their own set, allocated once.
 /// A buffer keeps its contents between uses: ops that fill it must overwrite.
+///
+/// A model may also hand one workspace to all its layers as `scratch` for the
+/// temporaries that die inside one layer's forward or backward (the gradients
+/// flowing through a layer), so they exist once, not once per layer.
 final class Workspace {
     let backend: Backend
     private struct Key: Hashable { var name: String; var shape: [Int]; var dtype: DType }

@@ -178,9 +178,10 @@ public final class TrainRun {
             evalLoss = eval.loss
         }
         var summary: [String: Any] = ["accuracy": accuracy, "step": trainer.step, "test_examples": min(config.testExamples ?? trainer.test.count, trainer.test.count),
-                                      "final_loss": last?.loss ?? .nan, "tokens_per_s": last?.tokensPerSecond ?? 0,
+                                      "tokens_per_s": last?.tokensPerSecond ?? 0,
                                       "parameters": trainer.model.params.parameterCount,
                                       "wall_s": Date().timeIntervalSince(started)]
+        if let loss = last?.loss, loss.isFinite { summary["final_loss"] = loss }
         if let evalLoss, evalLoss.isFinite {
             summary["eval_loss"] = evalLoss
             summary["perplexity"] = exp(evalLoss)

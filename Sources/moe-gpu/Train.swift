@@ -56,6 +56,8 @@ struct Train: ParsableCommand {
     var train: String?
     @Option(name: .long, help: "Language models with --upcycle granular: shards per copy of the dense MLP.")
     var granularity: Int?
+    @Flag(name: .long, help: "Language models, with --init dense: also continue the dense model for the MoE run's training FLOPs (more steps).")
+    var equalFlops = false
     @Option(name: .long, help: "Language models: validation text (default: the corpus's validation plays, or the last 5% of --data).")
     var evalData: String?
     @Flag(name: .long, help: "Print the resolved config as JSON and exit.")

@@ -98,6 +98,20 @@ extension Train {
             let continuedLoss = try finishLM(continued, label: "dense")
             print(String(format: "pretrained dense: validation loss %.4f (perplexity %.2f); after %d more steps: dense %.4f (%.2f), upcycled %d x top-%d %.4f (%.2f)",
                          denseLoss, exp(denseLoss), cfg.steps, continuedLoss, exp(continuedLoss), lm.moe!.experts, lm.moe!.topK, loss, exp(loss)))
+            if equalFlops {
+                // The same extra training FLOPs: the dense model gets more steps, by the ratio of active parameters.
+                let ratio = model.activeParameterCount / dense.activeParameterCount
+                var flopsCfg = denseCfg
+                flopsCfg.steps = Int((Double(cfg.steps) * ratio).rounded())
+                let fresh = try LlamaModel(config: denseCfg.lm!, backend: backend, seed: cfg.seed, sequenceLength: cfg.seqLen, initialize: false)
+                try LlamaCheckpoint.load(try openCheckpoint(path: denseFile), into: fresh)
+                let run = try TrainRun(config: flopsCfg, trainer: try Trainer(config: flopsCfg, model: fresh, train: data.train, test: data.test),
+                                       out: outDir.appendingPathComponent("dense-equal-flops"))
+                print(String(format: "dense baseline at equal FLOPs: %d steps (%.2fx the MoE's active parameters per token) -> %@",
+                             flopsCfg.steps, ratio, run.out.path))
+                let flopsLoss = try finishLM(run, label: "dense-flops")
+                print(String(format: "at equal training FLOPs: dense %.4f (%.2f), upcycled %.4f (%.2f)", flopsLoss, exp(flopsLoss), loss, exp(loss)))
+            }
         }
     }
 

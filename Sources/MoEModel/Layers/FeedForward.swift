@@ -69,7 +69,7 @@ final class ExpertBank {
 
     /// `range`: the flat-buffer range of this MoE layer's experts (its name).
     init(_ store: ParameterStore, _ name: String, experts: Int, width: Int, hidden: Int,
-         style: ExpertStyle, dropout: Float, range: String, std: Float = 0.02) throws {
+         style: ExpertStyle, dropout: Float, range: String, std: Float = 0.02, scratch: Workspace? = nil) throws {
         self.experts = experts; self.width = width; self.hidden = hidden
         self.style = style; self.dropout = dropout
         switch style {
@@ -84,7 +84,10 @@ final class ExpertBank {
             b1 = nil; b2 = nil
         }
         ws = Workspace(backend: store.backend)
+        self.scratch = scratch ?? ws
     }
+    /// Backward temporaries (shared by the model's layers when it passes one).
+    let scratch: Workspace
 
     private var onesFilled = 0
     private var dropSeed: UInt64 = 0
@@ -123,7 +126,7 @@ final class ExpertBank {
                        dYp, ones, dB2, grouping: .contraction(offsets: offsets), epilogue: .none)
         }
         // dA = dYp W2_e, through dropout and the activation.
-        let dA = try ws.get("dA", [rows, hidden])
+        let dA = try scratch.get("experts.dA", [rows, hidden])
         try b.gemm(Gemm(m: rows, n: hidden, k: width, batch: experts, strideB: width * hidden),
                    dYp, w2.value, dA, grouping: .rows(offsets: offsets), epilogue: .none)
         if dropping { try b.dropout(dA, p: dropout, seed: dropSeed, out: dA, accumulate: false) }
@@ -133,7 +136,7 @@ final class ExpertBank {
             try b.activationBackward(activation, dY: dA, x: h, dX: dA, accumulate: false)
             dH = dA
         case .swiGLU:
-            dH = try ws.get("dH", [rows, f])
+            dH = try scratch.get("experts.dH", [rows, f])
             try b.swiGLUBackward(dY: dA, x: h, dX: dH, accumulate: false)
         }
         if let dW1 = w1.grad {

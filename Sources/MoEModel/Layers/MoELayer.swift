@@ -17,6 +17,8 @@ final class MoELayer: FeedForward, RoutedLayer {
     let routing: Routing
     let auxCoefficient: Float, zCoefficient: Float
     let ws: Workspace
+    /// Backward temporaries (shared by the model's layers when it passes one).
+    let scratch: Workspace
     let layerSeed: UInt64
     /// The unweighted losses the last backward computed, for the step's metrics.
     private let auxLoss: Tensor, zLoss: Tensor
@@ -25,14 +27,16 @@ final class MoELayer: FeedForward, RoutedLayer {
 
     init(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, experts e: Int, routing: Routing,
          auxCoefficient: Float, zCoefficient: Float, experts style: ExpertStyle, dropout: Float,
-         routerInit: Initializer = .normal(std: 0.02), routerName: String = "router", expertsName: String = "experts") throws {
+         routerInit: Initializer = .normal(std: 0.02), routerName: String = "router", expertsName: String = "experts",
+         scratch: Workspace? = nil) throws {
         router = try Linear(store, "\(name).\(routerName)", in: width, out: e, bias: false)
         if case .zeros = routerInit { try store.backend.fill(router.weight.value, value: 0) }
         experts = try ExpertBank(store, "\(name).\(expertsName)", experts: e, width: width, hidden: hidden,
-                                 style: style, dropout: dropout, range: name)
+                                 style: style, dropout: dropout, range: name, scratch: scratch)
         self.routing = routing
         self.auxCoefficient = auxCoefficient; self.zCoefficient = zCoefficient
         ws = Workspace(backend: store.backend)
+        self.scratch = scratch ?? ws
         auxLoss = try store.backend.zeros([1])
         zLoss = try store.backend.zeros([1])
         var h: UInt64 = 0
@@ -93,16 +97,16 @@ final class MoELayer: FeedForward, RoutedLayer {
         guard let plan, let probs else { throw ShapeError("MoE backward called before forward") }
         let b = dOut.backend, t = batch * tokens, e = experts.experts, r = rowsCapacity
         let xp = try ws.get("xp", [r, experts.width]), yp = try ws.get("yp", [r, experts.width])
-        let dYp = try ws.get("dYp", [r, experts.width]), dXp = try ws.get("dXp", [r, experts.width])
-        let logits = try ws.get("logits", [t, e]), dLogits = try ws.get("dLogits", [t, e])
+        let dYp = try scratch.get("moe.dYp", [r, experts.width]), dXp = try scratch.get("moe.dXp", [r, experts.width])
+        let logits = try ws.get("logits", [t, e]), dLogits = try scratch.get("moe.dLogits", [t, e])
         switch routing {
         case .topK:
             guard let gate, let config = gateConfig else { return }
-            let dW = try ws.get("dW", [t, config.k])
+            let dW = try scratch.get("moe.dW", [t, config.k])
             try b.combineBackward(dOut: dOut, yp: yp, weights: gate.gateWeight, plan: plan, dYp: dYp, dWeights: dW)
             var dProbs: Tensor?
             if auxCoefficient > 0 {
-                let d = try ws.get("dProbsAux", [t, e])
+                let d = try scratch.get("moe.dProbsAux", [t, e])
                 try b.loadBalancingLoss(probs: probs, expertIndex: gate.expertIndex, coefficient: auxCoefficient * lossScale,
                                         loss: auxLoss, dProbs: d)
                 dProbs = d
@@ -111,7 +115,7 @@ final class MoELayer: FeedForward, RoutedLayer {
                                dGateWeight: dW, dProbs: dProbs, dLogits: dLogits)
         case .expertChoice:
             guard let w = combineWeight else { return }
-            let dW = try ws.get("dW", [t, e])
+            let dW = try scratch.get("moe.dW", [t, e])
             try b.combineBackward(dOut: dOut, yp: yp, weights: w, plan: plan, dYp: dYp, dWeights: dW)
             try b.expertChoiceBackward(probs: probs, destination: plan.destination, dCombineWeight: dW, dLogits: dLogits)
         }
