@@ -68,6 +68,17 @@ public struct MoELayerDescription: Sendable, Equatable {
     public let gated: Bool
     /// Per expert: [gate?, fc1/up, fc1 bias?, fc2/down, fc2 bias?].
     public let expertNames: [[String]]
+    /// SpheroMoE / Soft MoE written by `moe-gpu train`: the last this many of
+    /// `expertNames` are universal experts (`moe.universal_experts.e.*`, narrower),
+    /// the others core experts (`moe.core_experts.e.*`).
+    public var universalExperts = 0
+    /// Hidden width of the universal experts.
+    public var universalWidth = 0
+    /// SpheroMoE's learnt temperatures (`moe.temperature_dispatch`, `moe.temperature_combine`, `[1]`).
+    public var temperatureDispatch: String? = nil
+    public var temperatureCombine: String? = nil
+    /// Router rows (slots) per expert: 1 except for Soft MoE / SpheroMoE with several slots per expert.
+    public var slotsPerExpert: Int { experts > 0 && (routerShape.first ?? 0) % experts == 0 ? max(1, (routerShape.first ?? 0) / experts) : 1 }
 }
 
 /// What an adapter found: the architecture, sizes, and which tensors are MLPs.
@@ -167,20 +178,37 @@ public enum ArchitectureAdapter {
                 arch = .mixtral
                 sourceArch = .llama
             } else if let (p, l) = ownRouter.match(n) {
-                let q = "\(p)blocks.\(l).moe.experts."
-                var experts: [[String]] = []
-                while true {
-                    let e = q + "\(experts.count)."
-                    if let g = need(e + "gate.weight"), let u = need(e + "up.weight"), let d = need(e + "down.weight") {
-                        experts.append([g, u, d])
-                    } else if let f1 = need(e + "fc1.weight"), let f2 = need(e + "fc2.weight") {
-                        experts.append([f1, need(e + "fc1.bias"), f2, need(e + "fc2.bias")].compactMap { $0 })
-                    } else { break }
+                // Experts: `moe.experts.e.*` (upcycled, top-k, expert choice), or
+                // `moe.core_experts.e.*` then `moe.universal_experts.e.*` (trained Soft MoE / SpheroMoE).
+                func bank(_ q: String) -> [[String]] {
+                    var experts: [[String]] = []
+                    while true {
+                        let e = q + "\(experts.count)."
+                        if let g = need(e + "gate.weight"), let u = need(e + "up.weight"), let d = need(e + "down.weight") {
+                            experts.append([g, u, d])
+                        } else if let f1 = need(e + "fc1.weight"), let f2 = need(e + "fc2.weight") {
+                            experts.append([f1, need(e + "fc1.bias"), f2, need(e + "fc2.bias")].compactMap { $0 })
+                        } else { break }
+                    }
+                    return experts
+                }
+                let q = "\(p)blocks.\(l).moe."
+                var experts = bank(q + "experts.")
+                var universal = 0
+                if experts.isEmpty {
+                    let u = bank(q + "universal_experts.")
+                    experts = bank(q + "core_experts.") + u
+                    universal = u.count
                 }
                 guard !experts.isEmpty else { continue }
                 let gated = experts[0].count == 3 && experts[0][0].hasSuffix("gate.weight")
-                moe[l] = MoELayerDescription(layer: l, experts: experts.count, expertWidth: shape(experts[0][0]).first ?? 0,
-                                             router: n, routerShape: shape(n), gated: gated, expertNames: experts)
+                var d = MoELayerDescription(layer: l, experts: experts.count, expertWidth: shape(experts[0][0]).first ?? 0,
+                                            router: n, routerShape: shape(n), gated: gated, expertNames: experts)
+                d.universalExperts = universal
+                if universal > 0 { d.universalWidth = shape(experts[experts.count - 1][0]).first ?? 0 }
+                d.temperatureDispatch = need(q + "temperature_dispatch")
+                d.temperatureCombine = need(q + "temperature_combine")
+                moe[l] = d
                 if arch == nil { arch = .moeGPU }
             }
         }

@@ -54,12 +54,23 @@ public struct RoutingSettings: Equatable, Sendable {
          ("sphero_tau", .double(spheroTau))]
     }
 
+    /// `__metadata__` keys under which `moe-gpu train` stores the model config
+    /// (ViT and language model); their `moe` object is how the model was trained.
+    public static let trainingConfigKeys = ["moe-gpu.config", "moe-gpu.lm_config"]
+
     /// Reads the settings back from `__metadata__`; nil when the file has none.
+    /// A checkpoint written by `moe-gpu train` carries its training config, and
+    /// the router name and capacity factor come from it (`RouterKind(trainingRouter:
+    /// gateOrder:renormalize:)`), so old files whose `moe-gpu.router` said
+    /// `softmax-topk` for a renormalised top-k read as `topk-softmax`, language-model
+    /// checkpoints written without `moe-gpu.router` are read too, and an expert-choice
+    /// run that left its capacity factor to the default reads 2, not 0.
     public init?(metadata m: [String: String]) {
-        guard m["moe-gpu.format"] == "moe", let r = m["moe-gpu.router"].flatMap(RouterKind.init(rawValue:)),
+        let trained = Self.trainingRouting(m)
+        guard m["moe-gpu.format"] == "moe", let r = trained?.router ?? m["moe-gpu.router"].flatMap(RouterKind.init(rawValue:)),
               let e = m["moe-gpu.num_experts"].flatMap(Int.init), let k = m["moe-gpu.top_k"].flatMap(Int.init) else { return nil }
         router = r; experts = e; topK = k
-        capacityFactor = m["moe-gpu.capacity_factor"].flatMap(Double.init) ?? 2
+        capacityFactor = trained?.capacityFactor ?? m["moe-gpu.capacity_factor"].flatMap(Double.init) ?? 2
         method = m["moe-gpu.method"] ?? "unknown"
         granularity = m["moe-gpu.granularity"].flatMap(Int.init) ?? 1
         expertWidth = m["moe-gpu.expert_width"].flatMap(Int.init) ?? 0
@@ -71,6 +82,22 @@ public struct RoutingSettings: Equatable, Sendable {
         sourceArchitecture = m["moe-gpu.source_architecture"] ?? "unknown"
         activation = m["moe-gpu.activation"] ?? "unknown"
         spheroTau = m["moe-gpu.sphero_tau"].flatMap(Double.init) ?? 0.5
+    }
+
+    /// The router and capacity factor (0: dropless) of the training config
+    /// stored in the metadata, if there is one with an MoE config.
+    static func trainingRouting(_ m: [String: String]) -> (router: RouterKind, capacityFactor: Double)? {
+        for key in trainingConfigKeys {
+            guard let text = m[key], let config = try? JSONParser.parse(Array(text.utf8)), let moe = config["moe"],
+                  let name = moe["router"]?.stringValue else { continue }
+            // MoEConfig's defaults for keys a config leaves out.
+            let order = moe["gateOrder"]?.stringValue ?? "softmax-topk"
+            let renormalize = moe["renormalize"].map { $0 == .bool(true) } ?? true
+            guard let r = RouterKind(trainingRouter: name, gateOrder: order, renormalize: renormalize) else { return nil }
+            let factor = moe["capacityFactor"]?.doubleValue ?? (r.isExpertChoice ? RouterKind.defaultExpertChoiceCapacityFactor : 0)
+            return (r, factor)
+        }
+        return nil
     }
 
     public init(router: RouterKind, experts: Int, topK: Int, capacityFactor: Double, method: String, granularity: Int,

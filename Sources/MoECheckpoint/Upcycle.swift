@@ -195,8 +195,8 @@ public struct Upcycler {
                 }
             }
             guard o.experts % G == 0 else { throw CheckpointError(.usage, "--experts \(o.experts) must be a multiple of --granularity \(G)") }
-            guard o.router != .sphero else { throw CheckpointError(.usage, "--method granular needs a top-k or expert-choice router, not sphero") }
-            if o.router != .expertChoice, o.topK % G != 0 {
+            guard !o.router.isSoft else { throw CheckpointError(.usage, "--method granular needs a top-k or expert-choice router, not \(o.router.rawValue)") }
+            if o.router.isTokenChoice, o.topK % G != 0 {
                 throw CheckpointError(.usage, "--top-k \(o.topK) must be a multiple of --granularity \(G) so that every shard is picked once per copy")
             }
         }
@@ -221,7 +221,7 @@ public struct Upcycler {
                 throw CheckpointError(.usage, "--format mixtral needs a Llama-family input; this is \(desc.architecture.displayName) (use --format own)")
             }
             guard layers == available else { throw CheckpointError(.usage, "the Mixtral layout makes every layer MoE; use --layers all, or --format own for a partial MoE") }
-            guard o.router == .topkSoftmax else {
+            guard o.router.isTokenChoice && o.router.renormalizes else {
                 throw CheckpointError(.usage, "Mixtral routes softmax, top-k, renormalise (= --router topk-softmax); use --format own for \(o.router.rawValue)")
             }
             guard desc.denseMLPs.values.allSatisfy({ $0.fc1Bias == nil && $0.fc2Bias == nil }) else {

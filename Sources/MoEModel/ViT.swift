@@ -1,4 +1,5 @@
 import Foundation
+import MoECheckpoint
 import MoECompute
 
 /// What a model is: a plain, readable config saved next to every checkpoint.
@@ -84,6 +85,29 @@ public struct MoEConfig: Codable, Equatable, Sendable {
         try check(slotsPerExpert >= 1, "slotsPerExpert must be at least 1")
         try check(dropout >= 0 && dropout < 1 && stochasticDepth >= 0 && stochasticDepth < 1, "dropout and stochasticDepth must be in [0, 1)")
         try check(temperatureInit > 0, "temperatureInit must be positive")
+    }
+}
+
+extension RouterKind {
+    /// The router a validated MoE config trains: the name its checkpoints carry in
+    /// `moe-gpu.router` (`router: "topk"` with `gateOrder: "softmax-topk",
+    /// renormalize: true` is `topk-softmax`, the same function).
+    public init(moe c: MoEConfig) {
+        guard let kind = RouterKind(trainingRouter: c.router, gateOrder: c.gateOrder, renormalize: c.renormalize) else {
+            preconditionFailure("MoE config with router \(c.router), gate order \(c.gateOrder) was not validated")
+        }
+        self = kind
+    }
+}
+
+extension MoEConfig {
+    /// `RouterKind(moe: self).rawValue`: the name `moe-gpu.router` records for this config.
+    public var routerName: String { RouterKind(moe: self).rawValue }
+
+    /// The capacity factor the layer routes with (expert choice defaults to
+    /// `RouterKind.defaultExpertChoiceCapacityFactor`), 0 for dropless: what `moe-gpu.capacity_factor` records.
+    public var effectiveCapacityFactor: Double {
+        capacityFactor ?? (RouterKind(moe: self).isExpertChoice ? RouterKind.defaultExpertChoiceCapacityFactor : 0)
     }
 }
 
@@ -184,8 +208,8 @@ final class Block {
 
 func makeMoE(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, tokens: Int, config c: MoEConfig) throws -> FeedForward {
     let expertHidden = max(1, Int((Double(hidden) * c.expertWidthRatio).rounded()))
-    switch c.router {
-    case "topk":
+    switch RouterKind(moe: c) {
+    case .topkSoftmax, .softmaxTopk:
         let gate = GateConfig(k: c.topK, mode: c.gateOrder == "topk-softmax" ? .topKThenSoftmax : .softmaxThenTopK,
                               renormalize: c.renormalize, jitter: c.jitter > 0 ? GateJitter(epsilon: c.jitter, seed: 0) : nil)
         let dispatch = DispatchConfig(experts: c.experts, capacity: c.capacityFactor.map { .factor($0) } ?? .dropless,
@@ -193,11 +217,11 @@ func makeMoE(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, t
         return try MoELayer(store, name, width: width, hidden: expertHidden, experts: c.experts,
                             routing: .topK(gate: gate, dispatch: dispatch), auxCoefficient: c.auxLossCoefficient,
                             zCoefficient: c.zLossCoefficient, experts: .mlp(.geluErf), dropout: c.dropout)
-    case "expert-choice":
+    case .expertChoice:
         return try MoELayer(store, name, width: width, hidden: expertHidden, experts: c.experts,
-                            routing: .expertChoice(capacityFactor: c.capacityFactor ?? 2), auxCoefficient: 0,
+                            routing: .expertChoice(capacityFactor: c.effectiveCapacityFactor), auxCoefficient: 0,
                             zCoefficient: c.zLossCoefficient, experts: .mlp(.geluErf), dropout: c.dropout)
-    default:
+    case .soft, .sphero:
         return try SoftMoELayer(store, name, width: width, hidden: expertHidden, tokens: tokens, config: c)
     }
 }
@@ -324,10 +348,10 @@ public final class ViT: Model {
             metadata[ModelCheckpoint.configKey] = String(decoding: try JSONEncoder.sorted.encode(config), as: UTF8.self)
             metadata["moe-gpu.format"] = config.moeBlocks.isEmpty ? "dense" : "moe"
             if let moe = config.moe, !config.moeBlocks.isEmpty {
-                // The router names `moe-gpu inspect` and `upcycle` use (RouterKind).
-                metadata["moe-gpu.router"] = moe.router == "topk" ? moe.gateOrder : moe.router
+                // The one router name (RouterKind) that upcycle, verify and inspect read.
+                metadata["moe-gpu.router"] = moe.routerName
                 metadata["moe-gpu.num_experts"] = "\(moe.experts)"
-                metadata["moe-gpu.capacity_factor"] = "\(moe.capacityFactor ?? 0)"   // 0: dropless
+                metadata["moe-gpu.capacity_factor"] = "\(moe.effectiveCapacityFactor)"   // 0: dropless
                 metadata["moe-gpu.activation"] = "gelu"
                 metadata["moe-gpu.sphero_tau"] = "\(moe.temperatureInit)"
                 metadata["moe-gpu.top_k"] = "\(moe.topK)"

@@ -41,7 +41,7 @@ struct Upcycle: ParsableCommand {
     var seed: UInt64 = 0
     @Option(name: .customLong("router-init"), help: "random (N(0, 0.02)) | zero | hidden (normalised k-means centroids of calibration states).")
     var routerInit = RouterInit.random
-    @Option(name: .long, help: "topk-softmax | softmax-topk | expert-choice | sphero.")
+    @Option(name: .long, help: "topk-softmax | softmax-topk | expert-choice | soft | sphero.")
     var router = RouterKind.topkSoftmax
     @Option(name: .customLong("capacity-factor"), help: "Expert choice: each expert takes ceil(C*T/E) tokens.")
     var capacityFactor = 2.0
