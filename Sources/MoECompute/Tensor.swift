@@ -5,17 +5,32 @@ public enum DType: String, Sendable {
     public var byteSize: Int { 4 }
 }
 
-/// Host memory owned by a CPU tensor (64-byte aligned for vector loads).
+/// Host memory owned by a CPU tensor (64-byte aligned for vector loads), zeroed.
+/// Large buffers are anonymous mappings: the kernel hands out zero pages as they
+/// are first written, so a model whose weights are about to be loaded, or a buffer
+/// a model never fills, costs no memory until used.
 public final class HostBuffer: @unchecked Sendable {
     public let pointer: UnsafeMutableRawPointer
     public let byteCount: Int
+    private let mapped: Int
+    static let mapThreshold = 1 << 20
+
     init(byteCount: Int) {
         self.byteCount = byteCount
-        pointer = UnsafeMutableRawPointer.allocate(byteCount: max(byteCount, 4), alignment: 64)
-        // memset, not initializeMemory: the generic byte loop costs seconds per GB in debug builds.
-        memset(pointer, 0, max(byteCount, 4))
+        if byteCount >= Self.mapThreshold,
+           let p = mmap(nil, byteCount, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED {
+            pointer = p
+            mapped = byteCount
+        } else {
+            pointer = UnsafeMutableRawPointer.allocate(byteCount: max(byteCount, 4), alignment: 64)
+            // memset, not initializeMemory: the generic byte loop costs seconds per GB in debug builds.
+            memset(pointer, 0, max(byteCount, 4))
+            mapped = 0
+        }
     }
-    deinit { pointer.deallocate() }
+    deinit {
+        if mapped > 0 { munmap(pointer, mapped) } else { pointer.deallocate() }
+    }
 }
 
 public enum TensorStorage: @unchecked Sendable {

@@ -157,7 +157,8 @@ public final class ParameterStore {
         let grads = training && trainableCount > 0 ? try backend.zeros([trainableCount]) : nil
         for p in placed {
             let view = try flat.view(offset: p.offset, shape: p.shape)
-            try backend.copy(p.value, to: view)
+            // Uninitialised values are zero on both sides; each source tensor is freed as its parameter moves.
+            if initialize { try backend.copy(p.value, to: view) }
             p.value = view
             p.grad = p.trainable ? try grads?.view(offset: p.offset, shape: p.shape) : nil
         }
