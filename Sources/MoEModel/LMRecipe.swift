@@ -56,6 +56,8 @@ public enum LMRecipe {
         var d = c
         d.lm?.moe = nil
         d.lm?.moeLayers = []
+        // One dense checkpoint for every seed of the continued runs (the experiment compares from the same start).
+        d.seed = 0
         d.steps = steps ?? 800
         d.learningRate = 3e-3
         d.minLearningRate = 1e-4

@@ -87,7 +87,7 @@ public final class TrainRun {
     /// Optional settings (absent from the defaults) are accepted where known.
     static func merge(_ defaults: [String: Any], _ user: [String: Any], path: String, unknown: inout [String]) -> [String: Any] {
         let optional: Set<String> = ["data", "trainExamples", "testExamples", "moe", "capacityFactor", "logitNoise",
-                                     "lm", "evalData", "evalBatchSize", "ropeScaling", "bosID", "eosID", "padID"]
+                                     "lm", "evalData", "evalBatchSize", "checkpointEvery", "ropeScaling", "bosID", "eosID", "padID"]
         var out = defaults
         for (k, v) in user {
             let full = path.isEmpty ? k : "\(path).\(k)"
@@ -162,7 +162,7 @@ public final class TrainRun {
                 m.accuracy = accuracy
                 m.evalLoss = eval.loss
                 evalLoss = eval.loss
-                try saveCheckpoint()
+                if config.checkpointEvery.map({ $0 > 0 && trainer.step % $0 == 0 }) ?? true || isLast { try saveCheckpoint() }
                 windowStart = Date()   // evaluation and checkpoint time is not training time
             }
             if trainer.step % config.logEvery == 0 || m.accuracy != nil || isLast {

@@ -15,6 +15,9 @@ public struct TrainConfig: Codable, Equatable, Sendable {
     public var evalData: String? = nil
     /// Examples per evaluation batch (nil: 250 images, or `batchSize` windows).
     public var evalBatchSize: Int? = nil
+    /// Steps between checkpoints (nil: at every evaluation; 0: only at the end).
+    /// A large model's checkpoint and optimizer state are gigabytes to write.
+    public var checkpointEvery: Int? = nil
     /// Folder of MNIST-format IDX files (default Fashion-MNIST from Debian's dataset-fashion-mnist).
     public var data: String? = nil
     /// Use only the first N training / test examples (nil: all).
