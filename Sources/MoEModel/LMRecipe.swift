@@ -177,9 +177,16 @@ extension LMRecipe {
             _ = try model.forward(try backend.tensor(ints: ids, shape: [m, windows.seqLen]), training: false, step: 0)
             for layer in model.layers {
                 guard let mlp = layer.ffn as? GatedMLP else { continue }
-                let a = try mlp.ws.get("a", [m * windows.seqLen, mlp.hidden]).floats()
-                var s = sums[layer.index] ?? [Double](repeating: 0, count: mlp.hidden)
-                for r in 0..<(m * windows.seqLen) { for h in 0..<mlp.hidden { let v = Double(a[r * mlp.hidden + h]); s[h] += v * v } }
+                // The layer keeps gate and up ([rows, 2I]); its activation is silu(gate) * up.
+                let i = mlp.hidden
+                let gu = try mlp.ws.get("h", [m * windows.seqLen, 2 * i]).floats()
+                var s = sums[layer.index] ?? [Double](repeating: 0, count: i)
+                for r in 0..<(m * windows.seqLen) {
+                    for h in 0..<i {
+                        let g = Double(gu[r * 2 * i + h]), v = g / (1 + exp(-g)) * Double(gu[r * 2 * i + i + h])
+                        s[h] += v * v
+                    }
+                }
                 sums[layer.index] = s
             }
             start += m

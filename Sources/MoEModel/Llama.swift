@@ -171,9 +171,11 @@ final class GatedMLP: FeedForward {
         ws = Workspace(backend: store.backend)
     }
 
+    /// Keeps `h` (gate and up) for the backward; `a = silu(gate) * up` lives in the
+    /// shared scratch and is recomputed there (one cheap pass, a `[rows, I]` buffer less per layer).
     func forward(_ x: Tensor, batch: Int, tokens: Int, into out: Tensor, training: Bool, step: Int) throws {
         let rows = batch * tokens, b = x.backend
-        let h = try ws.get("h", [rows, 2 * hidden]), a = try ws.get("a", [rows, hidden])
+        let h = try ws.get("h", [rows, 2 * hidden]), a = try scratch.get("mlp.a", [rows, hidden])
         try gateUp.forward(x, rows: rows, into: h)
         try b.swiGLU(h, out: a)
         try down.forward(a, rows: rows, into: out)
@@ -181,8 +183,9 @@ final class GatedMLP: FeedForward {
 
     func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor, lossScale: Float) throws {
         let rows = batch * tokens, b = dOut.backend
-        let h = try ws.get("h", [rows, 2 * hidden]), a = try ws.get("a", [rows, hidden])
+        let h = try ws.get("h", [rows, 2 * hidden]), a = try scratch.get("mlp.a", [rows, hidden])
         let dA = try scratch.get("mlp.dA", [rows, hidden]), dH = try scratch.get("mlp.dH", [rows, 2 * hidden])
+        try b.swiGLU(h, out: a)
         try down.backward(dY: dOut, x: a, rows: rows, dX: dA)
         try b.swiGLUBackward(dY: dA, x: h, dX: dH, accumulate: false)
         try gateUp.backward(dY: dH, x: x, rows: rows, dX: dX, accumulateDX: false)

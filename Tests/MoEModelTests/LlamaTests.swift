@@ -347,3 +347,38 @@ final class LMCheckpointErrorTests: XCTestCase {
         }
     }
 }
+
+final class RecycleTests: XCTestCase {
+    /// Recycling (MoE Jetpack): every expert takes half the dense neurons, sampled by
+    /// the activation norms of calibration windows; its rows are the dense rows it took.
+    func testRecycleTakesDistinctDenseNeuronsByImportance() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lm-recycle-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let backend = CPUBackend()
+        let dense = try LlamaModel(config: tinyLM(), backend: backend, seed: 3, training: false)
+        let file = dir.appendingPathComponent("dense.safetensors")
+        try ModelCheckpoint.save(dense, to: file)
+        let corpus = try TokenizedCorpus(tokens: (0..<200).map { Int32($0 * 7 % 11) }, padID: 0)
+        let windows = try LMBatchSource(corpus, seqLen: 8)
+        let source = try openCheckpoint(path: file.path)
+        let importance = try LMRecipe.neuronImportance(source: source, dense: tinyLM(), windows: windows, count: 64, backend: backend)
+        XCTAssertEqual(importance.keys.sorted(), [0, 1])
+        XCTAssertTrue(importance[1]!.allSatisfy { $0 > 0 })
+        var c = tinyLM(moe: "topk", experts: 3, topK: 2, widthRatio: 0.5)
+        c.moeLayers = [0, 1]
+        let moe = try LlamaModel(config: c, backend: backend, seed: 9, training: false, initialize: false)
+        var options = LMUpcycleOptions(method: .recycle, seed: 2)
+        options.importance = importance
+        try LlamaCheckpoint.load(source, into: moe, upcycle: options)
+        let gate = try source.floats("model.layers.1.mlp.gate_proj.weight"), d = c.hidden
+        let denseRows = (0..<c.intermediate).map { Array(gate[($0 * d)..<(($0 + 1) * d)]) }
+        for t in moe.checkpointTensors where t.name.hasPrefix("model.layers.1.block_sparse_moe.experts.") && t.name.hasSuffix("w1.weight") {
+            let v = try t.value().floats()
+            let picked = (0..<(v.count / d)).map { r in denseRows.firstIndex(of: Array(v[(r * d)..<((r + 1) * d)])) }
+            XCTAssertEqual(picked.count, 6, t.name)
+            XCTAssertFalse(picked.contains(nil), "\(t.name) has a row that is no dense neuron")
+            XCTAssertEqual(Set(picked.compactMap { $0 }).count, 6, "\(t.name) took a neuron twice")
+            XCTAssertEqual(picked.compactMap { $0 }, picked.compactMap { $0 }.sorted())
+        }
+    }
+}
