@@ -188,6 +188,34 @@ CK_DISPATCH void ck_activation_backward(int function, const float *dy, const flo
     }
 }
 
+// SwiGLU over rows of [gate | up] (2h wide): y = silu(gate) * up, h wide.
+CK_DISPATCH void ck_swiglu(const float *x, float *y, size_t rows, size_t h) {
+    for (size_t r = 0; r < rows; r++) {
+        const float *restrict a = x + r * 2 * h, *restrict b = a + h;
+        float *restrict yr = y + r * h;
+        CK_ELEMENTWISE for (size_t i = 0; i < h; i++) yr[i] = ck_silu(a[i]) * b[i];
+    }
+}
+
+// Its gradient: d gate = dy * up * silu'(gate), d up = dy * silu(gate).
+CK_DISPATCH void ck_swiglu_backward(const float *dy, const float *x, float *dx, size_t rows, size_t h, int accumulate) {
+    for (size_t r = 0; r < rows; r++) {
+        const float *restrict a = x + r * 2 * h, *restrict b = a + h, *restrict g = dy + r * h;
+        float *restrict da = dx + r * 2 * h, *restrict db = da + h;
+        if (accumulate) {
+            CK_ELEMENTWISE for (size_t i = 0; i < h; i++) {
+                da[i] += g[i] * b[i] * ck_silu_grad(a[i]);
+                db[i] += g[i] * ck_silu(a[i]);
+            }
+        } else {
+            CK_ELEMENTWISE for (size_t i = 0; i < h; i++) {
+                da[i] = g[i] * b[i] * ck_silu_grad(a[i]);
+                db[i] = g[i] * ck_silu(a[i]);
+            }
+        }
+    }
+}
+
 CK_DISPATCH void ck_erf(const float *a, float *y, size_t n) {
     CK_ELEMENTWISE for (size_t i = 0; i < n; i++) y[i] = ck_erf1(a[i]);
 }

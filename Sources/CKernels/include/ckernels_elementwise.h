@@ -24,6 +24,12 @@ void ck_activation(int function, const float *x, float *y, size_t n);
 /// dx[i] (+)= dy[i] * f'(x[i]) for i < n (`accumulate` != 0 adds).
 void ck_activation_backward(int function, const float *dy, const float *x, float *dx, size_t n, int accumulate);
 
+/// SwiGLU on `rows` rows of [gate | up] (2h floats each): y (h per row) = silu(gate) * up.
+void ck_swiglu(const float *x, float *y, size_t rows, size_t h);
+
+/// The gradient of ck_swiglu: dx rows of [d gate | d up] from dy (h per row).
+void ck_swiglu_backward(const float *dy, const float *x, float *dx, size_t rows, size_t h, int accumulate);
+
 /// erf(a) for i < n: the rational approximation the activations use (for tests).
 void ck_erf(const float *a, float *y, size_t n);
 

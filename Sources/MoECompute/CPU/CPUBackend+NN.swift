@@ -211,20 +211,7 @@ extension CPUBackend {
 
     // The activation loops are C (CKernels/elementwise.c: erf GELU through the
     // XLA/Eigen rational erf, exact +-1 beyond |a| > 3.9; tanh GELU and SiLU through
-    // a Cephes exp), vectorised for AVX-512 / AVX2 by run-time dispatch. The scalar
-    // forms below serve swiGLU.
-
-    @inline(__always)
-    static func sigmoid(_ x: Float) -> Float { 1 / (1 + Foundation.exp(-x)) }
-
-    @inline(__always)
-    static func silu(_ x: Float) -> Float { x * sigmoid(x) }
-
-    @inline(__always)
-    static func siluGrad(_ x: Float) -> Float {
-        let s = sigmoid(x)
-        return s * (1 + x * (1 - s))
-    }
+    // a Cephes exp), vectorised for AVX-512 / AVX2 by run-time dispatch; so is SwiGLU.
 
     @inline(__always)
     static func load8(_ p: UnsafePointer<Float>, _ i: Int, count n: Int) -> SIMD8<Float> {
@@ -272,10 +259,7 @@ extension CPUBackend {
         let h = try NNCheck.swiGLU(x: x, y: y)
         let px = try f32(x), py = try f32(y)
         parallelFor(y.count / h, work: y.count * 8) { range in
-            for r in range {
-                let a = px + r * 2 * h, b = a + h, yr = py + r * h
-                for i in 0..<h { yr[i] = Self.silu(a[i]) * b[i] }
-            }
+            ck_swiglu(px + range.lowerBound * 2 * h, py + range.lowerBound * h, range.count, h)
         }
     }
 
@@ -284,16 +268,10 @@ extension CPUBackend {
         try NNCheck.f32("swiGLUBackward", dX)
         try NNCheck.count("swiGLUBackward", dX, x.count, "dX")
         let pdy = try f32(dY), px = try f32(x), pdx = try f32(dX)
+        let acc: Int32 = accumulate ? 1 : 0
         parallelFor(dY.count / h, work: dY.count * 8) { range in
-            for r in range {
-                let a = px + r * 2 * h, b = a + h, g = pdy + r * h
-                let da = pdx + r * 2 * h, db = da + h
-                for i in 0..<h {
-                    // da = dY * b * silu'(a), db = dY * silu(a)
-                    let vA = g[i] * b[i] * Self.siluGrad(a[i]), vB = g[i] * Self.silu(a[i])
-                    if accumulate { da[i] += vA; db[i] += vB } else { da[i] = vA; db[i] = vB }
-                }
-            }
+            ck_swiglu_backward(pdy + range.lowerBound * h, px + range.lowerBound * 2 * h, pdx + range.lowerBound * 2 * h,
+                               range.count, h, acc)
         }
     }
 
