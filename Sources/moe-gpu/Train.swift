@@ -8,12 +8,17 @@ import MoEModel
 /// SpheroMoE model, fine-tune); with flags or a config file, any recipe.
 struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Upcycle a dense ViT into an MoE and fine-tune it (default: the MoE Jetpack recipe on Fashion-MNIST).",
+        abstract: "Upcycle a dense model into an MoE and fine-tune it (default: the MoE Jetpack recipe on Fashion-MNIST; --task lm: Llama 3 Meets MoE on Shakespeare).",
         discussion: """
             With no arguments: pretrain a small dense ViT on Fashion-MNIST (or reuse the one cached from an \
             earlier run), recycle it into a SpheroMoE model (importance-sampled experts, cosine routing) and \
             fine-tune it, printing the dense baseline beside the result. Outputs go to --out: config.json, \
             metrics.jsonl, model.safetensors, optimizer.safetensors, eval.json.
+
+            With --task lm: pretrain a small byte-level Llama on Shakespeare (or reuse the cached one), upcycle it \
+            online into 8 experts top-2 in every layer, train it and the dense model for the same extra steps, and print \
+            both validation losses and perplexities. --init takes a Llama GGUF, a Hugging Face Llama or Mixtral folder \
+            or a moe-gpu checkpoint; --upcycle replicate|granular|recycle builds the experts at load time.
             """)
 
     @Option(name: .long, help: "A JSON or YAML training config (see `moe-gpu train --print-config`).")
