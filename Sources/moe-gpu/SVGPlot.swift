@@ -119,7 +119,7 @@ struct SVGFigure {
         for series in panel.series {
             let points = zip(series.x, series.y).map { "\(f(px($0))),\(f(py($1)))" }.joined(separator: " ")
             s += "<polyline class=\"series\" data-label=\"\(xml(series.label))\" data-runs=\"\(series.runs)\" data-x=\"\(list(series.x))\" data-y=\"\(list(series.y))\" fill=\"none\" stroke=\"\(series.color)\" stroke-width=\"2\" stroke-linejoin=\"round\" points=\"\(points)\"><title>\(xml(series.label))</title></polyline>\n"
-            if series.x.count <= 40 {
+            if series.x.count <= 12 {
                 s += "<g class=\"markers\" fill=\"\(series.color)\">"
                 for (x, y) in zip(series.x, series.y) { s += "<circle cx=\"\(f(px(x)))\" cy=\"\(f(py(y)))\" r=\"3\"/>" }
                 s += "</g>\n"
