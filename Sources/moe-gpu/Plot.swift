@@ -15,8 +15,8 @@ struct Plot: ParsableCommand {
         (config.json's task).
 
         --x flops puts training FLOPs on the x axis: step x 6 x active parameters x tokens per \
-        step, from the run's eval.json (active_parameters, tokens_per_step), else from its \
-        config.json and model.safetensors (top-k MoE or dense), else from --flops-per-step.
+        step: --flops-per-step where given, else from the run's eval.json (active_parameters, \
+        tokens_per_step), else from its config.json and model.safetensors (dense, or top-k MoE).
 
         Example: moe-gpu plot runs/exp/seed0 runs/exp/seed1 runs/exp/seed0/dense runs/exp/seed1/dense --out exp.svg
         """)
@@ -158,9 +158,9 @@ struct PlotRun {
         let file = (path as NSString).appendingPathComponent("model.safetensors")
         guard let weights = try? SafetensorsFile(path: file) else { throw PlotError("\(path): no eval.json with active_parameters and no readable model.safetensors: \(way)") }
         let total = weights.entries.reduce(0.0) { $0 + Double($1.shape.reduce(1, *)) }
-        let experts = weights.entries.filter { $0.name.contains(".experts.") }.reduce(0.0) { $0 + Double($1.shape.reduce(1, *)) }
+        let experts = weights.entries.filter { $0.name.contains(".experts.") || $0.name.contains("_experts.") }.reduce(0.0) { $0 + Double($1.shape.reduce(1, *)) }
         var active = total
-        if experts > 0 {
+        if experts > 0 || weights.metadata["moe-gpu.num_experts"] != nil || weights.metadata["moe-gpu.format"] == "moe" {
             let router = weights.metadata["moe-gpu.router"] ?? ""
             guard router.hasPrefix("topk"), let k = Double(weights.metadata["moe-gpu.top_k"] ?? ""), let e = Double(weights.metadata["moe-gpu.num_experts"] ?? ""), e > 0 else {
                 throw PlotError("\(path): cannot count the active parameters of router '\(router)' from model.safetensors, and eval.json has none: \(way)")

@@ -169,6 +169,41 @@ final class PlotTests: XCTestCase {
         XCTAssertTrue(missing.stderr.contains("--flops-per-step other="), missing.stderr)
     }
 
+    /// A real run: eval.json's active_parameters x tokens_per_step (written by train) and the
+    /// count from config.json + model.safetensors (a top-2 of 4 MoE) give the same FLOPs.
+    func testFLOPsFromEvalJSONAndFromTheCheckpointAgree() throws {
+        guard FileManager.default.fileExists(atPath: "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz") else {
+            throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist")
+        }
+        let dir = try CLI.temporaryDirectory(self)
+        let config = """
+            {"model": {"imageSize": 28, "channels": 1, "patchSize": 7, "width": 16, "depth": 2, "heads": 2, "mlpRatio": 2,
+                       "classes": 10, "pool": "mean", "moeBlocks": [1],
+                       "moe": {"router": "topk", "experts": 4, "topK": 2, "gateOrder": "softmax-topk", "renormalize": true,
+                               "dropPolicy": "position", "jitter": 0, "auxLossCoefficient": 0.01, "zLossCoefficient": 0.001,
+                               "expertWidthRatio": 1, "dropout": 0, "slotsPerExpert": 1, "coreExperts": 0,
+                               "universalWidthRatio": 0.25, "temperatureInit": 0.5, "stochasticDepth": 0}},
+             "testExamples": 50, "batchSize": 16, "steps": 2, "learningRate": 0.002, "minLearningRate": 0, "warmupSteps": 1,
+             "weightDecay": 0.05, "beta1": 0.9, "beta2": 0.999, "clipNorm": 1, "labelSmoothing": 0.1,
+             "gradientAccumulation": 1, "evalEvery": 1, "logEvery": 1, "augment": false, "seed": 0}
+            """
+        try config.write(to: dir.appendingPathComponent("config.json"), atomically: true, encoding: .utf8)
+        let train = try CLI.run(["train", "--config", "config.json", "--device", "cpu", "--out", "run"], directory: dir)
+        XCTAssertEqual(train.status, 0, train.stderr)
+        let eval = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: dir.appendingPathComponent("run/eval.json"))) as? [String: Any])
+        let active = try XCTUnwrap(eval["active_parameters"] as? Double), tokens = try XCTUnwrap(eval["tokens_per_step"] as? Double)
+        XCTAssertEqual(tokens, 16 * 16)
+        XCTAssertLessThan(active, try XCTUnwrap(eval["parameters"] as? Double), "half of the expert bank is inactive per token")
+        try FileManager.default.copyItem(at: dir.appendingPathComponent("run"), to: dir.appendingPathComponent("bare"))
+        try FileManager.default.removeItem(at: dir.appendingPathComponent("bare/eval.json"))
+        let out = dir.appendingPathComponent("p.svg")
+        let r = try CLI.run(["plot", "run", "bare", "--x", "flops", "--out", out.path], directory: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let loss = try Self.parse(out).panels[0]
+        XCTAssertEqual(Self.numbers(loss.lines["run"]?["data-x"]), [1, 2].map { $0 * 6 * active * tokens })
+        XCTAssertEqual(Self.numbers(loss.lines["bare"]?["data-x"]), Self.numbers(loss.lines["run"]?["data-x"]))
+    }
+
     func testAFolderWithoutMetricsIsAOneLineError() throws {
         let dir = try CLI.temporaryDirectory(self)
         try FileManager.default.createDirectory(at: dir.appendingPathComponent("empty"), withIntermediateDirectories: true)
