@@ -10,6 +10,9 @@ public protocol Model: AnyObject {
     var params: ParameterStore { get }
     /// Tokens one example contributes to tokens/s (ViT: patches plus the class token).
     var tokensPerExample: Int { get }
+    /// Parameters one token uses (experts by the share of tokens they see): 6 x this
+    /// x tokens is a training step's model FLOPs (MFU, `plot --x flops`).
+    var activeParameterCount: Double { get }
     /// Logits `[rows, classes]` for a batch of inputs, as the model's batch source fills them.
     func forward(_ inputs: Tensor, training: Bool, step: Int) throws -> Tensor
     /// Accumulates every parameter gradient from `dLogits`; `lossScale` weights the

@@ -181,7 +181,8 @@ public final class TrainRun {
                                       "tokens_per_s": last?.tokensPerSecond ?? 0,
                                       "parameters": trainer.model.params.parameterCount,
                                       "wall_s": Date().timeIntervalSince(started)]
-        if let active = (trainer.model as? LlamaModel)?.activeParameterCount ?? (trainer.model as? ViT).map(LayerBenchmark.activeParameters) { summary["active_parameters"] = active; summary["tokens_per_step"] = tokensPerStep }
+        summary["active_parameters"] = trainer.model.activeParameterCount
+        summary["tokens_per_step"] = tokensPerStep
         if let loss = last?.loss, loss.isFinite { summary["final_loss"] = loss }
         if let evalLoss, evalLoss.isFinite {
             summary["eval_loss"] = evalLoss

@@ -256,6 +256,7 @@ public final class ViT: Model {
     }
 
     public var tokensPerExample: Int { config.tokens }
+    public var activeParameterCount: Double { LayerBenchmark.activeParameters(self) }
 
     private var lastBatch = 0
     /// The last block's output of the last forward.
