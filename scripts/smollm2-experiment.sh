@@ -23,6 +23,9 @@ run() {  # name, extra args
   timeout --signal=INT "${MINUTES}m" "$BIN" train --task lm --config "$OUT/config.json" --init "$GGUF" \
       --device cpu --out "$OUT/$name" "$@" || true
 }
+# Step 0: the dense model's validation loss (the upcycled model's too: replicate keeps the logits).
+"$BIN" train --task lm --config "$OUT/config.json" --init "$GGUF" --upcycle none --steps 0 --device cpu --out "$OUT/step0" >/dev/null
+python3 -c "import json,sys; print('step 0 validation loss: %.4f' % json.load(open(sys.argv[1]))['eval_loss'])" "$OUT/step0/eval.json"
 run moe-8x-top2 --upcycle replicate --experts 8 --top-k 2
 run dense --upcycle none
 python3 - "$OUT" <<'PY'
