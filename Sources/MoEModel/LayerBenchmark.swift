@@ -93,20 +93,7 @@ public enum LayerBenchmark {
             let data = try trainingData(config.model, synthetic: synthetic)
             let model = try ViT(config: config.model, backend: backend, seed: config.seed)
             let trainer = try Trainer(config: config, model: model, train: data.train, test: data.test)
-            let tokens = Double(config.batchSize * config.gradientAccumulation * config.model.tokens)
-            let active = activeParameters(model)
-            // The launch profile of a warm step (the first sizes the workspaces).
-            _ = try trainer.trainStep()
-            let before = backend.counters.snapshot
-            _ = try trainer.trainStep()
-            let profile = backend.counters.snapshot.since(before)
-            return BenchWork(run: { _ = try trainer.trainStep() }, flops: 6 * active * tokens,
-                             extra: ["active_params": active, "total_params": Double(model.params.parameterCount),
-                                     "tokens_per_step": tokens, "launches_per_step": Double(profile.launches),
-                                     "host_syncs_per_step": Double(profile.hostSyncs),
-                                     "allocations_per_step": Double(profile.allocations),
-                                     "fashion_mnist": data.real ? 1 : 0],
-                             derive: { t, _ in ["tokens_per_s": tokens / t] }, reportsMFU: true)
+            return try stepWork(trainer, backend: backend, extra: ["fashion_mnist": data.real ? 1 : 0])
         }
     }
 
@@ -184,18 +171,28 @@ extension LayerBenchmark {
             let corpus = try TokenizedCorpus(tokens: ids, padID: 0)
             let data = try LMBatchSource(corpus, seqLen: cfg.seqLen)
             let trainer = try Trainer(config: cfg, model: model, train: data, test: data)
-            let tokens = Double(cfg.batchSize * cfg.gradientAccumulation * cfg.seqLen)
-            let active = model.activeParameterCount
-            _ = try trainer.trainStep()
-            let before = backend.counters.snapshot
-            _ = try trainer.trainStep()
-            let profile = backend.counters.snapshot.since(before)
-            return BenchWork(run: { _ = try trainer.trainStep() }, flops: 6 * active * tokens,
-                             extra: ["active_params": active, "total_params": Double(model.params.parameterCount),
-                                     "tokens_per_step": tokens, "launches_per_step": Double(profile.launches),
-                                     "host_syncs_per_step": Double(profile.hostSyncs),
-                                     "allocations_per_step": Double(profile.allocations)],
-                             derive: { t, _ in ["tokens_per_s": tokens / t] }, reportsMFU: true)
+            return try stepWork(trainer, backend: backend)
         }
+    }
+}
+
+extension LayerBenchmark {
+    /// A training step as bench work: FLOPs = 6 x active parameters x tokens per
+    /// step, with the launch profile of a warm step (the first sizes the workspaces).
+    static func stepWork(_ trainer: Trainer, backend: Backend, extra: [String: Double] = [:]) throws -> BenchWork {
+        let model = trainer.model, c = trainer.config
+        let tokens = Double(c.batchSize * c.gradientAccumulation * model.tokensPerExample)
+        let active = model.activeParameterCount
+        _ = try trainer.trainStep()
+        let before = backend.counters.snapshot
+        _ = try trainer.trainStep()
+        let profile = backend.counters.snapshot.since(before)
+        var figures: [String: Double] = ["active_params": active, "total_params": Double(model.params.parameterCount),
+                                         "tokens_per_step": tokens, "launches_per_step": Double(profile.launches),
+                                         "host_syncs_per_step": Double(profile.hostSyncs),
+                                         "allocations_per_step": Double(profile.allocations)]
+        figures.merge(extra) { $1 }
+        return BenchWork(run: { _ = try trainer.trainStep() }, flops: 6 * active * tokens, extra: figures,
+                         derive: { t, _ in ["tokens_per_s": tokens / t] }, reportsMFU: true)
     }
 }

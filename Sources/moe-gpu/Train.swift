@@ -140,12 +140,17 @@ struct Train: ParsableCommand {
         }
     }
 
-    func apply(to cfg: inout TrainConfig) {
+    /// The flags every task shares.
+    func applyShared(to cfg: inout TrainConfig) {
         if let steps { cfg.steps = steps }
         if let data { cfg.data = data }
         if let lr { cfg.learningRate = lr }
         if let batchSize { cfg.batchSize = batchSize }
         if let seed { cfg.seed = seed }
+    }
+
+    func apply(to cfg: inout TrainConfig) {
+        applyShared(to: &cfg)
         if let router {
             if router == "dense" { cfg.model.moeBlocks = []; cfg.model.moe = nil } else {
                 var moe = cfg.model.moe ?? MoEConfig()

@@ -129,12 +129,8 @@ extension Train {
     }
 
     func applyLM(to cfg: inout TrainConfig) {
-        if let steps { cfg.steps = steps }
-        if let data { cfg.data = data }
+        applyShared(to: &cfg)
         if let evalData { cfg.evalData = evalData }
-        if let lr { cfg.learningRate = lr }
-        if let batchSize { cfg.batchSize = batchSize }
-        if let seed { cfg.seed = seed }
         if let seqLen { cfg.seqLen = seqLen }
         if router == "dense" { cfg.lm?.moe = nil; cfg.lm?.moeLayers = [] }
         if let experts { cfg.lm?.moe?.experts = experts }
