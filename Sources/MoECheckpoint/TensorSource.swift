@@ -8,6 +8,9 @@ public struct TensorDescriptor: Sendable, Equatable {
     /// Hugging Face order: `[out, in]` for weights.
     public let shape: [Int]
     public var count: Int { shape.reduce(1, *) }
+    public init(name: String, dtypeName: String, shape: [Int]) {
+        self.name = name; self.dtypeName = dtypeName; self.shape = shape
+    }
 }
 
 /// A checkpoint whose tensors can be listed and read one at a time:

@@ -61,6 +61,8 @@ public struct UpcycleOptions: Sendable {
     public var granularity = 1
     public var weightScaling = false
     public var expertWidth: Int?
+    /// MoE Jetpack: recycle into a model of this residual width (a moe-gpu ViT wider than it).
+    public var width: Int?
     public var calibrationPath: String?
     public var seed: UInt64 = 0
     public var routerInit = RouterInit.random
@@ -164,7 +166,40 @@ public struct Upcycler {
     /// unless every check passes; a failed write leaves no file behind.
     public func run(from: String, to: String, log: (String) -> Void = { _ in }) throws -> UpcycleResult {
         let o = options
-        let source = try openCheckpoint(path: from)
+        let original = try openCheckpoint(path: from)
+        var source: TensorSource = original
+        var wideCalibration: CalibrationData?
+        var precomputedImportance: [Int: [Double]] = [:]
+        var reduction: ViTWidthReduction?
+        if let width = o.width {
+            // MoE Jetpack from a larger predecessor: narrow the source, then upcycle as usual.
+            let wide = try ArchitectureAdapter.describe(original)
+            guard [.moeGPU, .vitTimm].contains(wide.architecture), wide.moeLayers.isEmpty,
+                  let config = original.metadata["moe-gpu.config"], let json = try? JSONParser.parse(Array(config.utf8)),
+                  let heads = json["heads"]?.intValue else {
+                throw CheckpointError(.unsupported, "--width recycles dense ViTs written by moe-gpu train only (this is \(wide.architecture.displayName)); other architectures are not supported yet")
+            }
+            guard o.method == .recycle else { throw CheckpointError(.usage, "--width needs --method recycle (a narrower model cannot copy the dense MLP whole)") }
+            let layers = try o.layers.resolve(available: wide.denseMLPs.keys.sorted())
+            wideCalibration = try o.calibrationPath.map { try CalibrationData.load(path: $0, hidden: wide.hidden) }
+            var channelImportance: [Double]?
+            if let cal = wideCalibration {
+                // Channels by the L2 norm of the LayerNorm outputs (the states feeding the MLPs);
+                // neurons by their activations in the wide model, before anything is narrowed.
+                var acc = [Double](repeating: 0, count: wide.hidden)
+                for l in wide.denseMLPs.keys { for (i, v) in (cal.states(layer: l) ?? []).enumerated() { acc[i % wide.hidden] += Double(v) * Double(v) } }
+                channelImportance = acc.map { $0.squareRoot() }
+                let probe = LayerBuilder(source: original, desc: wide, options: o, width: 1, weightScale: 1, calibration: cal)
+                for l in wide.denseMLPs.keys.sorted() {
+                    precomputedImportance[l] = try probe.importance(l, try MLPWeights.load(original, wide.denseMLPs[l]!, activation: wide.activation))
+                }
+            }
+            let plan = try ViTWidthReduction.plan(source: original, width: width, heads: heads, keepWholeMLPs: Set(layers),
+                                                  channelImportance: channelImportance, neuronImportance: precomputedImportance, seed: o.seed)
+            log("width \(plan.oldWidth) -> \(width): channels sampled by " + (channelImportance == nil ? "LayerNorm weight norms" : "LayerNorm output norms"))
+            reduction = plan
+            source = try NarrowedSource(original, plan)
+        }
         let desc = try ArchitectureAdapter.describe(source)
         guard desc.moeLayers.isEmpty else {
             throw CheckpointError(.usage, "\(from) is already an MoE checkpoint (\(desc.moeLayers.count) MoE layers); upcycle a dense checkpoint")
@@ -231,7 +266,14 @@ public struct Upcycler {
         if desc.gated, desc.denseMLPs.values.contains(where: { $0.fc1Bias != nil || $0.fc2Bias != nil }) {
             throw CheckpointError(.unsupported, "gated MLPs with biases are not supported")
         }
-        let calibration = try o.calibrationPath.map { try CalibrationData.load(path: $0, hidden: desc.hidden) }
+        var calibration = try o.calibrationPath.map { try CalibrationData.load(path: $0, hidden: desc.hidden) }
+        if let plan = reduction, let cal = wideCalibration {
+            // The states the narrowed model's MLPs see: the kept channels.
+            func keep(_ v: [Float]) -> [Float] {
+                stride(from: 0, to: v.count, by: plan.oldWidth).flatMap { r in plan.channels.map { v[r + $0] } }
+            }
+            calibration = CalibrationData(hidden: plan.width, shared: cal.shared.map(keep), perLayer: cal.perLayer.mapValues(keep))
+        }
 
         // Output locations.
         let outURL: URL, configURL: URL?
@@ -254,7 +296,7 @@ public struct Upcycler {
             outURL = dir.appendingPathComponent("model.safetensors")
             configURL = format == .mixtral ? dir.appendingPathComponent("config.json") : nil
         }
-        let inputFiles = (source as? SafetensorsCheckpoint)?.files.map(\.path) ?? (source as? GGUFCheckpoint).map { [$0.gguf.path] } ?? []
+        let inputFiles = (original as? SafetensorsCheckpoint)?.files.map(\.path) ?? (original as? GGUFCheckpoint).map { [$0.gguf.path] } ?? []
         let inputPaths = Set(inputFiles.map { URL(fileURLWithPath: $0).resolvingSymlinksInPath().path })
         guard !inputPaths.contains(outURL.resolvingSymlinksInPath().path) else {
             throw CheckpointError(.usage, "--to would overwrite the input checkpoint; choose another path")
@@ -272,6 +314,7 @@ public struct Upcycler {
 
         // The plan: every source tensor in order, the MLPs of MoE layers replaced by router + experts.
         let builder = LayerBuilder(source: source, desc: desc, options: o, width: width, weightScale: Float(weightScale), calibration: calibration)
+        builder.precomputedImportance = precomputedImportance
         var plan: [PlannedTensor] = []
         var producers: [() throws -> Payload] = []
         var emitted = Set<Int>()
@@ -403,6 +446,8 @@ final class LayerBuilder {
     private var dense: MLPWeights?
     private var specs: [ExpertSpec] = []
     private var cachedExpert: (Int, MLPWeights)?
+    /// Importance per layer computed elsewhere (from the wider model before a width reduction).
+    var precomputedImportance: [Int: [Double]] = [:]
 
     init(source: TensorSource, desc: ModelDescription, options: UpcycleOptions, width: Int, weightScale: Float, calibration: CalibrationData?) {
         self.source = source; self.desc = desc; o = options; self.width = width
@@ -451,6 +496,7 @@ final class LayerBuilder {
     /// tokens (MoE Jetpack), or without calibration the product of the norms of
     /// its input and output weights.
     func importance(_ l: Int, _ d: MLPWeights) throws -> [Double] {
+        if let known = precomputedImportance[l], known.count == d.width { return known }
         let H = d.hidden
         if let states = calibration?.states(layer: l) {
             var acc = [Double](repeating: 0, count: d.width)

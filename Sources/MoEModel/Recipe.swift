@@ -29,6 +29,23 @@ public enum Recipe {
         return m
     }
 
+    /// Expert widths an upcycling method needs: replicate makes full-width experts
+    /// (a SpheroMoE's all core, no universal experts); granular G shards of the
+    /// MLP per copy, k = G unless set (one whole copy per token at the start).
+    public static func shapeExperts(_ m: inout MoEConfig, for method: String?, granularity: Int?, topK: Int?) {
+        switch method {
+        case "replicate":
+            m.expertWidthRatio = 1
+            if m.router == "sphero" { m.coreExperts = m.experts }
+        case "granular":
+            let g = max(granularity ?? 2, 1)
+            m.expertWidthRatio = 1 / Double(g)
+            m.topK = topK ?? g
+            m.renormalize = true
+        default: break
+        }
+    }
+
     /// The default fine-tuning run: MoE Jetpack (SpheroMoE in the last two blocks).
     public static func defaultFineTune() -> TrainConfig {
         var c = TrainConfig()

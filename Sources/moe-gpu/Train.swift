@@ -25,7 +25,7 @@ struct Train: ParsableCommand {
     var config: String?
     @Option(name: .long, help: "Where the model starts: scratch, dense (pretrain or reuse the cached dense ViT), or a checkpoint file.")
     var `init`: String?
-    @Option(name: .long, help: "How experts come from the dense model: replicate, recycle or none.")
+    @Option(name: .long, help: "How experts come from the dense model: replicate, granular, recycle or none. A dense --init wider than the model is narrowed first (MoE Jetpack).")
     var upcycle: String?
     @Option(name: .long, help: "Router of the MoE layers: dense (no MoE), topk, expert-choice, soft or sphero.")
     var router: String?
@@ -51,6 +51,8 @@ struct Train: ParsableCommand {
     var denseSteps: Int?
     @Option(name: .long, help: "Random seed.")
     var seed: UInt64?
+    @Option(name: .long, help: "ViT residual width of the trained model (a wider --init is recycled into it).")
+    var width: Int?
     @Flag(name: .long, help: "With --init dense, skip training the dense model for the same steps as a baseline.")
     var noBaseline = false
     @Option(name: .long, help: "image (a ViT on images, the default) or lm (a Llama-style decoder on text).")
@@ -59,7 +61,7 @@ struct Train: ParsableCommand {
     var seqLen: Int?
     @Option(name: .long, help: "Language models: which parameters train: all, experts, or experts,router (the rest frozen).")
     var train: String?
-    @Option(name: .long, help: "Language models with --upcycle granular: shards per copy of the dense MLP.")
+    @Option(name: .long, help: "With --upcycle granular: shards per copy of the dense MLP (default 2; ViT experts are MLP width / G wide).")
     var granularity: Int?
     @Flag(name: .long, help: "Language models, with --init dense: also continue the dense model for the MoE run's training FLOPs (more steps).")
     var equalFlops = false
@@ -98,8 +100,8 @@ struct Train: ParsableCommand {
             return
         }
         try cfg.validate()
-        guard ["replicate", "recycle", "none"].contains(method) else {
-            throw ValidationError("unknown --upcycle '\(method)': use replicate, recycle or none")
+        guard ["replicate", "granular", "recycle", "none"].contains(method) else {
+            throw ValidationError("unknown --upcycle '\(method)': use replicate, granular, recycle or none")
         }
         let outDir = URL(fileURLWithPath: out ?? "runs/\(cfg.model.moeBlocks.isEmpty ? "dense" : cfg.model.moe!.router)")
         let data = try loadData(cfg)
@@ -159,9 +161,10 @@ struct Train: ParsableCommand {
                 if cfg.model.moeBlocks.isEmpty { cfg.model.moeBlocks = Array((cfg.model.depth / 2)..<cfg.model.depth) }
             }
         }
+        if let width { cfg.model.width = width }
         if let experts { cfg.model.moe?.experts = experts }
         if let topK { cfg.model.moe?.topK = topK }
-        if upcycle == "replicate" { cfg.model.moe?.expertWidthRatio = 1 }
+        if cfg.model.moe != nil { Recipe.shapeExperts(&cfg.model.moe!, for: upcycle, granularity: granularity, topK: topK) }
     }
 
     func upcycleInto(_ model: ViT, from dense: ViT, method: String, cfg: TrainConfig, data: (train: ImageDataset, test: ImageDataset)) throws {

@@ -35,6 +35,8 @@ struct Upcycle: ParsableCommand {
     var weightScaling = false
     @Option(name: .customLong("expert-width"), help: "Recycle: hidden neurons per expert (default half the FFN width).")
     var expertWidth: Int?
+    @Option(name: .long, help: "Recycle: residual width of the output, narrower than a moe-gpu ViT input (MoE Jetpack's recycling from a larger model).")
+    var width: Int?
     @Option(name: .long, help: "Hidden states feeding the MLPs: .safetensors (hidden_states and/or layers.L, [tokens, hidden]) or .npy [tokens, hidden].")
     var calibration: String?
     @Option(name: .long, help: "Seed for routers, sampling and --verify inputs.")
@@ -53,7 +55,7 @@ struct Upcycle: ParsableCommand {
     func run() throws {
         var o = UpcycleOptions()
         o.experts = experts; o.topK = topK; o.layers = try LayerSelection(parsing: layers)
-        o.method = method; o.granularity = granularity; o.weightScaling = weightScaling; o.expertWidth = expertWidth
+        o.method = method; o.granularity = granularity; o.weightScaling = weightScaling; o.expertWidth = expertWidth; o.width = width
         o.calibrationPath = calibration; o.seed = seed; o.routerInit = routerInit; o.router = router
         o.capacityFactor = capacityFactor; o.format = format; o.verify = verify
         let start = Date()
