@@ -28,17 +28,26 @@ static pthread_mutex_t sleepLock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 
 static _Atomic uint64_t generation;
-static _Atomic int32_t nextPart, donePart, sleepers;
-static int32_t totalParts;
+// The next part to run, tagged with its job's generation (high 32 bits): a
+// worker that woke for an earlier job and runs late can neither claim a part
+// of the next job twice nor run it with the old job's function. Claims are a
+// compare-and-swap on the tagged value, so a stale claim changes nothing.
+static _Atomic uint64_t cursor;
+static _Atomic int32_t donePart, sleepers, totalParts;
 static void (*job)(void *, int32_t);
 static void *jobContext;
 static _Thread_local int insidePart;
 
-static void runParts(void) {
+static void runParts(uint32_t gen) {
     insidePart = 1;
     for (;;) {
-        int32_t p = atomic_fetch_add_explicit(&nextPart, 1, memory_order_acq_rel);
-        if (p >= totalParts) break;
+        uint64_t c = atomic_load_explicit(&cursor, memory_order_acquire);
+        if ((uint32_t)(c >> 32) != gen) break;
+        int32_t p = (int32_t)(c & 0xffffffffu);
+        if (p >= atomic_load_explicit(&totalParts, memory_order_relaxed)) break;
+        if (!atomic_compare_exchange_weak_explicit(&cursor, &c, c + 1, memory_order_acq_rel, memory_order_acquire)) continue;
+        // The claim succeeded with this job's tag: job and context are this job's
+        // (written before the tagged cursor was released) until donePart says all are done.
         job(jobContext, p);
         atomic_fetch_add_explicit(&donePart, 1, memory_order_release);
     }
@@ -66,7 +75,7 @@ static void *worker(void *unused) {
             break;
         }
         seen = g;
-        runParts();
+        runParts((uint32_t)g);
     }
     return NULL;
 }
@@ -105,17 +114,19 @@ void ck_parallel_for(int32_t parts, void (*fn)(void *, int32_t), void *ctx) {
         for (int32_t p = 0; p < parts; p++) fn(ctx, p);
         return;
     }
-    job = fn; jobContext = ctx; totalParts = parts;
+    uint32_t gen = (uint32_t)(atomic_load(&generation) + 1);
+    job = fn; jobContext = ctx;
+    atomic_store_explicit(&totalParts, parts, memory_order_relaxed);
     atomic_store_explicit(&donePart, 0, memory_order_relaxed);
-    // Release: a worker that takes a part of this call sees job, context and count.
-    atomic_store_explicit(&nextPart, 0, memory_order_release);
-    atomic_fetch_add(&generation, 1);
+    // Release: a worker that claims a part of this job sees job, context and count.
+    atomic_store_explicit(&cursor, (uint64_t)gen << 32, memory_order_release);
+    atomic_store(&generation, gen);
     if (atomic_load(&sleepers) > 0) {
         pthread_mutex_lock(&sleepLock);
         pthread_cond_broadcast(&wake);
         pthread_mutex_unlock(&sleepLock);
     }
-    runParts();
+    runParts(gen);
     for (int spins = 1; atomic_load_explicit(&donePart, memory_order_acquire) < parts; spins++) {
         if (spins % YIELD_EVERY == 0) sched_yield(); else CPU_RELAX();
     }

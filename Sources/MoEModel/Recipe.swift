@@ -80,6 +80,14 @@ public enum Recipe {
 
     public static var cacheDirectory: URL { ProgramCache.defaultDirectory.appendingPathComponent("models") }
 
+    /// Where the pretrained dense model for `c` is cached (named by a hash of its pretraining config).
+    public static func pretrainedDenseDirectory(for c: TrainConfig, steps: Int?) throws -> URL {
+        let key = String(decoding: try JSONEncoder.sorted.encode(densePretrain(like: c, steps: steps)), as: UTF8.self)
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in key.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        return cacheDirectory.appendingPathComponent(String(format: "dense-%016llx", h))
+    }
+
     /// The pretrained dense model for `c` (its MoE layers made dense), from the
     /// cache when an earlier run trained the same config, else trained now.
     /// Returns it with its test accuracy.
@@ -87,10 +95,7 @@ public enum Recipe {
                                        data: (train: ImageDataset, test: ImageDataset),
                                        log: @escaping (String) -> Void = { print($0) }) throws -> (ViT, Double) {
         let d = densePretrain(like: c, steps: steps)
-        let key = String(decoding: try JSONEncoder.sorted.encode(d), as: UTF8.self)
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in key.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
-        let dir = cacheDirectory.appendingPathComponent(String(format: "dense-%016llx", h))
+        let dir = try pretrainedDenseDirectory(for: c, steps: steps)
         let model = try ViT(config: d.model, backend: backend, seed: d.seed)
         let trainer = try Trainer(config: d, model: model, train: data.train, test: data.test)
         let file = dir.appendingPathComponent("model.safetensors")

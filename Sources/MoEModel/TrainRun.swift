@@ -30,6 +30,18 @@ public final class TrainRun {
         try atomicWrite(try JSONEncoder.sorted.encode(config), to: out.appendingPathComponent("config.json"))
     }
 
+    /// The config a run folder's `config.json` holds, as written (every key is
+    /// there, and an absent optional is nil, not a default as for user files).
+    public static func storedConfig(_ dir: URL) throws -> TrainConfig {
+        let url = dir.appendingPathComponent("config.json")
+        guard let data = FileManager.default.contents(atPath: url.path) else {
+            throw ModelError.badConfig("\(dir.path) has no config.json: name a folder written by moe-gpu train")
+        }
+        do { return try JSONDecoder().decode(TrainConfig.self, from: data) } catch {
+            throw ModelError.badConfig("\(url.path) is not a config written by moe-gpu train (\(error))")
+        }
+    }
+
     /// Reads a JSON or YAML config (by extension `.yaml`/`.yml`). Keys left out
     /// keep their defaults (`moe-gpu train --print-config` shows them all); an
     /// unknown key is an error naming it.

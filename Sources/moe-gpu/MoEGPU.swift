@@ -9,5 +9,5 @@ struct MoEGPU: ParsableCommand {
         commandName: "moe-gpu",
         abstract: "Turn dense checkpoints into Mixture-of-Experts models and fine-tune them on OpenCL or the CPU.",
         version: version,
-        subcommands: [Train.self, Eval.self, Devices.self, Check.self, Bench.self, Inspect.self, Upcycle.self, Tokenize.self, Export.self, Generate.self, Plot.self])
+        subcommands: [Train.self, Eval.self, Devices.self, Check.self, Bench.self, Inspect.self, Upcycle.self, Tokenize.self, Export.self, Generate.self, Plot.self, Experiment.self])
 }

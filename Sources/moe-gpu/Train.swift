@@ -76,7 +76,7 @@ struct Train: ParsableCommand {
         let backend = try DeviceCatalog().makeBackend(try DeviceSelector.resolve(device))
         if let resume {
             let dir = URL(fileURLWithPath: resume)
-            var cfg = try TrainRun.loadConfig(dir.appendingPathComponent("config.json").path)
+            var cfg = try TrainRun.storedConfig(dir)
             if cfg.task == "lm" { return try resumeLanguageModel(cfg, dir: dir, backend: backend) }
             if let steps { cfg.steps = steps }
             let model = try ViT(config: cfg.model, backend: backend, seed: cfg.seed)
