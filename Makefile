@@ -25,6 +25,7 @@ test:
 	scripts/setup.sh test
 	scripts/fetch-checkpoints.sh || echo "test: checkpoints could not be fetched; the CPU pass will fail on the tests that need them"
 	scripts/fetch-data.sh || echo "test: the Shakespeare plays could not be fetched; the CPU pass will fail on the tests that need them"
+	scripts/fetch-mnist5k.sh || echo "test: MNIST-5k could not be fetched; the CPU pass will fail on the experiment test"
 	$(SWIFT) build --build-tests
 	@mkdir -p $(TEST_LOGS) $(NO_OPENCL)
 	@echo "test: pass 1 of 2: CPU backend, no OpenCL platform visible"

@@ -247,7 +247,6 @@ extension ExperimentRunner {
         let run = try TrainRun(config: c, model: model, out: dir, data: override ?? data)
         if resumable {
             try run.resume(from: dir)
-            try Self.trimMetrics(dir, after: run.trainer.step)
             log("\(tag): resuming at step \(run.trainer.step) of \(c.steps)")
         } else {
             try? fm.removeItem(at: dir.appendingPathComponent("metrics.jsonl"))
@@ -263,18 +262,6 @@ extension ExperimentRunner {
         }
         try run.run()
         return try Self.readResult(dir, arm: arm, budget: budget, seed: seed)
-    }
-
-    /// Drops metrics logged after `step` (an interrupted run logged past its last checkpoint).
-    static func trimMetrics(_ dir: URL, after step: Int) throws {
-        let url = dir.appendingPathComponent("metrics.jsonl")
-        guard let data = FileManager.default.contents(atPath: url.path) else { return }
-        let kept = String(decoding: data, as: UTF8.self).split(separator: "\n").filter { line in
-            guard let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
-                  let s = (o["step"] as? NSNumber)?.intValue else { return false }
-            return s <= step
-        }
-        try atomicWrite(Data((kept.joined(separator: "\n") + (kept.isEmpty ? "" : "\n")).utf8), to: url)
     }
 
     static func readResult(_ dir: URL, arm: String, budget: Double, seed: UInt64) throws -> ExperimentRunResult {

@@ -143,6 +143,7 @@ public enum LMRecipe {
             log(String(format: "dense: reusing the pretrained Llama in %@ (validation loss %.4f)", dir.path, loss))
             return (file.path, loss)
         }
+        for f in TrainRun.runFiles { try? FileManager.default.removeItem(at: dir.appendingPathComponent(f)) }
         log("dense: pretraining a \(model.params.parameterCount)-parameter Llama for \(d.steps) steps (cached in \(dir.path) for later runs)")
         let run = try TrainRun(config: d, trainer: trainer, out: dir)
         run.progress = { m, total in

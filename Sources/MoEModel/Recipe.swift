@@ -105,6 +105,8 @@ public enum Recipe {
             log(String(format: "dense: reusing the pretrained ViT in %@ (test accuracy %.2f%%)", dir.path, 100 * acc))
             return (model, acc)
         }
+        // A pretraining stopped before its first checkpoint starts again from nothing.
+        for f in TrainRun.runFiles { try? FileManager.default.removeItem(at: dir.appendingPathComponent(f)) }
         log("dense: pretraining a \(model.params.parameterCount)-parameter ViT for \(d.steps) steps (cached in \(dir.path) for later runs)")
         let run = try TrainRun(config: d, model: model, out: dir, data: data)
         run.progress = { m, total in

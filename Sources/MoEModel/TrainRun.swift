@@ -114,7 +114,55 @@ public final class TrainRun {
         return out
     }
 
-    /// Restores model weights, AdamW moments and the step from a run folder.
+    /// The files a run writes into its folder.
+    public static let runFiles = ["config.json", "metrics.jsonl", "model.safetensors", "optimizer.safetensors", "eval.json"]
+    /// Sub-folders the train command puts baseline runs in.
+    static let baselineFolders = ["dense-continued", "dense-equal-flops"]
+
+    /// Whether `dir` holds (part of) a run.
+    public static func holdsRun(_ dir: URL) -> Bool {
+        runFiles.contains { FileManager.default.fileExists(atPath: dir.appendingPathComponent($0).path) }
+    }
+
+    /// The folder of a fresh run. An explicit folder that holds a run is refused
+    /// unless `overwrite` (then that run's files are removed first); without one,
+    /// the first of `base`, `base-2`, `base-3`, ... that holds no run, as
+    /// experiment trackers do, so a second run never appends to the first's metrics.
+    public static func freshOutput(explicit: String?, base: String, overwrite: Bool) throws -> URL {
+        let fm = FileManager.default
+        if let explicit {
+            let dir = URL(fileURLWithPath: explicit)
+            guard holdsRun(dir) else { return dir }
+            guard overwrite else {
+                throw ModelError.badConfig("\(explicit) already holds a run: continue it with --resume \(explicit), replace it with --overwrite, or choose another --out")
+            }
+            for folder in [dir] + baselineFolders.map(dir.appendingPathComponent) {
+                for f in runFiles { try? fm.removeItem(at: folder.appendingPathComponent(f)) }
+            }
+            return dir
+        }
+        var n = 1
+        while true {
+            let dir = URL(fileURLWithPath: n == 1 ? base : "\(base)-\(n)")
+            if !holdsRun(dir) { return dir }
+            n += 1
+        }
+    }
+
+    /// Drops metrics logged after `step` (a run stopped after logging past its last checkpoint).
+    public static func trimMetrics(_ dir: URL, after step: Int) throws {
+        let url = dir.appendingPathComponent("metrics.jsonl")
+        guard let data = FileManager.default.contents(atPath: url.path) else { return }
+        let kept = String(decoding: data, as: UTF8.self).split(separator: "\n").filter { line in
+            guard let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                  let s = (o["step"] as? NSNumber)?.intValue else { return false }
+            return s <= step
+        }
+        try atomicWrite(Data((kept.joined(separator: "\n") + (kept.isEmpty ? "" : "\n")).utf8), to: url)
+    }
+
+    /// Restores model weights, AdamW moments and the step from a run folder, and
+    /// drops the metrics logged after that step (they will be logged again).
     public func resume(from dir: URL) throws {
         let model = trainer.model
         try ModelCheckpoint.load(dir.appendingPathComponent("model.safetensors").path, into: model)
@@ -129,6 +177,7 @@ public final class TrainRun {
         }
         guard let s = opt.metadata["step"], let step = Int(s) else { throw ModelError.badInput("optimizer.safetensors has no step") }
         trainer.fastForward(to: step)
+        try Self.trimMetrics(out, after: step)
     }
 
     public func saveCheckpoint() throws {

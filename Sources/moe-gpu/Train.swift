@@ -37,6 +37,8 @@ struct Train: ParsableCommand {
     var out: String?
     @Option(name: .long, help: "Resume the run in this output folder.")
     var resume: String?
+    @Flag(name: .long, help: "Replace the run an explicit --out already holds (otherwise that is an error; without --out a new runs/NAME-N folder is used).")
+    var overwrite = false
     @Option(name: .long, help: "Folder of MNIST-format IDX files, or a CSV image table (.csv[.gz], label last) (default Fashion-MNIST).")
     var data: String?
     @Option(name: .long, help: "Peak learning rate.")
@@ -103,7 +105,7 @@ struct Train: ParsableCommand {
         guard ["replicate", "granular", "recycle", "none"].contains(method) else {
             throw ValidationError("unknown --upcycle '\(method)': use replicate, granular, recycle or none")
         }
-        let outDir = URL(fileURLWithPath: out ?? "runs/\(cfg.model.moeBlocks.isEmpty ? "dense" : cfg.model.moe!.router)")
+        let outDir = try TrainRun.freshOutput(explicit: out, base: "runs/\(cfg.model.moeBlocks.isEmpty ? "dense" : cfg.model.moe!.router)", overwrite: overwrite)
         let data = try loadData(cfg)
         print("device \(backend.name): \(backend.deviceDescription)")
         print("data: \(data.train.count) train / \(data.test.count) test images of \(data.train.height)x\(data.train.width), \(data.train.classes) classes")

@@ -43,6 +43,45 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertEqual(evalObject["accuracy"] as! Double, written["accuracy"] as! Double, accuracy: 1e-12)
     }
 
+    /// Issue 11, defect 2: a second run never appends to the first's metrics. An explicit
+    /// --out that holds a run is an error (unless --overwrite); without --out a new
+    /// runs/NAME-N folder is used; --resume drops the metrics logged after its checkpoint.
+    func testRunsNeverAppendToAnotherRunsMetrics() throws {
+        guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
+        let dir = try CLI.temporaryDirectory(self)
+        let out = dir.appendingPathComponent("run"), config = try smallConfig(dir).path
+        func steps(_ folder: URL) throws -> [Int] {
+            try String(contentsOf: folder.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n").map {
+                try XCTUnwrap((JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])?["step"] as? Int)
+            }
+        }
+        XCTAssertEqual(try CLI.run(["train", "--config", config, "--device", "cpu", "--out", out.path]).status, 0)
+        let again = try CLI.run(["train", "--config", config, "--device", "cpu", "--out", out.path])
+        XCTAssertNotEqual(again.status, 0)
+        XCTAssertTrue(again.stderr.contains("already holds a run") && again.stderr.contains("--overwrite"), again.stderr)
+        XCTAssertEqual(try steps(out), [1, 2, 3, 4], "the refused run left the first one alone")
+        let overwritten = try CLI.run(["train", "--config", config, "--device", "cpu", "--out", out.path, "--overwrite"])
+        XCTAssertEqual(overwritten.status, 0, overwritten.stderr)
+        XCTAssertEqual(try steps(out), [1, 2, 3, 4])
+
+        // Metrics logged past the last checkpoint (step 4) are dropped on resume, then logged again.
+        let metrics = out.appendingPathComponent("metrics.jsonl")
+        let handle = try FileHandle(forWritingTo: metrics)
+        try handle.seekToEnd(); handle.write(Data("{\"step\": 5, \"loss\": 99}\n".utf8)); try handle.close()
+        let resumed = try CLI.run(["train", "--resume", out.path, "--steps", "6", "--device", "cpu"])
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+        XCTAssertEqual(try steps(out), [1, 2, 3, 4, 5, 6])
+        XCTAssertFalse(try String(contentsOf: metrics, encoding: .utf8).contains("\"loss\": 99"))
+
+        // Without --out: runs/topk, then runs/topk-2 (said in the output).
+        for expected in ["runs/topk", "runs/topk-2"] {
+            let r = try CLI.run(["train", "--config", config, "--device", "cpu"], directory: dir)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            XCTAssertTrue(r.stdout.contains("/\(expected)\n"), r.stdout)
+            XCTAssertEqual(try steps(dir.appendingPathComponent(expected)), [1, 2, 3, 4])
+        }
+    }
+
     func testMissingDataNamesTheFolder() throws {
         let dir = try CLI.temporaryDirectory(self)
         let r = try CLI.run(["train", "--config", try smallConfig(dir).path, "--data", dir.appendingPathComponent("nowhere").path,
