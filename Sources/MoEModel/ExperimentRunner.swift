@@ -242,8 +242,7 @@ extension ExperimentRunner {
                initialize: (ViT) throws -> [String]) throws -> ExperimentRunResult {
         let model = try ViT(config: c.model, backend: backend, seed: c.seed)
         let fm = FileManager.default
-        let resumable = fm.fileExists(atPath: dir.appendingPathComponent("optimizer.safetensors").path)
-            && fm.fileExists(atPath: dir.appendingPathComponent("model.safetensors").path)
+        let resumable = TrainRun.latestCheckpoint(dir) != nil
         let run = try TrainRun(config: c, model: model, out: dir, data: override ?? data)
         if resumable {
             try run.resume(from: dir)

@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import MoECheckpoint
 import MoECompute
 import Yams
@@ -115,7 +118,7 @@ public final class TrainRun {
     }
 
     /// The files a run writes into its folder.
-    public static let runFiles = ["config.json", "metrics.jsonl", "model.safetensors", "optimizer.safetensors", "eval.json"]
+    public static let runFiles = ["config.json", "metrics.jsonl", "model.safetensors", "optimizer.safetensors", "eval.json", "checkpoints"]
     /// Sub-folders the train command puts baseline runs in.
     static let baselineFolders = ["dense-continued", "dense-equal-flops"]
 
@@ -161,36 +164,121 @@ public final class TrainRun {
         try atomicWrite(Data((kept.joined(separator: "\n") + (kept.isEmpty ? "" : "\n")).utf8), to: url)
     }
 
-    /// Restores model weights, AdamW moments and the step from a run folder, and
-    /// drops the metrics logged after that step (they will be logged again).
+    // MARK: Checkpoints
+    //
+    // A checkpoint is one unit: `checkpoints/step-NNNNNNNN/` holds the model and
+    // the optimizer of one step. Both files are written into a hidden partial
+    // folder, flushed, and the folder is renamed into place, so a kill at any
+    // moment leaves either the whole new checkpoint or none of it; the last two
+    // are kept. `model.safetensors` beside them is a hard link to the latest
+    // model, for eval, export, plot and --init.
+
+    public static let checkpointsFolder = "checkpoints"
+
+    /// The newest complete checkpoint of a run folder and its step: a
+    /// `checkpoints/step-N` folder, or (runs written before checkpoints were one
+    /// unit) the folder's own model.safetensors + optimizer.safetensors.
+    public static func latestCheckpoint(_ dir: URL) -> (folder: URL, step: Int)? {
+        let fm = FileManager.default
+        let root = dir.appendingPathComponent(checkpointsFolder)
+        let steps = ((try? fm.contentsOfDirectory(atPath: root.path)) ?? []).compactMap { name -> Int? in
+            guard name.hasPrefix("step-") else { return nil }
+            return Int(name.dropFirst(5))
+        }.sorted(by: >)
+        for step in steps {
+            let folder = root.appendingPathComponent(String(format: "step-%08d", step))
+            if fm.fileExists(atPath: folder.appendingPathComponent("model.safetensors").path),
+               fm.fileExists(atPath: folder.appendingPathComponent("optimizer.safetensors").path) { return (folder, step) }
+        }
+        if fm.fileExists(atPath: dir.appendingPathComponent("optimizer.safetensors").path),
+           fm.fileExists(atPath: dir.appendingPathComponent("model.safetensors").path),
+           let opt = try? SafetensorsFile(path: dir.appendingPathComponent("optimizer.safetensors").path),
+           let step = opt.metadata["step"].flatMap(Int.init) { return (dir, step) }
+        return nil
+    }
+
+    /// Restores model weights, AdamW moments and the step from a run folder's
+    /// latest checkpoint (refusing a model and an optimizer of different steps),
+    /// and drops the metrics logged after that step (they will be logged again).
     public func resume(from dir: URL) throws {
+        guard let (folder, _) = Self.latestCheckpoint(dir) else {
+            throw ModelError.badInput("\(dir.path) holds no checkpoint to resume from (it stopped before its first one): start the run again with --overwrite")
+        }
         let model = trainer.model
-        try ModelCheckpoint.load(dir.appendingPathComponent("model.safetensors").path, into: model)
-        let opt = try SafetensorsFile(path: dir.appendingPathComponent("optimizer.safetensors").path)
+        let modelFile = try SafetensorsFile(path: folder.appendingPathComponent("model.safetensors").path)
+        let opt = try SafetensorsFile(path: folder.appendingPathComponent("optimizer.safetensors").path)
+        guard let s = opt.metadata["step"], let step = Int(s) else { throw ModelError.badInput("\(folder.path)/optimizer.safetensors has no step") }
+        guard let ms = modelFile.metadata["step"], Int(ms) == step else {
+            throw ModelError.badInput("\(folder.path): model.safetensors is from step \(modelFile.metadata["step"] ?? "?") but optimizer.safetensors from step \(step), so they are not one checkpoint (an older moe-gpu was stopped between the two writes): start the run again with --overwrite")
+        }
+        try ModelCheckpoint.load(folder.appendingPathComponent("model.safetensors").path, into: model)
         for p in model.params.all where p.trainable {
             guard opt.entry("\(p.name).exp_avg") != nil, opt.entry("\(p.name).exp_avg_sq") != nil else {
-                throw ModelError.badInput("optimizer.safetensors in \(dir.path) lacks the moments of \(p.name)")
+                throw ModelError.badInput("optimizer.safetensors in \(folder.path) lacks the moments of \(p.name)")
             }
             let (m, v) = try trainer.optimizer.moments(of: p)
             try m.write(try opt.floats("\(p.name).exp_avg"))
             try v.write(try opt.floats("\(p.name).exp_avg_sq"))
         }
-        guard let s = opt.metadata["step"], let step = Int(s) else { throw ModelError.badInput("optimizer.safetensors has no step") }
         trainer.fastForward(to: step)
         try Self.trimMetrics(out, after: step)
     }
 
+    /// Writes the checkpoint of the current step (see above) and keeps the last two.
     public func saveCheckpoint() throws {
-        let model = trainer.model
-        try ModelCheckpoint.save(model, to: out.appendingPathComponent("model.safetensors"), metadata: ["step": "\(trainer.step)"])
-        var tensors: [(name: String, dtype: StorageDType, shape: [Int], data: Data)] = []
-        for p in model.params.all where p.trainable {
-            let (m, v) = try trainer.optimizer.moments(of: p)
-            tensors.append(("\(p.name).exp_avg", .F32, p.shape, encodeFloats(try m.floats(), as: .F32)))
-            tensors.append(("\(p.name).exp_avg_sq", .F32, p.shape, encodeFloats(try v.floats(), as: .F32)))
+        let fm = FileManager.default, model = trainer.model, step = trainer.step
+        let root = out.appendingPathComponent(Self.checkpointsFolder)
+        try fm.createDirectory(at: root, withIntermediateDirectories: true)
+        // Partial folders of runs killed while writing are garbage.
+        for name in (try? fm.contentsOfDirectory(atPath: root.path)) ?? [] where name.hasPrefix(".") {
+            try? fm.removeItem(at: root.appendingPathComponent(name))
         }
-        try writeSafetensors(to: out.appendingPathComponent("optimizer.safetensors"), tensors: tensors,
-                             metadata: ["format": "pt", "step": "\(trainer.step)"])
+        let name = String(format: "step-%08d", step)
+        let partial = root.appendingPathComponent(".\(name).partial-\(getpid())")
+        try fm.createDirectory(at: partial, withIntermediateDirectories: true)
+        do {
+            try ModelCheckpoint.save(model, to: partial.appendingPathComponent("model.safetensors"), metadata: ["step": "\(step)"])
+            var tensors: [(name: String, dtype: StorageDType, shape: [Int], data: Data)] = []
+            for p in model.params.all where p.trainable {
+                let (m, v) = try trainer.optimizer.moments(of: p)
+                tensors.append(("\(p.name).exp_avg", .F32, p.shape, encodeFloats(try m.floats(), as: .F32)))
+                tensors.append(("\(p.name).exp_avg_sq", .F32, p.shape, encodeFloats(try v.floats(), as: .F32)))
+            }
+            try writeSafetensors(to: partial.appendingPathComponent("optimizer.safetensors"), tensors: tensors,
+                                 metadata: ["format": "pt", "step": "\(step)"])
+            try Self.syncDirectory(partial)
+            let final = root.appendingPathComponent(name)
+            if fm.fileExists(atPath: final.path) {
+                // The same step saved again: move the old one aside first (rename cannot replace a folder).
+                let old = root.appendingPathComponent(".\(name).old-\(getpid())")
+                guard rename(final.path, old.path) == 0 else { throw ModelError.badInput("cannot replace \(final.path): \(String(cString: strerror(errno)))") }
+                try? fm.removeItem(at: old)
+            }
+            guard rename(partial.path, final.path) == 0 else {
+                throw ModelError.badInput("cannot move the checkpoint into \(final.path): \(String(cString: strerror(errno)))")
+            }
+            try Self.syncDirectory(root)
+            // model.safetensors: a hard link to the latest model, swapped in atomically.
+            let top = out.appendingPathComponent("model.safetensors"), link = out.appendingPathComponent(".model.safetensors.link-\(getpid())")
+            unlink(link.path)
+            if Glibc.link(final.appendingPathComponent("model.safetensors").path, link.path) != 0 || rename(link.path, top.path) != 0 {
+                unlink(link.path)
+                try atomicWrite(try Data(contentsOf: final.appendingPathComponent("model.safetensors")), to: top)
+            }
+            // Only the last two.
+            let older = ((try? fm.contentsOfDirectory(atPath: root.path)) ?? []).filter { $0.hasPrefix("step-") }.sorted().dropLast(2)
+            for o in older { try? fm.removeItem(at: root.appendingPathComponent(o)) }
+        } catch {
+            try? fm.removeItem(at: partial)
+            throw error
+        }
+    }
+
+    static func syncDirectory(_ dir: URL) throws {
+        let fd = open(dir.path, O_RDONLY | O_DIRECTORY)
+        guard fd >= 0 else { throw ModelError.badInput("cannot open \(dir.path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw ModelError.badInput("cannot flush \(dir.path): \(String(cString: strerror(errno)))") }
     }
 
     /// Trains to `config.steps` (or stops after step `until`, as an interrupted

@@ -13,7 +13,7 @@ struct Train: ParsableCommand {
             With no arguments: pretrain a small dense ViT on Fashion-MNIST (or reuse the one cached from an \
             earlier run), recycle it into a SpheroMoE model (importance-sampled experts, cosine routing) and \
             fine-tune it, printing the dense baseline beside the result. Outputs go to --out: config.json, \
-            metrics.jsonl, model.safetensors, optimizer.safetensors, eval.json.
+            metrics.jsonl, checkpoints/step-N/ (model + optimizer, one unit), model.safetensors (the latest model), eval.json.
 
             With --task lm: pretrain a small byte-level Llama on Shakespeare (or reuse the cached one), upcycle it \
             online into 8 experts top-2 in every layer, train it and the dense model for the same extra steps, and print \

@@ -23,7 +23,7 @@ final class LMCommandTests: XCTestCase {
         let r = try runCLI(["train", "--task", "lm", "--config", config.path, "--data", text.path, "--out", out.path, "--device", "cpu"])
         XCTAssertEqual(r.status, 0, r.err + r.out)
         XCTAssertTrue(r.out.contains("validation loss"), r.out)
-        for f in ["config.json", "metrics.jsonl", "model.safetensors", "optimizer.safetensors", "eval.json"] {
+        for f in ["config.json", "metrics.jsonl", "model.safetensors", "checkpoints", "eval.json"] {
             XCTAssertTrue(FileManager.default.fileExists(atPath: out.appendingPathComponent(f).path), f)
         }
         let eval = try JSONSerialization.jsonObject(with: Data(contentsOf: out.appendingPathComponent("eval.json"))) as! [String: Any]
