@@ -224,8 +224,11 @@ public final class TrainRun {
         try Self.trimMetrics(out, after: step)
     }
 
+    private var lastSavedStep = -1
+
     /// Writes the checkpoint of the current step (see above) and keeps the last two.
     public func saveCheckpoint() throws {
+        defer { lastSavedStep = trainer.step }
         let fm = FileManager.default, model = trainer.model, step = trainer.step
         let root = out.appendingPathComponent(Self.checkpointsFolder)
         try fm.createDirectory(at: root, withIntermediateDirectories: true)
@@ -297,6 +300,11 @@ public final class TrainRun {
         var windowStart = Date(), windowTokens = 0.0, rate = 0.0
         let tokensPerStep = Double(config.batchSize * config.gradientAccumulation * trainer.model.tokensPerExample)
         while trainer.step < min(config.steps, until ?? config.steps) {
+            if let signal = StopSignal.received {
+                // Asked to stop (Ctrl-C, kill): the step in flight is done; keep it.
+                if lastSavedStep != trainer.step { try saveCheckpoint() }
+                throw TrainingStopped(signal: signal, step: trainer.step, out: out)
+            }
             var m = try trainer.trainStep()
             windowTokens += tokensPerStep
             let isLast = trainer.step == config.steps || trainer.step == until
@@ -340,5 +348,15 @@ public final class TrainRun {
         try atomicWrite(try JSONSerialization.data(withJSONObject: summary, options: [.sortedKeys, .prettyPrinted]),
                         to: out.appendingPathComponent("eval.json"))
         return (accuracy, last)
+    }
+}
+
+/// A run stopped by SIGINT or SIGTERM after writing its checkpoint.
+public struct TrainingStopped: Error, CustomStringConvertible {
+    public let signal: Int32, step: Int, out: URL
+    /// 128 + the signal number, as a shell reports a process killed by it.
+    public var exitCode: Int32 { 128 + signal }
+    public var description: String {
+        "stopped by \(StopSignal.name(signal)) after step \(step); the checkpoint is in \(out.path)/checkpoints"
     }
 }

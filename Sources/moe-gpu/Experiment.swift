@@ -43,7 +43,12 @@ struct Experiment: ParsableCommand {
         let started = Date()
         let runner = try ExperimentRunner(recipe: recipe, out: outDir, backend: backend)
         runner.quick = quick
-        let summary = try runner.run()
+        StopSignal.install()
+        let summary: ExperimentSummary
+        do { summary = try runner.run() } catch let stop as TrainingStopped {
+            print("\(stop.description)\nrun the same command again to resume: moe-gpu experiment \(name)\(quick ? " --quick" : "") --out \(outDir.path)")
+            throw ExitCode(stop.exitCode)
+        }
         try drawFigures(recipe, runner: runner, out: outDir)
         print(summary.markdown())
         print(String(format: "experiment %@ finished in %@; results in %@", recipe.name, formatDuration(Date().timeIntervalSince(started)),

@@ -73,6 +73,15 @@ struct Train: ParsableCommand {
     var printConfig = false
 
     func run() throws {
+        // Ctrl-C / SIGTERM: finish the step, write a checkpoint, say how to resume.
+        StopSignal.install()
+        do { try runTraining() } catch let stop as TrainingStopped {
+            print("\(stop.description)\nresume with: moe-gpu train --resume \(stop.out.path)")
+            throw ExitCode(stop.exitCode)
+        }
+    }
+
+    func runTraining() throws {
         // Progress lines should reach a pipe or a log file as they happen.
         setvbuf(stdout, nil, _IOLBF, 0)
         let backend = try DeviceCatalog().makeBackend(try DeviceSelector.resolve(device))

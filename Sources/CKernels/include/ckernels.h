@@ -12,4 +12,5 @@
 #include "ckernels_rotary.h"
 #include "ckernels_embedding.h"
 #include "ckernels_parallel.h"
+#include "ckernels_signals.h"
 int ck_vector_bits(void);
