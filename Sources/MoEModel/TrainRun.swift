@@ -211,6 +211,9 @@ public final class TrainRun {
         guard let ms = modelFile.metadata["step"], Int(ms) == step else {
             throw ModelError.badInput("\(folder.path): model.safetensors is from step \(modelFile.metadata["step"] ?? "?") but optimizer.safetensors from step \(step), so they are not one checkpoint (an older moe-gpu was stopped between the two writes): start the run again with --overwrite")
         }
+        if let seed = modelFile.metadata["moe-gpu.seed"], seed != "\(model.params.seed)" {
+            throw ModelError.badInput("\(folder.path) was trained by a model built with seed \(seed), this one has seed \(model.params.seed): its dropout and routing noise would differ; resume with the run's own config.json")
+        }
         try ModelCheckpoint.load(folder.appendingPathComponent("model.safetensors").path, into: model)
         for p in model.params.all where p.trainable {
             guard opt.entry("\(p.name).exp_avg") != nil, opt.entry("\(p.name).exp_avg_sq") != nil else {
@@ -240,7 +243,9 @@ public final class TrainRun {
         let partial = root.appendingPathComponent(".\(name).partial-\(getpid())")
         try fm.createDirectory(at: partial, withIntermediateDirectories: true)
         do {
-            try ModelCheckpoint.save(model, to: partial.appendingPathComponent("model.safetensors"), metadata: ["step": "\(step)"])
+            // The seed the model's random streams (dropout, routing noise) derive from, for resume to check.
+            try ModelCheckpoint.save(model, to: partial.appendingPathComponent("model.safetensors"),
+                                     metadata: ["step": "\(step)", "moe-gpu.seed": "\(model.params.seed)"])
             var tensors: [(name: String, dtype: StorageDType, shape: [Int], data: Data)] = []
             for p in model.params.all where p.trainable {
                 let (m, v) = try trainer.optimizer.moments(of: p)

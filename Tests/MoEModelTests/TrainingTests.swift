@@ -82,7 +82,7 @@ final class TrainingTests: XCTestCase {
         // A run stopped after step 3 (as a crash would), then resumed from its folder.
         let partDir = dir.appendingPathComponent("part")
         _ = try TrainRun(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 4), out: partDir, data: data).run(until: 3)
-        let resumed = try TrainRun(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 99), out: partDir, data: data)
+        let resumed = try TrainRun(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 4), out: partDir, data: data)
         try resumed.resume(from: partDir)
         XCTAssertEqual(resumed.trainer.step, 3)
         let after = try resumed.run().last!.loss
@@ -90,6 +90,46 @@ final class TrainingTests: XCTestCase {
         let lines = try String(contentsOf: partDir.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n")
         XCTAssertGreaterThanOrEqual(lines.count, 2)
         for line in lines { XCTAssertNoThrow(try JSONSerialization.jsonObject(with: Data(line.utf8))) }
+    }
+
+    /// Issue 11: --resume continues exactly. With every source of randomness on
+    /// (augmentation, SpheroMoE's routing noise, expert dropout, stochastic depth),
+    /// the loss and gradient norm of every step after the resume point equal the
+    /// uninterrupted run's bit for bit on the CPU backend.
+    func testResumeIsBitwiseTheUninterruptedRun() throws {
+        let data = try fashionMNIST()
+        var c = smallTrainConfig(router: "sphero")
+        c.steps = 8; c.evalEvery = 4; c.logEvery = 1; c.augment = true
+        c.model.moe!.dropout = 0.1; c.model.moe!.stochasticDepth = 0.1
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("moe-gpu-resume-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func steps(_ d: URL) throws -> [Int: [String: Any]] {
+            var out: [Int: [String: Any]] = [:]
+            for line in try String(contentsOf: d.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n") {
+                let o = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+                out[try XCTUnwrap(o["step"] as? Int)] = o
+            }
+            return out
+        }
+        let full = dir.appendingPathComponent("full"), part = dir.appendingPathComponent("part")
+        try TrainRun(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 4), out: full, data: data).run()
+        _ = try TrainRun(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 4), out: part, data: data).run(until: 6)
+        // Stopped at step 6 (with its checkpoint, as a Ctrl-C leaves it). A model built with
+        // another seed would draw other dropout masks: refused, not silently different.
+        let other = try TrainRun(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 99), out: part, data: data)
+        XCTAssertThrowsError(try other.resume(from: part)) { XCTAssertTrue("\($0)".contains("seed 4, this one has seed 99"), "\($0)") }
+        let resumed = try TrainRun(config: c, model: try ViT(config: c.model, backend: CPUBackend(), seed: 4), out: part, data: data)
+        try resumed.resume(from: part)
+        XCTAssertEqual(resumed.trainer.step, 6)
+        try resumed.run()
+        let a = try steps(full), b = try steps(part)
+        XCTAssertEqual(Array(b.keys).sorted(), Array(1...8))
+        for s in 7...8 {
+            for key in ["loss", "grad_norm"] {
+                let x = try XCTUnwrap((a[s]?[key] as? NSNumber)?.floatValue), y = try XCTUnwrap((b[s]?[key] as? NSNumber)?.floatValue)
+                XCTAssertEqual(x.bitPattern, y.bitPattern, "step \(s) \(key): \(x) vs \(y)")
+            }
+        }
     }
 
     func testLearningRateScheduleWarmsUpAndDecays() {
