@@ -81,7 +81,9 @@ public final class SafetensorsStreamWriter {
             let r = posixWrite(fd, buf.baseAddress! + done, buf.count - done)
             if r < 0 {
                 if errno == EINTR { continue }
-                throw CheckpointError(.io, "writing \(url.lastPathComponent) failed: \(String(cString: strerror(errno)))")
+                let e = errno
+                let hint = e == ENOSPC || e == EFBIG || e == EDQUOT ? " (free disk space, or raise the file-size limit, and run again; the previous file is untouched)" : ""
+                throw CheckpointError(.io, "writing \(url.path) failed: \(String(cString: strerror(e)))\(hint)")
             }
             done += r
         }

@@ -199,6 +199,42 @@ final class TrainCommandTests: XCTestCase {
         }
     }
 
+    /// Disk full (a file-size limit, SIGXFSZ ignored, so writes fail with EFBIG):
+    /// a checkpoint and an upcycled model fail with one line, the previous files
+    /// stay intact and no temporary file is left.
+    func testFullDiskLeavesThePreviousFilesIntact() throws {
+        guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
+        let dir = try CLI.temporaryDirectory(self)
+        let out = dir.appendingPathComponent("run")
+        var text = try String(contentsOf: try smallConfig(dir), encoding: .utf8)
+        text = text.replacingOccurrences(of: "\"width\": 16", with: "\"width\": 64").replacingOccurrences(of: "\"moeBlocks\": [1]", with: "\"moeBlocks\": []")
+        let config = dir.appendingPathComponent("wide.json")
+        try text.write(to: config, atomically: true, encoding: .utf8)
+        XCTAssertEqual(try CLI.run(["train", "--config", config.path, "--device", "cpu", "--out", out.path]).status, 0)
+        let model = out.appendingPathComponent("model.safetensors"), before = try Data(contentsOf: model)
+        func limited(_ args: [String]) throws -> CLI.Result {
+            try CLI.run(["-c", "ulimit -f 200; trap '' XFSZ; exec \"$0\" \"$@\"", CLI.binary.path] + args, binary: URL(fileURLWithPath: "/bin/bash"))
+        }
+        let r = try limited(["train", "--resume", out.path, "--steps", "6", "--device", "cpu"])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("File too large") && r.stderr.contains("the previous file is untouched"), r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        XCTAssertEqual(try Data(contentsOf: model), before)
+        let hidden = try FileManager.default.subpathsOfDirectory(atPath: out.path).filter { $0.split(separator: "/").contains { $0.hasPrefix(".") } }
+        XCTAssertEqual(hidden, [], "temporary files left behind")
+        // The last good checkpoint still resumes.
+        XCTAssertEqual(try CLI.run(["train", "--resume", out.path, "--steps", "6", "--device", "cpu"]).status, 0)
+
+        // An upcycled model onto an existing file: the old file stays.
+        let target = dir.appendingPathComponent("moe.safetensors")
+        try Data("previous".utf8).write(to: target)
+        let u = try limited(["upcycle", "--from", model.path, "--to", target.path, "--experts", "8"])
+        XCTAssertNotEqual(u.status, 0)
+        XCTAssertTrue(u.stderr.contains("File too large"), u.stderr)
+        XCTAssertEqual(try String(contentsOf: target, encoding: .utf8), "previous")
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasPrefix(".") }, [])
+    }
+
     func testMissingDataNamesTheFolder() throws {
         let dir = try CLI.temporaryDirectory(self)
         let r = try CLI.run(["train", "--config", try smallConfig(dir).path, "--data", dir.appendingPathComponent("nowhere").path,
