@@ -38,6 +38,9 @@ public struct TrainConfig: Codable, Equatable, Sendable {
     public var logEvery = 10
     public var augment = true
     public var seed: UInt64 = 0
+    /// Steps whose loss or gradient is NaN/infinite that may be skipped (the step
+    /// counts, the update does not, the data order is unchanged) before the run stops; nil: none.
+    public var skipNonFinite: Int? = nil
 
     public init() {}
 
@@ -66,11 +69,12 @@ public struct TrainConfig: Codable, Equatable, Sendable {
 }
 
 public enum TrainError: Error, CustomStringConvertible {
-    case nonFinite(step: Int, what: String)
+    case nonFinite(step: Int, what: String, parameter: String?)
     public var description: String {
         switch self {
-        case .nonFinite(let step, let what):
-            return "\(what) became NaN or infinite at step \(step): lower --lr or raise clipping; the last good checkpoint was kept"
+        case .nonFinite(let step, let what, let parameter):
+            let first = parameter.map { " (first non-finite gradient: \($0))" } ?? ""
+            return "\(what) became NaN or infinite at step \(step)\(first): lower --lr or raise clipping, or skip such steps with --skip-nonfinite N; the last good checkpoint was kept"
         }
     }
 }
@@ -88,13 +92,18 @@ public struct StepMetrics: Sendable {
     /// Mean test cross-entropy (without label smoothing), with the accuracy.
     public var evalLoss: Double?
     public var expertLoad: [String: [Int]]
+    /// Steps skipped so far for a non-finite loss or gradient (`skipNonFinite`).
+    public var nonFiniteSkipped = 0
 
     public var json: [String: Any] {
-        var o: [String: Any] = ["step": step, "loss": loss, "lr": learningRate, "grad_norm": gradNorm,
-                                "tokens_per_s": tokensPerSecond, "elapsed_s": elapsed]
-        for (k, v) in aux { o[k] = v }
+        // JSON has no NaN: a non-finite value (a skipped step) is left out.
+        var o: [String: Any] = ["step": step, "lr": learningRate, "tokens_per_s": tokensPerSecond, "elapsed_s": elapsed]
+        if loss.isFinite { o["loss"] = loss }
+        if gradNorm.isFinite { o["grad_norm"] = gradNorm }
+        if nonFiniteSkipped > 0 { o["nonfinite_skipped"] = nonFiniteSkipped }
+        for (k, v) in aux where v.isFinite { o[k] = v }
         if let accuracy { o["accuracy"] = accuracy }
-        if let evalLoss { o["eval_loss"] = evalLoss }
+        if let evalLoss, evalLoss.isFinite { o["eval_loss"] = evalLoss }
         if !expertLoad.isEmpty { o["expert_load"] = expertLoad }
         return o
     }
@@ -295,12 +304,31 @@ public final class Trainer {
         // The next step's batches go up while this one runs (on a device that queues).
         if step < config.steps { try prepare(step: step + 1) }
         let r = try metrics.read()
-        guard r.loss.isFinite else { throw TrainError.nonFinite(step: step, what: "the loss") }
-        guard r.gradNorm.isFinite else { throw TrainError.nonFinite(step: step, what: "the gradient norm") }
         let seconds = Date().timeIntervalSince(start)
         let tokens = Double(batch * n * model.tokensPerExample)
-        return StepMetrics(step: step, loss: r.loss + r.aux.values.reduce(0, +), aux: r.aux, learningRate: lr, gradNorm: r.gradNorm,
-                           tokensPerSecond: tokens / seconds, elapsed: seconds, accuracy: nil, expertLoad: r.loads)
+        var m = StepMetrics(step: step, loss: r.loss + r.aux.values.reduce(0, +), aux: r.aux, learningRate: lr, gradNorm: r.gradNorm,
+                            tokensPerSecond: tokens / seconds, elapsed: seconds, accuracy: nil, expertLoad: r.loads)
+        if !r.loss.isFinite || !r.gradNorm.isFinite {
+            // AdamW already skipped the update on the device (its norm guard).
+            guard nonFiniteSkipped < config.skipNonFinite ?? 0 else {
+                throw TrainError.nonFinite(step: step, what: r.loss.isFinite ? "the gradient norm" : "the loss", parameter: try firstNonFiniteGradient())
+            }
+            nonFiniteSkipped += 1
+        }
+        m.nonFiniteSkipped = nonFiniteSkipped
+        return m
+    }
+
+    /// Steps skipped so far for a non-finite loss or gradient.
+    public private(set) var nonFiniteSkipped = 0
+
+    /// The first parameter (in model order) whose gradient holds a NaN or an
+    /// infinity: read on the failure path only.
+    func firstNonFiniteGradient() throws -> String? {
+        for p in model.params.all where p.trainable {
+            if try p.gradient().floats().contains(where: { !$0.isFinite }) { return p.name }
+        }
+        return nil
     }
 
     /// Top-1 accuracy on the first `limit` test examples.

@@ -37,6 +37,8 @@ struct Train: ParsableCommand {
     var out: String?
     @Option(name: .long, help: "Resume the run in this output folder.")
     var resume: String?
+    @Option(name: .customLong("skip-nonfinite"), help: "Skip up to N steps whose loss or gradient is NaN or infinite (the step counts, the update does not) instead of stopping.")
+    var skipNonFinite: Int?
     @Flag(name: .long, help: "Replace the run an explicit --out already holds (otherwise that is an error; without --out a new runs/NAME-N folder is used).")
     var overwrite = false
     @Option(name: .long, help: "Folder of MNIST-format IDX files, or a CSV image table (.csv[.gz], label last) (default Fashion-MNIST).")
@@ -160,6 +162,7 @@ struct Train: ParsableCommand {
         if let lr { cfg.learningRate = lr }
         if let batchSize { cfg.batchSize = batchSize }
         if let seed { cfg.seed = seed }
+        if let skipNonFinite { cfg.skipNonFinite = skipNonFinite }
     }
 
     func apply(to cfg: inout TrainConfig) {

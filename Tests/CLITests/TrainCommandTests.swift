@@ -259,8 +259,25 @@ final class TrainCommandTests: XCTestCase {
         let out = dir.appendingPathComponent("run")
         let r = try CLI.run(["train", "--config", try smallConfig(dir, lr: 1e30).path, "--device", "cpu", "--out", out.path])
         XCTAssertNotEqual(r.status, 0)
-        XCTAssertTrue(r.stderr.contains("NaN or infinite"), r.stderr)
+        XCTAssertTrue(r.stderr.contains("NaN or infinite at step"), r.stderr)
+        // The step and the first parameter whose gradient went bad (in model order).
+        XCTAssertTrue(r.stderr.contains("(first non-finite gradient: "), r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
         let leftovers = (try? FileManager.default.contentsOfDirectory(atPath: out.path)) ?? []
         XCTAssertFalse(leftovers.contains { $0.contains(".tmp") }, "temporary files left: \(leftovers)")
+
+        // --skip-nonfinite N: up to N such steps are skipped and counted, the run goes on.
+        let skipOut = dir.appendingPathComponent("skip")
+        let skipped = try CLI.run(["train", "--config", try smallConfig(dir, lr: 1e30).path, "--device", "cpu", "--out", skipOut.path,
+                                   "--skip-nonfinite", "100"])
+        XCTAssertEqual(skipped.status, 0, skipped.stderr)
+        let lines = try String(contentsOf: skipOut.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n")
+        let counts = try lines.map { try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])["nonfinite_skipped"] as? Int ?? 0 }
+        XCTAssertEqual(counts.count, 4, "every step logged")
+        XCTAssertGreaterThan(counts.last!, 0, "\(lines)")
+        XCTAssertEqual(counts, counts.sorted(), "a running count")
+        let limited = try CLI.run(["train", "--config", try smallConfig(dir, lr: 1e30).path, "--device", "cpu", "--out", dir.appendingPathComponent("few").path,
+                                   "--skip-nonfinite", "\(max(counts.last! - 1, 0))"])
+        XCTAssertNotEqual(limited.status, 0, "more bad steps than allowed")
     }
 }

@@ -125,7 +125,7 @@ final class StepProfileTests: XCTestCase {
         let (m, v) = try trainer.optimizer.moments()
         let (m0, v0) = (try m.floats(), try v.floats())
         XCTAssertThrowsError(try trainer.trainStep()) { error in
-            guard case TrainError.nonFinite(let step, _) = error else { return XCTFail("unexpected error \(error)") }
+            guard case TrainError.nonFinite(let step, _, _) = error else { return XCTFail("unexpected error \(error)") }
             XCTAssertEqual(step, 2)
         }
         let after = try model.params.values!.floats()
