@@ -13,31 +13,83 @@ public struct CLError: Error, CustomStringConvertible {
         if status != CL_SUCCESS { throw CLError(call: call(), status: status) }
     }
 
+    /// Every status of OpenCL 1.2 (and 2.0's two new ones), by the name the headers give it.
+    static let statusNames: [cl_int: String] = [
+        0: "CL_SUCCESS",
+        -1: "CL_DEVICE_NOT_FOUND",
+        -2: "CL_DEVICE_NOT_AVAILABLE",
+        -3: "CL_COMPILER_NOT_AVAILABLE",
+        -4: "CL_MEM_OBJECT_ALLOCATION_FAILURE",
+        -5: "CL_OUT_OF_RESOURCES",
+        -6: "CL_OUT_OF_HOST_MEMORY",
+        -7: "CL_PROFILING_INFO_NOT_AVAILABLE",
+        -8: "CL_MEM_COPY_OVERLAP",
+        -9: "CL_IMAGE_FORMAT_MISMATCH",
+        -10: "CL_IMAGE_FORMAT_NOT_SUPPORTED",
+        -11: "CL_BUILD_PROGRAM_FAILURE",
+        -12: "CL_MAP_FAILURE",
+        -13: "CL_MISALIGNED_SUB_BUFFER_OFFSET",
+        -14: "CL_EXEC_STATUS_ERROR_FOR_EVENTS_IN_WAIT_LIST",
+        -15: "CL_COMPILE_PROGRAM_FAILURE",
+        -16: "CL_LINKER_NOT_AVAILABLE",
+        -17: "CL_LINK_PROGRAM_FAILURE",
+        -18: "CL_DEVICE_PARTITION_FAILED",
+        -19: "CL_KERNEL_ARG_INFO_NOT_AVAILABLE",
+        -30: "CL_INVALID_VALUE",
+        -31: "CL_INVALID_DEVICE_TYPE",
+        -32: "CL_INVALID_PLATFORM",
+        -33: "CL_INVALID_DEVICE",
+        -34: "CL_INVALID_CONTEXT",
+        -35: "CL_INVALID_QUEUE_PROPERTIES",
+        -36: "CL_INVALID_COMMAND_QUEUE",
+        -37: "CL_INVALID_HOST_PTR",
+        -38: "CL_INVALID_MEM_OBJECT",
+        -39: "CL_INVALID_IMAGE_FORMAT_DESCRIPTOR",
+        -40: "CL_INVALID_IMAGE_SIZE",
+        -41: "CL_INVALID_SAMPLER",
+        -42: "CL_INVALID_BINARY",
+        -43: "CL_INVALID_BUILD_OPTIONS",
+        -44: "CL_INVALID_PROGRAM",
+        -45: "CL_INVALID_PROGRAM_EXECUTABLE",
+        -46: "CL_INVALID_KERNEL_NAME",
+        -47: "CL_INVALID_KERNEL_DEFINITION",
+        -48: "CL_INVALID_KERNEL",
+        -49: "CL_INVALID_ARG_INDEX",
+        -50: "CL_INVALID_ARG_VALUE",
+        -51: "CL_INVALID_ARG_SIZE",
+        -52: "CL_INVALID_KERNEL_ARGS",
+        -53: "CL_INVALID_WORK_DIMENSION",
+        -54: "CL_INVALID_WORK_GROUP_SIZE",
+        -55: "CL_INVALID_WORK_ITEM_SIZE",
+        -56: "CL_INVALID_GLOBAL_OFFSET",
+        -57: "CL_INVALID_EVENT_WAIT_LIST",
+        -58: "CL_INVALID_EVENT",
+        -59: "CL_INVALID_OPERATION",
+        -60: "CL_INVALID_GL_OBJECT",
+        -61: "CL_INVALID_BUFFER_SIZE",
+        -62: "CL_INVALID_MIP_LEVEL",
+        -63: "CL_INVALID_GLOBAL_WORK_SIZE",
+        -64: "CL_INVALID_PROPERTY",
+        -65: "CL_INVALID_IMAGE_DESCRIPTOR",
+        -66: "CL_INVALID_COMPILER_OPTIONS",
+        -67: "CL_INVALID_LINKER_OPTIONS",
+        -68: "CL_INVALID_DEVICE_PARTITION_COUNT",
+        -69: "CL_INVALID_PIPE_SIZE",
+        -70: "CL_INVALID_DEVICE_QUEUE",
+        -1001: "CL_PLATFORM_NOT_FOUND_KHR"
+    ]
+
+    /// The status's name, with what to do where the user can do something.
     static func statusName(_ s: cl_int) -> String {
+        guard let name = statusNames[s] else {
+            // NVIDIA reports a kernel's out-of-bounds access as -9999 (not in the headers).
+            return s == -9999 ? "NVIDIA -9999 (illegal memory access in a kernel)" : "unknown OpenCL status"
+        }
         switch s {
-        case CL_DEVICE_NOT_FOUND: return "CL_DEVICE_NOT_FOUND"
-        case CL_DEVICE_NOT_AVAILABLE: return "CL_DEVICE_NOT_AVAILABLE"
-        case CL_COMPILER_NOT_AVAILABLE: return "CL_COMPILER_NOT_AVAILABLE"
-        case CL_MEM_OBJECT_ALLOCATION_FAILURE: return "CL_MEM_OBJECT_ALLOCATION_FAILURE (device out of memory)"
-        case CL_OUT_OF_RESOURCES: return "CL_OUT_OF_RESOURCES"
-        case CL_OUT_OF_HOST_MEMORY: return "CL_OUT_OF_HOST_MEMORY"
-        case CL_BUILD_PROGRAM_FAILURE: return "CL_BUILD_PROGRAM_FAILURE"
-        case CL_INVALID_VALUE: return "CL_INVALID_VALUE"
-        case CL_INVALID_BINARY: return "CL_INVALID_BINARY"
-        case CL_INVALID_BUFFER_SIZE: return "CL_INVALID_BUFFER_SIZE"
-        case CL_INVALID_KERNEL_NAME: return "CL_INVALID_KERNEL_NAME"
-        case CL_INVALID_KERNEL_ARGS: return "CL_INVALID_KERNEL_ARGS"
-        case CL_INVALID_ARG_SIZE: return "CL_INVALID_ARG_SIZE"
-        case CL_INVALID_ARG_VALUE: return "CL_INVALID_ARG_VALUE"
-        case CL_INVALID_WORK_GROUP_SIZE: return "CL_INVALID_WORK_GROUP_SIZE"
-        case CL_INVALID_WORK_ITEM_SIZE: return "CL_INVALID_WORK_ITEM_SIZE"
-        case CL_INVALID_GLOBAL_WORK_SIZE: return "CL_INVALID_GLOBAL_WORK_SIZE"
-        case CL_INVALID_MEM_OBJECT: return "CL_INVALID_MEM_OBJECT"
-        case CL_INVALID_PLATFORM: return "CL_INVALID_PLATFORM"
-        case CL_INVALID_DEVICE: return "CL_INVALID_DEVICE"
-        case CL_INVALID_BUILD_OPTIONS: return "CL_INVALID_BUILD_OPTIONS"
-        case CL_PLATFORM_NOT_FOUND_KHR: return "CL_PLATFORM_NOT_FOUND_KHR (no OpenCL platform installed)"
-        default: return "OpenCL error"
+        case -4, -5: return name + " (device out of memory or resources: use a smaller --batch-size, or --device cpu)"
+        case -6: return name + " (the host is out of memory)"
+        case -1001: return name + " (no OpenCL platform installed)"
+        default: return name
         }
     }
 }
