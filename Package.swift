@@ -76,3 +76,17 @@ let package = Package(
     ],
     swiftLanguageModes: [.v5]
 )
+
+// The reader fuzzers' libFuzzer target: only with MOE_GPU_FUZZ=1 (scripts/fuzz.sh builds it
+// with --sanitize=fuzzer), since libFuzzer supplies its main.
+if ProcessInfo.processInfo.environment["MOE_GPU_FUZZ"] != nil {
+    // Coverage hooks and AddressSanitizer in the reader modules (compile only; the
+    // build-tool executable stays a plain program), libFuzzer linked into the target.
+    for t in package.targets where ["MoECheckpoint", "MoETokenizer", "MoEModel", "MoECompute"].contains(t.name) {
+        t.swiftSettings = (t.swiftSettings ?? []) + [.unsafeFlags(["-sanitize=fuzzer,address"])]
+    }
+    package.targets.append(.executableTarget(name: "moe-gpu-fuzz", dependencies: ["MoEModel"], path: "Sources/moe-gpu-fuzz",
+                                             swiftSettings: [.unsafeFlags(["-parse-as-library", "-sanitize=fuzzer,address"])],
+                                             linkerSettings: [.unsafeFlags(["-sanitize=fuzzer,address"])]))
+    package.products.append(.executable(name: "moe-gpu-fuzz", targets: ["moe-gpu-fuzz"]))
+}

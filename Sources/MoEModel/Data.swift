@@ -86,7 +86,9 @@ public enum IDX {
         guard img.count >= 16, be32(img, 0) == 0x803 else { throw DataError.corrupt("\(imagesPath) is not an IDX image file (magic 0x803)") }
         guard lab.count >= 8, be32(lab, 0) == 0x801 else { throw DataError.corrupt("\(labelsPath) is not an IDX label file (magic 0x801)") }
         let n = be32(img, 4), h = be32(img, 8), w = be32(img, 12)
-        guard be32(lab, 4) == n, img.count == 16 + n * h * w, lab.count == 8 + n else {
+        // Sizes come from the file: multiplied with overflow checks, never trusted.
+        let (hw, o1) = h.multipliedReportingOverflow(by: w), (pixels, o2) = n.multipliedReportingOverflow(by: hw)
+        guard !o1, !o2, be32(lab, 4) == n, img.count - 16 == pixels, lab.count == 8 + n else {
             throw DataError.corrupt("\(imagesPath) / \(labelsPath): sizes disagree (\(n) images of \(h)x\(w))")
         }
         return try ImageDataset(images: Array(img[16...]), labels: lab[8...].map { Int32($0) }, channels: 1, height: h, width: w)

@@ -41,7 +41,7 @@ public final class TrainRun {
             throw ModelError.badConfig("\(dir.path) has no config.json: name a folder written by moe-gpu train")
         }
         do { return try JSONDecoder().decode(TrainConfig.self, from: data) } catch {
-            throw ModelError.badConfig("\(url.path) is not a config written by moe-gpu train (\(error))")
+            throw ModelError.badConfig("\(url.path) is not a config written by moe-gpu train (\(oneLine(error)))")
         }
     }
 
@@ -60,7 +60,7 @@ public final class TrainRun {
                 }
                 user = object
             } catch let e as ModelError { throw e } catch {
-                throw ModelError.badConfig("\(path) is not valid YAML (\(error))")
+                throw ModelError.badConfig("\(path) is not valid YAML (\(oneLine(error)))")
             }
         } else {
             guard let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
@@ -94,7 +94,7 @@ public final class TrainRun {
         } catch let DecodingError.typeMismatch(_, ctx) {
             throw ModelError.badConfig("\(path): wrong type for '\(ctx.codingPath.map(\.stringValue).joined(separator: "."))'")
         } catch {
-            throw ModelError.badConfig("\(path) is not a valid training config (\(error))")
+            throw ModelError.badConfig("\(path) is not a valid training config (\(oneLine(error)))")
         }
     }
 
@@ -364,4 +364,10 @@ public struct TrainingStopped: Error, CustomStringConvertible {
     public var description: String {
         "stopped by \(StopSignal.name(signal)) after step \(step); the checkpoint is in \(out.path)/checkpoints"
     }
+}
+
+/// An underlying error's text on one line (YAML and JSON parsers point at the
+/// offending column over several lines): errors here are one line each.
+func oneLine(_ error: Error) -> String {
+    "\(error)".split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }.joined(separator: " ")
 }
