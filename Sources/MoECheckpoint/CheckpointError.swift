@@ -9,7 +9,14 @@ public struct CheckpointError: Error, CustomStringConvertible, Equatable {
     }
     public let kind: Kind
     public let description: String
-    public init(_ kind: Kind, _ message: String) { self.kind = kind; description = message }
+    /// Control characters (a hostile file's tensor or key names carry newlines) are
+    /// escaped, so the message stays one line whatever the file holds.
+    public init(_ kind: Kind, _ message: String) {
+        self.kind = kind
+        description = message.unicodeScalars.contains(where: { $0.properties.generalCategory == .control })
+            ? String(message.unicodeScalars.map { $0.properties.generalCategory == .control ? $0.escaped(asASCII: true) : String($0) }.joined())
+            : message
+    }
 
     static func format(_ file: String, _ message: String) -> CheckpointError {
         CheckpointError(.format, "\(file): \(message)")

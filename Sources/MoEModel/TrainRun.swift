@@ -55,7 +55,10 @@ public final class TrainRun {
         let user: [String: Any]
         if path.hasSuffix(".yaml") || path.hasSuffix(".yml") {
             do {
-                guard let object = try Yams.load(yaml: String(decoding: data, as: UTF8.self)) as? [String: Any] else {
+                // Composed to nodes and converted here: Yams's own constructor traps on
+                // a mapping key that is not a string (found by the config fuzzer).
+                guard let node = try Yams.compose(yaml: String(decoding: data, as: UTF8.self)),
+                      let object = try plainYAML(node, path: path) as? [String: Any] else {
                     throw ModelError.badConfig("\(path) is not a YAML mapping")
                 }
                 user = object
@@ -370,4 +373,31 @@ public struct TrainingStopped: Error, CustomStringConvertible {
 /// offending column over several lines): errors here are one line each.
 func oneLine(_ error: Error) -> String {
     "\(error)".split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }.joined(separator: " ")
+}
+
+/// A YAML node as the JSON-like values the config merge works on: mappings with
+/// string keys, sequences, and scalars resolved as YAML 1.2's core schema does
+/// (null, bool, int, float, else string).
+func plainYAML(_ node: Node, path: String, depth: Int = 0) throws -> Any {
+    guard depth < 64 else { throw ModelError.badConfig("\(path) nests deeper than 64 levels") }
+    switch node {
+    case .scalar(let s):
+        if s.style != .plain { return s.string }
+        if node.null != nil { return NSNull() }
+        if let b = node.bool { return b }
+        if let i = node.int { return i }
+        if let f = node.float { return f }
+        return s.string
+    case .mapping(let m):
+        var out: [String: Any] = [:]
+        for (k, v) in m {
+            guard case .scalar(let key) = k else { throw ModelError.badConfig("\(path): a mapping key is not a plain name") }
+            out[key.string] = try plainYAML(v, path: path, depth: depth + 1)
+        }
+        return out
+    case .sequence(let q):
+        return try q.map { try plainYAML($0, path: path, depth: depth + 1) }
+    default:
+        throw ModelError.badConfig("\(path) holds a YAML node of an unsupported kind")
+    }
 }
