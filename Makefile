@@ -41,6 +41,8 @@ test:
 	    --skip '\.GPUCompileTests/|/testCPU' 2>&1 | tee $(TEST_LOGS)/opencl.log
 	@n=$$(grep -cE "^Test Case '.*' skipped" $(TEST_LOGS)/opencl.log); \
 	    if [ "$$n" != 0 ]; then echo "test: note: $$n OpenCL tests skipped (reasons in $(TEST_LOGS)/opencl.log)"; fi
+	@echo "test: the file readers under libFuzzer + AddressSanitizer, 30 s each (scripts/fuzz.sh)"
+	scripts/fuzz.sh -t 30 -s 1
 
 release:
 	scripts/setup.sh run

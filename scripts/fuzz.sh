@@ -2,8 +2,8 @@
 # Fuzzes moe-gpu's file readers with libFuzzer (+ AddressSanitizer): safetensors,
 # GGUF (with its tokenizer), IDX, CSV, training configs (JSON/YAML), tokenizer.json.
 #
-# Usage: scripts/fuzz.sh [-t SECONDS | -n RUNS] [TARGET ...]
-#   default: 30 seconds per target, every target (what CI runs).
+# Usage: scripts/fuzz.sh [-t SECONDS | -n RUNS] [-s SEED] [TARGET ...]
+#   default: 30 seconds per target, every target, a random seed; CI (make test) runs -s 1.
 # Seeds: Tests/Fuzz/corpus/TARGET (real files, scripts/fuzz-seeds.py). The corpus
 # grown here stays in .build-fuzz/corpus/TARGET. A crash, a hang over 1 s, an
 # allocation over 256 MB or a multi-line error is a finding: the input is copied to
@@ -11,8 +11,8 @@
 # folder) and the script exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECONDS_PER=30; RUNS=""
-while getopts "t:n:" o; do case $o in t) SECONDS_PER=$OPTARG;; n) RUNS=$OPTARG;; *) exit 2;; esac; done
+SECONDS_PER=30; RUNS=""; SEED=0
+while getopts "t:n:s:" o; do case $o in t) SECONDS_PER=$OPTARG;; n) RUNS=$OPTARG;; s) SEED=$OPTARG;; *) exit 2;; esac; done
 shift $((OPTIND - 1))
 TARGETS=("$@"); [[ ${#TARGETS[@]} -gt 0 ]] || TARGETS=(safetensors gguf idx csv config tokenizer)
 export PATH="/opt/swift/usr/bin:$PATH"
@@ -33,7 +33,7 @@ for t in "${TARGETS[@]}"; do
     log=.build-fuzz/fuzz-$t.log
     set +e
     MOE_GPU_FUZZ_TARGET=$t ASAN_OPTIONS=detect_leaks=0 "$BIN" "$corpus" "Tests/Fuzz/corpus/$t" "${limit[@]}" \
-        -timeout=1 -rss_limit_mb=2048 -malloc_limit_mb=256 -max_len=65536 -artifact_prefix="$found/" -print_final_stats=1 >"$log" 2>&1
+        -seed="$SEED" -timeout=1 -rss_limit_mb=2048 -malloc_limit_mb=256 -max_len=65536 -artifact_prefix="$found/" -print_final_stats=1 >"$log" 2>&1
     rc=$?
     set -e
     runs=$(grep -E "stat::number_of_executed_units" "$log" | awk '{print $2}' | tail -1 || true)
