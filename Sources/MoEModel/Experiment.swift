@@ -15,6 +15,9 @@ public struct ExperimentRecipe: Codable, Sendable {
     public var moeBlocks: [Int]
     /// The wider dense predecessor MoE Jetpack recycles from.
     public var predecessorWidth: Int
+    /// The predecessor's pretraining peak learning rate (nil: the dense recipe's 3e-3);
+    /// a wider model wants a lower one (Adam's update scales with width).
+    public var predecessorLearningRate: Float?
     /// Pretraining of both dense starting points (seed `pretrainSeed`, one checkpoint for all runs).
     public var pretrainSteps: Int
     public var pretrainSeed: UInt64 = 0

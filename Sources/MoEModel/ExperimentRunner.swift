@@ -17,6 +17,8 @@ public final class ExperimentRunner {
     public var quick = false
     let data: (train: ImageDataset, test: ImageDataset)
     private var starts: [String: ViT] = [:]
+    /// The cache folder of each pretrained starting point, recorded in the runs that start from it.
+    private var startFolders: [String: String] = [:]
     private var activeCache: [String: (active: Double, total: Int)] = [:]
 
     public init(recipe: ExperimentRecipe, out: URL, backend: Backend) throws {
@@ -105,11 +107,13 @@ public final class ExperimentRunner {
         public var directory: String
     }
 
-    func pretrained(width: Int, name: String) throws -> (ViT, Pretrained) {
+    func pretrained(width: Int, name: String, learningRate: Float? = nil) throws -> (ViT, Pretrained) {
         var c = baseConfig()
         c.model.width = width
-        let (model, accuracy) = try Recipe.pretrainedDense(for: c, steps: recipe.pretrainSteps, backend: backend, data: data, log: log)
-        let dir = try Recipe.pretrainedDenseDirectory(for: c, steps: recipe.pretrainSteps)
+        let (model, accuracy) = try Recipe.pretrainedDense(for: c, steps: recipe.pretrainSteps, learningRate: learningRate,
+                                                           backend: backend, data: data, log: log)
+        let dir = try Recipe.pretrainedDenseDirectory(for: c, steps: recipe.pretrainSteps, learningRate: learningRate)
+        startFolders[name] = dir.lastPathComponent
         let eval = (try? Data(contentsOf: dir.appendingPathComponent("eval.json"))).flatMap { try? JSONSerialization.jsonObject(with: $0) as? [String: Any] }
         let tokens = Double(c.batchSize * model.tokensPerExample)
         let info = Pretrained(name: name, width: width, steps: recipe.pretrainSteps, parameters: model.params.parameterCount,
@@ -129,7 +133,7 @@ public final class ExperimentRunner {
         let (dense, denseInfo) = try pretrained(width: recipe.width, name: "dense")
         starts["dense"] = dense; pretrainedInfo.append(denseInfo)
         if recipe.arms.contains(where: { $0.start == "predecessor" }) {
-            let (wide, wideInfo) = try pretrained(width: recipe.predecessorWidth, name: "predecessor")
+            let (wide, wideInfo) = try pretrained(width: recipe.predecessorWidth, name: "predecessor", learningRate: recipe.predecessorLearningRate)
             starts["predecessor"] = wide; pretrainedInfo.append(wideInfo)
         }
         var results: [ExperimentRunResult] = [], transfers: [ExperimentRunResult] = []
@@ -192,10 +196,18 @@ extension ExperimentRunner {
         let c = try trainConfig(arm, budget: budget, seed: seed)
         let dir = runDirectory(arm.name, budget: budget, seed: seed)
         let tag = String(format: "[%d/%d] %@ budget %g%% seed %llu", index, total, arm.name, 100 * budget, seed)
+        // Which pretrained checkpoint the run starts from: a run from another one is not this run.
+        let start = arm.start == "scratch" ? "scratch" : "\(arm.start) \(startFolders[arm.start] ?? "?")"
+        let marker = dir.appendingPathComponent("start.txt")
+        if let recorded = try? String(contentsOf: marker, encoding: .utf8), recorded != start {
+            throw ModelError.badConfig("\(dir.path) started from \(recorded), this recipe starts it from \(start): remove the folder or use another --out")
+        }
         if let done = try finished(dir, config: c, arm: arm.name, budget: budget, seed: seed) {
             log(String(format: "%@: done before (top-1 %.2f%%), skipped", tag, 100 * done.accuracy))
             return done
         }
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        try atomicWrite(Data(start.utf8), to: marker)
         return try train(c, dir: dir, tag: tag, arm: arm.name, budget: budget, seed: seed) { model in
             let method = arm.upcycle.flatMap(ExpertInit.init(rawValue:))
             guard arm.start != "scratch", let source = self.starts[arm.start] else { return [] }

@@ -64,12 +64,12 @@ public enum Recipe {
     }
 
     /// The dense pretraining run the default recipe starts from.
-    public static func densePretrain(like c: TrainConfig, steps: Int?) -> TrainConfig {
+    public static func densePretrain(like c: TrainConfig, steps: Int?, learningRate: Float? = nil) -> TrainConfig {
         var d = c
         d.model.moeBlocks = []
         d.model.moe = nil
         d.steps = steps ?? 5000
-        d.learningRate = 3e-3
+        d.learningRate = learningRate ?? 3e-3
         d.warmupSteps = 50
         d.evalEvery = 0
         // Settings that do not change the trained weights stay out of the cache key.
@@ -81,8 +81,8 @@ public enum Recipe {
     public static var cacheDirectory: URL { ProgramCache.defaultDirectory.appendingPathComponent("models") }
 
     /// Where the pretrained dense model for `c` is cached (named by a hash of its pretraining config).
-    public static func pretrainedDenseDirectory(for c: TrainConfig, steps: Int?) throws -> URL {
-        let key = String(decoding: try JSONEncoder.sorted.encode(densePretrain(like: c, steps: steps)), as: UTF8.self)
+    public static func pretrainedDenseDirectory(for c: TrainConfig, steps: Int?, learningRate: Float? = nil) throws -> URL {
+        let key = String(decoding: try JSONEncoder.sorted.encode(densePretrain(like: c, steps: steps, learningRate: learningRate)), as: UTF8.self)
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         for b in key.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
         return cacheDirectory.appendingPathComponent(String(format: "dense-%016llx", h))
@@ -91,11 +91,11 @@ public enum Recipe {
     /// The pretrained dense model for `c` (its MoE layers made dense), from the
     /// cache when an earlier run trained the same config, else trained now.
     /// Returns it with its test accuracy.
-    public static func pretrainedDense(for c: TrainConfig, steps: Int?, backend: Backend,
+    public static func pretrainedDense(for c: TrainConfig, steps: Int?, learningRate: Float? = nil, backend: Backend,
                                        data: (train: ImageDataset, test: ImageDataset),
                                        log: @escaping (String) -> Void = { print($0) }) throws -> (ViT, Double) {
-        let d = densePretrain(like: c, steps: steps)
-        let dir = try pretrainedDenseDirectory(for: c, steps: steps)
+        let d = densePretrain(like: c, steps: steps, learningRate: learningRate)
+        let dir = try pretrainedDenseDirectory(for: c, steps: steps, learningRate: learningRate)
         let model = try ViT(config: d.model, backend: backend, seed: d.seed)
         let trainer = try Trainer(config: d, model: model, train: data.train, test: data.test)
         let file = dir.appendingPathComponent("model.safetensors")

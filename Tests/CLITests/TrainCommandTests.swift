@@ -21,6 +21,15 @@ final class TrainCommandTests: XCTestCase {
         return url
     }
 
+    /// `smallConfig` with some of its text replaced (longer runs, other sizes), written as NAME.json.
+    func variant(_ dir: URL, _ name: String, _ replacements: [String: String]) throws -> URL {
+        var text = try String(contentsOf: try smallConfig(dir), encoding: .utf8)
+        for (from, to) in replacements { text = text.replacingOccurrences(of: from, with: to) }
+        let url = dir.appendingPathComponent("\(name).json")
+        try text.write(to: url, atomically: true, encoding: .utf8)
+        return url
+    }
+
     func testTrainWithAConfigFileWritesEveryOutputAndEvalReadsIt() throws {
         guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
         let dir = try CLI.temporaryDirectory(self)
@@ -114,11 +123,7 @@ final class TrainCommandTests: XCTestCase {
         guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
         let dir = try CLI.temporaryDirectory(self)
         let out = dir.appendingPathComponent("run")
-        var text = try String(contentsOf: try smallConfig(dir), encoding: .utf8)
-        text = text.replacingOccurrences(of: "\"steps\": 4", with: "\"steps\": 100000").replacingOccurrences(of: "\"evalEvery\": 2", with: "\"evalEvery\": 1")
-            .replacingOccurrences(of: "\"testExamples\": 100", with: "\"testExamples\": 16")
-        let config = dir.appendingPathComponent("long.json")
-        try text.write(to: config, atomically: true, encoding: .utf8)
+        let config = try variant(dir, "long", ["\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 1", "\"testExamples\": 100": "\"testExamples\": 16"])
         var rng = SystemRandomNumberGenerator()
         var kills = 0, lastStep = 0
         for i in 0..<10 {
@@ -165,10 +170,7 @@ final class TrainCommandTests: XCTestCase {
         guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
         let dir = try CLI.temporaryDirectory(self)
         let out = dir.appendingPathComponent("run")
-        var text = try String(contentsOf: try smallConfig(dir), encoding: .utf8)
-        text = text.replacingOccurrences(of: "\"steps\": 4", with: "\"steps\": 100000").replacingOccurrences(of: "\"evalEvery\": 2", with: "\"evalEvery\": 1000")
-        let config = dir.appendingPathComponent("long.json")
-        try text.write(to: config, atomically: true, encoding: .utf8)
+        let config = try variant(dir, "long", ["\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 1000"])
         for (i, (signal, status)) in [(SIGINT, Int32(130)), (SIGTERM, Int32(143))].enumerated() {
             let p = Process()
             p.executableURL = CLI.binary
@@ -206,10 +208,7 @@ final class TrainCommandTests: XCTestCase {
         guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
         let dir = try CLI.temporaryDirectory(self)
         let out = dir.appendingPathComponent("run")
-        var text = try String(contentsOf: try smallConfig(dir), encoding: .utf8)
-        text = text.replacingOccurrences(of: "\"width\": 16", with: "\"width\": 64").replacingOccurrences(of: "\"moeBlocks\": [1]", with: "\"moeBlocks\": []")
-        let config = dir.appendingPathComponent("wide.json")
-        try text.write(to: config, atomically: true, encoding: .utf8)
+        let config = try variant(dir, "wide", ["\"width\": 16": "\"width\": 64", "\"moeBlocks\": [1]": "\"moeBlocks\": []"])
         XCTAssertEqual(try CLI.run(["train", "--config", config.path, "--device", "cpu", "--out", out.path]).status, 0)
         let model = out.appendingPathComponent("model.safetensors"), before = try Data(contentsOf: model)
         func limited(_ args: [String]) throws -> CLI.Result {
