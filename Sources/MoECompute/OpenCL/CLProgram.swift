@@ -137,6 +137,8 @@ public final class CLProgram: @unchecked Sendable {
     /// Builds `source` (the text of Kernels/`file`) for the context's device.
     public static func build(file: String, source: String, options: String, context: CLContext,
                              cache: ProgramCache?) throws -> CLProgram {
+        // MOE_GPU_CL_OPTIONS adds build options (e.g. -cl-opt-disable for oclgrind's checks).
+        let options = options + (ProcessInfo.processInfo.environment["MOE_GPU_CL_OPTIONS"].map { " " + $0 } ?? "")
         let start = Date()
         let device = context.device
         let key = ProgramCache.key(device: device, source: source, options: options)
