@@ -139,7 +139,7 @@ public enum LMRecipe {
         let trainer = try Trainer(config: d, model: model, train: data.train, test: data.test)
         if FileManager.default.fileExists(atPath: file.path),
            (try? LlamaCheckpoint.load(try openCheckpoint(path: file.path), into: model)) != nil {
-            let loss = try trainer.evaluateWithLoss(limit: c.testExamples).loss
+            let loss = try trainer.evaluateWithLoss(limit: d.testExamples).loss   // as the pretraining run evaluated it
             log(String(format: "dense: reusing the pretrained Llama in %@ (validation loss %.4f)", dir.path, loss))
             return (file.path, loss)
         }

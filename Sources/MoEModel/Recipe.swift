@@ -101,7 +101,7 @@ public enum Recipe {
         let file = dir.appendingPathComponent("model.safetensors")
         if FileManager.default.fileExists(atPath: file.path),
            (try? ModelCheckpoint.load(file.path, into: model)) != nil {
-            let acc = try trainer.evaluate(limit: c.testExamples)
+            let acc = try trainer.evaluate(limit: d.testExamples)   // as the pretraining run evaluated it
             log(String(format: "dense: reusing the pretrained ViT in %@ (test accuracy %.2f%%)", dir.path, 100 * acc))
             return (model, acc)
         }
