@@ -29,7 +29,9 @@ public final class TrainRun {
         self.config = config
         self.out = out
         self.trainer = trainer
-        try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
+        do { try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true) } catch {
+            throw ModelError.io("cannot create the output folder \(out.path) (\(ModelError.reason(error))): choose a writable --out")
+        }
         try atomicWrite(try JSONEncoder.sorted.encode(config), to: out.appendingPathComponent("config.json"))
     }
 

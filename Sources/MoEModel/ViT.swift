@@ -119,11 +119,23 @@ func check(_ ok: Bool, _ message: @autoclosure () -> String) throws {
 public enum ModelError: Error, CustomStringConvertible {
     case badConfig(String)
     case badInput(String)
+    /// A file or folder that cannot be written or read (the message names it and the way out).
+    case io(String)
     public var description: String {
         switch self {
         case .badConfig(let m): return "invalid model config: \(m)"
         case .badInput(let m): return "invalid model input: \(m)"
+        case .io(let m): return m
         }
+    }
+
+    /// The POSIX reason inside a Foundation file error ("Permission denied"), else its description.
+    static func reason(_ error: Error) -> String {
+        let ns = error as NSError
+        if let underlying = ns.userInfo[NSUnderlyingErrorKey] as? NSError, underlying.domain == NSPOSIXErrorDomain {
+            return String(cString: strerror(Int32(underlying.code)))
+        }
+        return ns.localizedDescription
     }
 }
 

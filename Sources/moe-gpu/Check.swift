@@ -33,6 +33,6 @@ struct Check: ParsableCommand {
                 }
             }
         }
-        if failures > 0 { throw ValidationError("self-check failed on \(failures) device(s)") }
+        if failures > 0 { throw CommandError("self-check failed on \(failures) device(s)") }
     }
 }

@@ -34,7 +34,7 @@ struct Experiment: ParsableCommand {
         if let t = recipe.transfer {
             let folder = ExperimentRunnerPaths.expand(t.data)
             guard FileManager.default.fileExists(atPath: folder) else {
-                throw ValidationError("the transfer data \(folder) is missing: run \(t.fetch ?? "the script that makes it") first")
+                throw CommandError("the transfer data \(folder) is missing: run \(t.fetch ?? "the script that makes it") first")
             }
         }
         let backend = try DeviceCatalog().makeBackend(try DeviceSelector.resolve(device))
@@ -62,7 +62,7 @@ struct Experiment: ParsableCommand {
         if FileManager.default.fileExists(atPath: candidate) { return candidate }
         let known = ((try? FileManager.default.contentsOfDirectory(atPath: "experiments")) ?? []).filter { $0.hasSuffix(".json") }
             .map { String($0.dropLast(5)) }.sorted()
-        throw ValidationError("no experiment recipe \(candidate)" + (known.isEmpty ? " (run from the repository root, or give a recipe path)" : "; known: \(known.joined(separator: ", "))"))
+        throw CommandError("no experiment recipe \(candidate)" + (known.isEmpty ? " (run from the repository root, or give a recipe path)" : "; known: \(known.joined(separator: ", "))"))
     }
 
     func drawFigures(_ recipe: ExperimentRecipe, runner: ExperimentRunner, out: URL) throws {

@@ -40,15 +40,15 @@ struct Generate: ParsableCommand {
         if chat {
             let end = tokenizer.encode("<|im_end|>")
             guard end.count == 1, tokenizer.encode("<|im_start|>").count == 1 else {
-                throw ValidationError("--chat needs a tokenizer with ChatML's <|im_start|> and <|im_end|> tokens; this model's has none")
+                throw CommandError("--chat needs a tokenizer with ChatML's <|im_start|> and <|im_end|> tokens; this model's has none")
             }
             stops.insert(end[0])
             text = "<|im_start|>user\n\(prompt)<|im_end|>\n<|im_start|>assistant\n"
         }
         let ids = tokenizer.encode(text)
-        guard !ids.isEmpty else { throw ValidationError("the prompt is empty") }
+        guard !ids.isEmpty else { throw CommandError("the prompt is empty") }
         guard ids.count < config.maxPositions else {
-            throw ValidationError("the prompt is \(ids.count) tokens; the model's context is \(config.maxPositions)")
+            throw CommandError("the prompt is \(ids.count) tokens; the model's context is \(config.maxPositions)")
         }
         let capacity = min(config.maxPositions, ids.count + maxNewTokens)
         let cache = try KVCache(model: model, capacity: capacity)

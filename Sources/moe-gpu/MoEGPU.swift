@@ -11,3 +11,10 @@ struct MoEGPU: ParsableCommand {
         version: version,
         subcommands: [Train.self, Eval.self, Devices.self, Check.self, Bench.self, Inspect.self, Upcycle.self, Tokenize.self, Export.self, Generate.self, Plot.self, Experiment.self])
 }
+
+/// A bad option value found while a command runs: printed as one `Error:` line
+/// (ArgumentParser's ValidationError would add a usage line for the wrong command).
+struct CommandError: Error, CustomStringConvertible {
+    let description: String
+    init(_ message: String) { description = message }
+}

@@ -102,7 +102,7 @@ struct Train: ParsableCommand {
 
         let fileConfig = try config.map(TrainRun.loadConfig)
         if task == "lm" || fileConfig?.task == "lm" { return try runLanguageModel(fileConfig, backend: backend) }
-        guard task == nil || task == "image" else { throw ValidationError("unknown --task '\(task!)': use image or lm") }
+        guard task == nil || task == "image" else { throw CommandError("unknown --task '\(task!)': use image or lm") }
         var cfg = fileConfig ?? Recipe.defaultFineTune()
         apply(to: &cfg)
         let start = config == nil ? "dense" : "scratch"
@@ -114,7 +114,7 @@ struct Train: ParsableCommand {
         }
         try cfg.validate()
         guard ["replicate", "granular", "recycle", "none"].contains(method) else {
-            throw ValidationError("unknown --upcycle '\(method)': use replicate, granular, recycle or none")
+            throw CommandError("unknown --upcycle '\(method)': use replicate, granular, recycle or none")
         }
         let outDir = try TrainRun.freshOutput(explicit: out, base: "runs/\(cfg.model.moeBlocks.isEmpty ? "dense" : cfg.model.moe!.router)", overwrite: overwrite)
         let data = try loadData(cfg)

@@ -28,7 +28,7 @@ extension Train {
             var lm = stored
             if let method {
                 guard stored.moeLayers.isEmpty else {
-                    throw ValidationError("\(initFrom) is already an MoE model: drop --upcycle to continue training it")
+                    throw CommandError("\(initFrom) is already an MoE model: drop --upcycle to continue training it")
                 }
                 var moe = LMRecipe.mixtralMoE(experts: experts ?? 8, topK: topK ?? 2)
                 let g = granularity ?? 1
@@ -142,9 +142,9 @@ extension Train {
         guard let upcycle else { return initFrom == "dense" ? .replicate : nil }
         if upcycle == "none" { return nil }
         guard let m = LMUpcycleMethod(rawValue: upcycle) else {
-            throw ValidationError("unknown --upcycle '\(upcycle)': use replicate, granular, recycle or none")
+            throw CommandError("unknown --upcycle '\(upcycle)': use replicate, granular, recycle or none")
         }
-        if m == .granular && (granularity ?? 1) < 2 { throw ValidationError("--upcycle granular needs --granularity G of 2 or more") }
+        if m == .granular && (granularity ?? 1) < 2 { throw CommandError("--upcycle granular needs --granularity G of 2 or more") }
         return m
     }
 
@@ -153,7 +153,7 @@ extension Train {
         switch r {
         case "expert-choice": m.router = "expert-choice"; m.capacityFactor = 2
         case "topk": break
-        default: throw ValidationError("router '\(r)' is not for language models: use topk or expert-choice (soft and sphero mix tokens across positions)")
+        default: throw CommandError("router '\(r)' is not for language models: use topk or expert-choice (soft and sphero mix tokens across positions)")
         }
         return m
     }
@@ -163,7 +163,7 @@ extension Train {
         guard let train, train != "all" else { return nil }
         let parts = Set(train.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
         guard !parts.isEmpty, parts.isSubset(of: ["experts", "router"]) else {
-            throw ValidationError("unknown --train '\(train)': use all, experts, or experts,router")
+            throw CommandError("unknown --train '\(train)': use all, experts, or experts,router")
         }
         return { name in
             (parts.contains("experts") && name.contains(".experts.")) || (parts.contains("router") && name.contains(".block_sparse_moe.gate."))

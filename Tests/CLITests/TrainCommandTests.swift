@@ -234,6 +234,29 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasPrefix(".") }, [])
     }
 
+    /// Bad option values: one `Error:` line each that names the value and the way out, no usage text.
+    func testBadOptionValuesAreOneLineErrors() throws {
+        guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
+        let dir = try CLI.temporaryDirectory(self)
+        let config = try smallConfig(dir).path
+        let cases: [([String], String)] = [
+            (["--batch-size", "0"], "batchSize"),
+            (["--router", "topk", "--top-k", "9"], "topK 9 must be in 1...8"),
+            (["--router", "topk", "--experts", "0"], "experts must be at least 1"),
+            (["--router", "hash"], "unknown router \"hash\""),
+            (["--device", "foo"], "unknown device 'foo'"),
+            (["--upcycle", "magic"], "unknown --upcycle 'magic'"),
+            (["--config", config, "--out", "/proc/moe-gpu-run"], "cannot create the output folder /proc/moe-gpu-run"),
+        ]
+        for (args, expected) in cases {
+            let r = try CLI.run(["train"] + args, directory: dir)
+            XCTAssertNotEqual(r.status, 0, "\(args)")
+            let lines = r.stderr.split(separator: "\n")
+            XCTAssertEqual(lines.count, 1, "\(args): \(r.stderr)")
+            XCTAssertTrue(r.stderr.hasPrefix("Error: ") && r.stderr.contains(expected), "\(args): \(r.stderr)")
+        }
+    }
+
     func testMissingDataNamesTheFolder() throws {
         let dir = try CLI.temporaryDirectory(self)
         let r = try CLI.run(["train", "--config", try smallConfig(dir).path, "--data", dir.appendingPathComponent("nowhere").path,
