@@ -116,8 +116,8 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
     }
 
-    /// SIGKILL at random moments, checkpoint writes included (10 times here; the
-    /// README's reliability section has the 50-kill run): the latest checkpoint
+    /// SIGKILL at random moments, checkpoint writes included (10 times here,
+    /// MOE_GPU_KILLS=50 by hand): the latest checkpoint
     /// always loads with matching steps, and --resume continues to the end.
     func testKilledAtRandomMomentsResumeAlwaysContinues() throws {
         guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
@@ -126,7 +126,9 @@ final class TrainCommandTests: XCTestCase {
         let config = try variant(dir, "long", ["\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 1", "\"testExamples\": 100": "\"testExamples\": 16"])
         var rng = SystemRandomNumberGenerator()
         var kills = 0, lastStep = 0
-        for i in 0..<10 {
+        // 10 in CI; MOE_GPU_KILLS=50 for the longer run by hand.
+        let rounds = Int(ProcessInfo.processInfo.environment["MOE_GPU_KILLS"] ?? "") ?? 10
+        for i in 0..<rounds {
             let p = Process()
             p.executableURL = CLI.binary
             p.arguments = i == 0 ? ["train", "--config", config.path, "--device", "cpu", "--out", out.path]
@@ -157,7 +159,7 @@ final class TrainCommandTests: XCTestCase {
             XCTAssertGreaterThanOrEqual(step, lastStep, "resume went backwards")
             lastStep = step
         }
-        XCTAssertGreaterThan(kills, 5, "the runs were killed, not finished")
+        XCTAssertGreaterThan(kills, rounds / 2, "the runs were killed, not finished")
         // And a resume to a near step finishes normally.
         let done = try CLI.run(["train", "--resume", out.path, "--steps", "\(lastStep + 2)", "--device", "cpu"])
         XCTAssertEqual(done.status, 0, done.stderr)
