@@ -13,9 +13,7 @@ public struct CheckpointError: Error, CustomStringConvertible, Equatable {
     /// escaped, so the message stays one line whatever the file holds.
     public init(_ kind: Kind, _ message: String) {
         self.kind = kind
-        description = message.unicodeScalars.contains(where: { $0.properties.generalCategory == .control })
-            ? String(message.unicodeScalars.map { $0.properties.generalCategory == .control ? $0.escaped(asASCII: true) : String($0) }.joined())
-            : message
+        description = message.escapingControlCharacters
     }
 
     static func format(_ file: String, _ message: String) -> CheckpointError {
@@ -35,5 +33,14 @@ enum Checked {
         var p = 1
         for x in xs { guard x >= 0, let q = mul(p, x) else { return nil }; p = q }
         return p
+    }
+}
+
+extension String {
+    /// The text with control characters (newlines, carriage returns, ...) escaped as
+    /// `\n`, `\r`, `\u{..}`: what an error message quoting a hostile file's names uses.
+    public var escapingControlCharacters: String {
+        guard unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else { return self }
+        return unicodeScalars.map { $0.properties.generalCategory == .control ? $0.escaped(asASCII: true) : String($0) }.joined()
     }
 }

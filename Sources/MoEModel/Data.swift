@@ -7,8 +7,8 @@ public enum DataError: Error, CustomStringConvertible {
     case corrupt(String)
     public var description: String {
         switch self {
-        case .missing(let m): return m
-        case .corrupt(let m): return "corrupt data: \(m)"
+        case .missing(let m): return m.escapingControlCharacters
+        case .corrupt(let m): return "corrupt data: \(m.escapingControlCharacters)"
         }
     }
 }

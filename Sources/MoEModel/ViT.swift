@@ -122,10 +122,11 @@ public enum ModelError: Error, CustomStringConvertible {
     /// A file or folder that cannot be written or read (the message names it and the way out).
     case io(String)
     public var description: String {
+        // One line whatever the file held (keys and names are quoted from it).
         switch self {
-        case .badConfig(let m): return "invalid model config: \(m)"
-        case .badInput(let m): return "invalid model input: \(m)"
-        case .io(let m): return m
+        case .badConfig(let m): return "invalid model config: \(m.escapingControlCharacters)"
+        case .badInput(let m): return "invalid model input: \(m.escapingControlCharacters)"
+        case .io(let m): return m.escapingControlCharacters
         }
     }
 

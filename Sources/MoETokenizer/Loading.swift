@@ -176,14 +176,20 @@ extension ByteLevelBPETokenizer {
         guard byteLevel else { throw TokenizerError("\(name): no ByteLevel pre-tokenizer; only byte-level BPE tokenizers are supported") }
         var size = 0
         var idOf: [String: Int] = [:]
+        // Ids are dense in real files: bounding them by the number of entries keeps the
+        // id table's size proportional to the file, not to a number written in it.
+        let added = root["added_tokens"] as? [[String: Any]] ?? []
+        let maxID = min(2 * (vocab.count + added.count) + 1024, 10_000_000)
         for (t, v) in vocab {
-            guard let i = (v as? NSNumber)?.intValue, i >= 0, i < 10_000_000 else { throw TokenizerError("\(name): vocab entry \(t) has no valid id") }
+            guard let i = (v as? NSNumber)?.intValue, i >= 0, i < maxID else {
+                throw TokenizerError("\(name): vocab entry \(t.debugDescription) has no valid id (ids run below \(maxID) for \(vocab.count) entries)")
+            }
             idOf[t] = i; size = max(size, i + 1)
         }
         var special: [Int32] = []
         var specialText: [Int: String] = [:]
-        for a in root["added_tokens"] as? [[String: Any]] ?? [] {
-            guard let i = (a["id"] as? NSNumber)?.intValue, i >= 0, i < 10_000_000, let c = a["content"] as? String else { continue }
+        for a in added {
+            guard let i = (a["id"] as? NSNumber)?.intValue, i >= 0, i < maxID, let c = a["content"] as? String else { continue }
             special.append(Int32(i)); specialText[i] = c; size = max(size, i + 1)
         }
         var tokens = [String](repeating: "", count: size)

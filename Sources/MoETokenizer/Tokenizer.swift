@@ -1,4 +1,5 @@
 import Foundation
+import MoECheckpoint
 
 /// What every tokenizer of the project does: bytes in, ids out, and back.
 public protocol Tokenizer: Sendable {
@@ -22,7 +23,8 @@ extension Tokenizer {
 /// A tokenizer that cannot be built: one line naming the file and the way out.
 public struct TokenizerError: Error, CustomStringConvertible, Equatable, Sendable {
     public let description: String
-    public init(_ message: String) { description = message }
+    /// One line whatever the file held (control characters escaped).
+    public init(_ message: String) { description = message.escapingControlCharacters }
 }
 
 /// Bytes as ids 0-255, then BOS, EOS and PAD: for the project's own small models.
