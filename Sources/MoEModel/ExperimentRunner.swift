@@ -137,7 +137,7 @@ public final class ExperimentRunner {
             starts["predecessor"] = wide; pretrainedInfo.append(wideInfo)
         }
         var results: [ExperimentRunResult] = [], transfers: [ExperimentRunResult] = []
-        let transferData = try recipe.transfer.map { try BuiltinData.load(Self.expand($0.data)) }
+        let transferData = try recipe.transfer.map { try BuiltinData.load(ExperimentRunnerPaths.expand($0.data)) }
         let total = recipe.seeds.count * recipe.budgets.count * recipe.arms.count
         var n = 0
         for seed in recipe.seeds {
@@ -156,29 +156,6 @@ public final class ExperimentRunner {
         try atomicWrite(Data(summary.markdown().utf8), to: out.appendingPathComponent("results.md"))
         return summary
     }
-
-    /// `~` and `$HOME` in recipe paths.
-    static func expand(_ path: String) -> String { ExperimentRunnerPaths.expand(path) }
-}
-
-public enum ExperimentRunnerPaths {
-    /// `~` and `$HOME` in recipe paths.
-    /// `data:NAME` is NAME in the data cache the fetch scripts fill ($MOE_GPU_DATA, else
-    /// $XDG_CACHE_HOME/moe-gpu/data, else ~/.cache/moe-gpu/data); `~` and `$HOME` expand.
-    public static func expand(_ path: String) -> String {
-        let env = ProcessInfo.processInfo.environment
-        let home = env["HOME"] ?? NSHomeDirectory()
-        if path.hasPrefix("data:") {
-            let cache = env["MOE_GPU_DATA"].flatMap { $0.isEmpty ? nil : $0 }
-                ?? (env["XDG_CACHE_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? home + "/.cache") + "/moe-gpu/data"
-            return cache + "/" + path.dropFirst(5)
-        }
-        if path.hasPrefix("~/") { return home + path.dropFirst(1) }
-        return path.replacingOccurrences(of: "$HOME", with: home)
-    }
-}
-
-extension ExperimentRunner {
 
     /// The finished result in `dir`, when its eval.json is there and its config is `c`.
     func finished(_ dir: URL, config c: TrainConfig, arm: String, budget: Double, seed: UInt64) throws -> ExperimentRunResult? {
@@ -222,7 +199,7 @@ extension ExperimentRunner {
                          seed: UInt64) throws -> ExperimentRunResult {
         var c = try trainConfig(arm, budget: t.budget, seed: seed)
         c.model.classes = td.train.classes
-        c.data = Self.expand(t.data)
+        c.data = ExperimentRunnerPaths.expand(t.data)
         c.trainExamples = nil; c.testExamples = nil
         c.steps = t.steps
         c.learningRate = t.learningRate
@@ -300,5 +277,22 @@ extension ExperimentRunner {
                                    tokensPerStep: (e["tokens_per_step"] as? NSNumber)?.doubleValue ?? 0,
                                    wallSeconds: (e["wall_s"] as? NSNumber)?.doubleValue ?? 0,
                                    loadImbalance: imbalance.isEmpty ? nil : imbalance.reduce(0, +) / Double(imbalance.count))
+    }
+}
+
+/// Paths in experiment recipes.
+public enum ExperimentRunnerPaths {
+    /// `data:NAME` is NAME in the data cache the fetch scripts fill ($MOE_GPU_DATA, else
+    /// $XDG_CACHE_HOME/moe-gpu/data, else ~/.cache/moe-gpu/data); `~` and `$HOME` expand.
+    public static func expand(_ path: String) -> String {
+        let env = ProcessInfo.processInfo.environment
+        let home = env["HOME"] ?? NSHomeDirectory()
+        if path.hasPrefix("data:") {
+            let cache = env["MOE_GPU_DATA"].flatMap { $0.isEmpty ? nil : $0 }
+                ?? (env["XDG_CACHE_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? home + "/.cache") + "/moe-gpu/data"
+            return cache + "/" + path.dropFirst(5)
+        }
+        if path.hasPrefix("~/") { return home + path.dropFirst(1) }
+        return path.replacingOccurrences(of: "$HOME", with: home)
     }
 }

@@ -130,10 +130,7 @@ public enum LMRecipe {
                                        data: (train: LMBatchSource, test: LMBatchSource),
                                        log: @escaping (String) -> Void = { print($0) }) throws -> (file: String, evalLoss: Double) {
         let d = densePretrain(like: c, steps: steps)
-        let key = String(decoding: try JSONEncoder.sorted.encode(d), as: UTF8.self)
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in key.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
-        let dir = cacheDirectory.appendingPathComponent(String(format: "lm-dense-%016llx", h))
+        let dir = try Recipe.cacheFolder("lm-dense", for: d)
         let file = dir.appendingPathComponent("model.safetensors")
         let model = try LlamaModel(config: d.lm!, backend: backend, seed: d.seed, sequenceLength: d.seqLen)
         let trainer = try Trainer(config: d, model: model, train: data.train, test: data.test)
@@ -143,7 +140,7 @@ public enum LMRecipe {
             log(String(format: "dense: reusing the pretrained Llama in %@ (validation loss %.4f)", dir.path, loss))
             return (file.path, loss)
         }
-        for f in TrainRun.runFiles { try? FileManager.default.removeItem(at: dir.appendingPathComponent(f)) }
+        TrainRun.clearRun(dir)
         log("dense: pretraining a \(model.params.parameterCount)-parameter Llama for \(d.steps) steps (cached in \(dir.path) for later runs)")
         let run = try TrainRun(config: d, trainer: trainer, out: dir)
         run.progress = { m, total in

@@ -82,10 +82,16 @@ public enum Recipe {
 
     /// Where the pretrained dense model for `c` is cached (named by a hash of its pretraining config).
     public static func pretrainedDenseDirectory(for c: TrainConfig, steps: Int?, learningRate: Float? = nil) throws -> URL {
-        let key = String(decoding: try JSONEncoder.sorted.encode(densePretrain(like: c, steps: steps, learningRate: learningRate)), as: UTF8.self)
+        try cacheFolder("dense", for: densePretrain(like: c, steps: steps, learningRate: learningRate))
+    }
+
+    /// `cacheDirectory/PREFIX-HASH`, HASH the FNV-1a of the config's sorted JSON: one
+    /// folder per pretraining config, whatever produced it.
+    static func cacheFolder(_ prefix: String, for config: TrainConfig) throws -> URL {
+        let key = String(decoding: try JSONEncoder.sorted.encode(config), as: UTF8.self)
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         for b in key.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
-        return cacheDirectory.appendingPathComponent(String(format: "dense-%016llx", h))
+        return cacheDirectory.appendingPathComponent(String(format: "%@-%016llx", prefix, h))
     }
 
     /// The pretrained dense model for `c` (its MoE layers made dense), from the
@@ -106,7 +112,7 @@ public enum Recipe {
             return (model, acc)
         }
         // A pretraining stopped before its first checkpoint starts again from nothing.
-        for f in TrainRun.runFiles { try? FileManager.default.removeItem(at: dir.appendingPathComponent(f)) }
+        TrainRun.clearRun(dir)
         log("dense: pretraining a \(model.params.parameterCount)-parameter ViT for \(d.steps) steps (cached in \(dir.path) for later runs)")
         let run = try TrainRun(config: d, model: model, out: dir, data: data)
         run.progress = { m, total in

@@ -127,6 +127,11 @@ public final class TrainRun {
     /// Sub-folders the train command puts baseline runs in.
     static let baselineFolders = ["dense-continued", "dense-equal-flops"]
 
+    /// Removes a run's files from `dir` (a fresh start in a folder that held one).
+    public static func clearRun(_ dir: URL) {
+        for f in runFiles { try? FileManager.default.removeItem(at: dir.appendingPathComponent(f)) }
+    }
+
     /// Whether `dir` holds (part of) a run.
     public static func holdsRun(_ dir: URL) -> Bool {
         runFiles.contains { FileManager.default.fileExists(atPath: dir.appendingPathComponent($0).path) }
@@ -137,16 +142,13 @@ public final class TrainRun {
     /// the first of `base`, `base-2`, `base-3`, ... that holds no run, as
     /// experiment trackers do, so a second run never appends to the first's metrics.
     public static func freshOutput(explicit: String?, base: String, overwrite: Bool) throws -> URL {
-        let fm = FileManager.default
         if let explicit {
             let dir = URL(fileURLWithPath: explicit)
             guard holdsRun(dir) else { return dir }
             guard overwrite else {
                 throw ModelError.badConfig("\(explicit) already holds a run: continue it with --resume \(explicit), replace it with --overwrite, or choose another --out")
             }
-            for folder in [dir] + baselineFolders.map(dir.appendingPathComponent) {
-                for f in runFiles { try? fm.removeItem(at: folder.appendingPathComponent(f)) }
-            }
+            for folder in [dir] + baselineFolders.map(dir.appendingPathComponent) { clearRun(folder) }
             return dir
         }
         var n = 1

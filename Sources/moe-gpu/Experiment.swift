@@ -83,7 +83,7 @@ struct Experiment: ParsableCommand {
                 var args = f.arms.flatMap { a in recipe.seeds.map { set.dirs(a, $0).path } }
                 args += ["--out", figures.appendingPathComponent(set.file).path, "--title", set.title, "--x", f.x ?? "step"]
                 for l in labels { args += ["--label", l] }
-                var plot = try Plot.parse(args)
+                let plot = try Plot.parse(args)
                 try plot.run()
             }
         }

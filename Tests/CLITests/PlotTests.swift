@@ -176,18 +176,8 @@ final class PlotTests: XCTestCase {
             throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist")
         }
         let dir = try CLI.temporaryDirectory(self)
-        let config = """
-            {"model": {"imageSize": 28, "channels": 1, "patchSize": 7, "width": 16, "depth": 2, "heads": 2, "mlpRatio": 2,
-                       "classes": 10, "pool": "mean", "moeBlocks": [1],
-                       "moe": {"router": "topk", "experts": 4, "topK": 2, "gateOrder": "softmax-topk", "renormalize": true,
-                               "dropPolicy": "position", "jitter": 0, "auxLossCoefficient": 0.01, "zLossCoefficient": 0.001,
-                               "expertWidthRatio": 1, "dropout": 0, "slotsPerExpert": 1, "coreExperts": 0,
-                               "universalWidthRatio": 0.25, "temperatureInit": 0.5, "stochasticDepth": 0}},
-             "testExamples": 50, "batchSize": 16, "steps": 2, "learningRate": 0.002, "minLearningRate": 0, "warmupSteps": 1,
-             "weightDecay": 0.05, "beta1": 0.9, "beta2": 0.999, "clipNorm": 1, "labelSmoothing": 0.1,
-             "gradientAccumulation": 1, "evalEvery": 1, "logEvery": 1, "augment": false, "seed": 0}
-            """
-        try config.write(to: dir.appendingPathComponent("config.json"), atomically: true, encoding: .utf8)
+        _ = try CLI.smallTrainConfig(in: dir, replacing: ["\"testExamples\": 100": "\"testExamples\": 50", "\"steps\": 4": "\"steps\": 2",
+                                                          "\"evalEvery\": 2": "\"evalEvery\": 1"])
         let train = try CLI.run(["train", "--config", "config.json", "--device", "cpu", "--out", "run"], directory: dir)
         XCTAssertEqual(train.status, 0, train.stderr)
         let eval = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: dir.appendingPathComponent("run/eval.json"))) as? [String: Any])

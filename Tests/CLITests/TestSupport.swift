@@ -15,3 +15,27 @@ extension CLI {
         guard hasOpenCL else { throw XCTSkip("no OpenCL platform here (install pocl-opencl-icd)") }
     }
 }
+
+extension CLI {
+    /// A tiny ViT training config (width 16, 2 blocks, a top-2 of 4 MoE in block 1,
+    /// 4 steps of 16 images, evaluations every 2 steps on 100 images), written as
+    /// `dir/NAME.json` with `replacing` applied to its text.
+    static func smallTrainConfig(in dir: URL, name: String = "config", lr: Double = 0.002,
+                                 replacing replacements: [String: String] = [:]) throws -> URL {
+        var config = """
+            {"model": {"imageSize": 28, "channels": 1, "patchSize": 7, "width": 16, "depth": 2, "heads": 2, "mlpRatio": 2,
+                       "classes": 10, "pool": "mean", "moeBlocks": [1],
+                       "moe": {"router": "topk", "experts": 4, "topK": 2, "gateOrder": "softmax-topk", "renormalize": true,
+                               "dropPolicy": "position", "jitter": 0, "auxLossCoefficient": 0.01, "zLossCoefficient": 0.001,
+                               "expertWidthRatio": 1, "dropout": 0, "slotsPerExpert": 1, "coreExperts": 0,
+                               "universalWidthRatio": 0.25, "temperatureInit": 0.5, "stochasticDepth": 0}},
+             "testExamples": 100, "batchSize": 16, "steps": 4, "learningRate": \(lr), "minLearningRate": 0, "warmupSteps": 1,
+             "weightDecay": 0.05, "beta1": 0.9, "beta2": 0.999, "clipNorm": 1, "labelSmoothing": 0.1,
+             "gradientAccumulation": 1, "evalEvery": 2, "logEvery": 1, "augment": false, "seed": 0}
+            """
+        for (from, to) in replacements { config = config.replacingOccurrences(of: from, with: to) }
+        let url = dir.appendingPathComponent("\(name).json")
+        try config.write(to: url, atomically: true, encoding: .utf8)
+        return url
+    }
+}

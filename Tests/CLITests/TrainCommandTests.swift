@@ -4,30 +4,11 @@ import XCTest
 final class TrainCommandTests: XCTestCase {
     var hasFashionMNIST: Bool { FileManager.default.fileExists(atPath: "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz") }
 
-    func smallConfig(_ dir: URL, lr: Double = 0.002) throws -> URL {
-        let config = """
-            {"model": {"imageSize": 28, "channels": 1, "patchSize": 7, "width": 16, "depth": 2, "heads": 2, "mlpRatio": 2,
-                       "classes": 10, "pool": "mean", "moeBlocks": [1],
-                       "moe": {"router": "topk", "experts": 4, "topK": 2, "gateOrder": "softmax-topk", "renormalize": true,
-                               "dropPolicy": "position", "jitter": 0, "auxLossCoefficient": 0.01, "zLossCoefficient": 0.001,
-                               "expertWidthRatio": 1, "dropout": 0, "slotsPerExpert": 1, "coreExperts": 0,
-                               "universalWidthRatio": 0.25, "temperatureInit": 0.5, "stochasticDepth": 0}},
-             "testExamples": 100, "batchSize": 16, "steps": 4, "learningRate": \(lr), "minLearningRate": 0, "warmupSteps": 1,
-             "weightDecay": 0.05, "beta1": 0.9, "beta2": 0.999, "clipNorm": 1, "labelSmoothing": 0.1,
-             "gradientAccumulation": 1, "evalEvery": 2, "logEvery": 1, "augment": false, "seed": 0}
-            """
-        let url = dir.appendingPathComponent("config.json")
-        try config.write(to: url, atomically: true, encoding: .utf8)
-        return url
-    }
+    func smallConfig(_ dir: URL, lr: Double = 0.002) throws -> URL { try CLI.smallTrainConfig(in: dir, lr: lr) }
 
     /// `smallConfig` with some of its text replaced (longer runs, other sizes), written as NAME.json.
     func variant(_ dir: URL, _ name: String, _ replacements: [String: String]) throws -> URL {
-        var text = try String(contentsOf: try smallConfig(dir), encoding: .utf8)
-        for (from, to) in replacements { text = text.replacingOccurrences(of: from, with: to) }
-        let url = dir.appendingPathComponent("\(name).json")
-        try text.write(to: url, atomically: true, encoding: .utf8)
-        return url
+        try CLI.smallTrainConfig(in: dir, name: name, replacing: replacements)
     }
 
     func testTrainWithAConfigFileWritesEveryOutputAndEvalReadsIt() throws {

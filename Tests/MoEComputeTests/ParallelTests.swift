@@ -1,5 +1,4 @@
 import Foundation
-import COpenCL
 @testable import MoECompute
 import XCTest
 
@@ -26,18 +25,5 @@ final class ParallelTests: XCTestCase {
             for p in 0..<maxParts where counts[p] != (p < parts ? 1 : 0) { wrong += 1 }
         }
         XCTAssertEqual(wrong, 0, "parts run twice, not at all, or after the call returned")
-    }
-}
-
-final class OpenCLStatusNameTests: XCTestCase {
-    /// Every OpenCL 1.2 status code is reported by its name; out-of-memory ones say what to do.
-    func testEveryStatusHasItsName() {
-        for code in Array(-19...(-1)) + Array(-68...(-30)) {
-            let name = CLError.statusName(cl_int(code))
-            XCTAssertTrue(name.hasPrefix("CL_"), "\(code): \(name)")
-        }
-        XCTAssertEqual(CLError.statusName(-54), "CL_INVALID_WORK_GROUP_SIZE")
-        XCTAssertTrue(CLError.statusName(-4).contains("--batch-size"))
-        XCTAssertTrue(CLError(call: "clCreateBuffer", status: -5).description.contains("CL_OUT_OF_RESOURCES"))
     }
 }

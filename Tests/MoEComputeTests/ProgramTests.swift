@@ -1,4 +1,5 @@
 import Foundation
+import COpenCL
 @testable import MoECompute
 import XCTest
 import MoETestSupport
@@ -66,5 +67,18 @@ final class ProgramTests: XCTestCase {
         for bad in ["gpu", "opencl:1", "opencl:a:b", "opencl:-1:0"] {
             XCTAssertThrowsError(try DeviceSelector(parsing: bad), bad)
         }
+    }
+}
+
+final class OpenCLStatusNameTests: XCTestCase {
+    /// Every OpenCL 1.2 status code is reported by its name; out-of-memory ones say what to do.
+    func testEveryStatusHasItsName() {
+        for code in Array(-19...(-1)) + Array(-68...(-30)) {
+            let name = CLError.statusName(cl_int(code))
+            XCTAssertTrue(name.hasPrefix("CL_"), "\(code): \(name)")
+        }
+        XCTAssertEqual(CLError.statusName(-54), "CL_INVALID_WORK_GROUP_SIZE")
+        XCTAssertTrue(CLError.statusName(-4).contains("--batch-size"))
+        XCTAssertTrue(CLError(call: "clCreateBuffer", status: -5).description.contains("CL_OUT_OF_RESOURCES"))
     }
 }

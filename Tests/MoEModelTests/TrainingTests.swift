@@ -236,3 +236,20 @@ final class DataTests: XCTestCase {
         XCTAssertThrowsError(try BuiltinData.load(dir.path)) { XCTAssertTrue("\($0)".contains("corrupt data"), "\($0)") }
     }
 }
+
+final class StoredConfigTests: XCTestCase {
+    /// A run folder's config.json reads back as written: an optional left nil
+    /// (here: evaluate on the whole test split) stays nil, where a user's config
+    /// file would get the default (2000 images). `train --resume` and the
+    /// experiment's skip check depend on it.
+    func testStoredConfigKeepsNilOptionals() throws {
+        var c = Recipe.defaultFineTune()
+        c.testExamples = nil
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stored-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try JSONEncoder().encode(c).write(to: dir.appendingPathComponent("config.json"))
+        XCTAssertNil(try TrainRun.storedConfig(dir).testExamples)
+        XCTAssertEqual(try TrainRun.loadConfig(dir.appendingPathComponent("config.json").path).testExamples, 2000, "a user file gets the default")
+    }
+}
