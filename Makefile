@@ -17,7 +17,8 @@ run: release
 #  1. every test but the OpenCL cases, on the CPU backend with no OpenCL platform
 #     visible; any skip fails (only OpenCL cases may skip);
 #  2. the OpenCL cases of every target and the op tests (their CPU half as the
-#     reference) on the OpenCL device, PoCL here.
+#     reference) on the OpenCL device, PoCL here;
+# then every kernel under oclgrind, and the file readers under libFuzzer.
 TEST_LOGS := .build/test-logs
 NO_OPENCL := .build/no-opencl-vendors
 OPENCL_CASES := /testOpenCL|OpenCL$$
@@ -41,6 +42,8 @@ test:
 	    --skip '\.GPUCompileTests/|/testCPU' 2>&1 | tee $(TEST_LOGS)/opencl.log
 	@n=$$(grep -cE "^Test Case '.*' skipped" $(TEST_LOGS)/opencl.log); \
 	    if [ "$$n" != 0 ]; then echo "test: note: $$n OpenCL tests skipped (reasons in $(TEST_LOGS)/opencl.log)"; fi
+	@echo "test: every kernel on tiny shapes under oclgrind's race, uninitialized-memory and API checks (about a minute; scripts/oclgrind.sh)"
+	scripts/oclgrind.sh
 	@echo "test: the file readers under libFuzzer + AddressSanitizer, 150,000 inputs each, seed 1 (about 30 s a reader; scripts/fuzz.sh)"
 	scripts/fuzz.sh -n 150000 -s 1
 

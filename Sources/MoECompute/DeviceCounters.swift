@@ -32,6 +32,11 @@ public final class DeviceCounters: @unchecked Sendable {
     }
 
     @inline(__always) func launch(_ n: Int = 1) { lock.lock(); _launches += n; lock.unlock() }
+
+    /// OpenCL launches by kernel name: which of Kernels/*.cl a workload ran.
+    public var kernelLaunches: [String: Int] { lock.lock(); defer { lock.unlock() }; return _kernelLaunches }
+    private var _kernelLaunches: [String: Int] = [:]
+    func launch(kernel: String) { lock.lock(); _launches += 1; _kernelLaunches[kernel, default: 0] += 1; lock.unlock() }
     @inline(__always) func hostSync() { lock.lock(); _hostSyncs += 1; lock.unlock() }
     @inline(__always) func allocation(bytes: Int) { lock.lock(); _allocations += 1; _allocatedBytes += bytes; lock.unlock() }
 }

@@ -230,7 +230,7 @@ public final class TrainRun {
             try m.write(try opt.floats("\(p.name).exp_avg"))
             try v.write(try opt.floats("\(p.name).exp_avg_sq"))
         }
-        trainer.fastForward(to: step)
+        trainer.fastForward(to: step, nonFiniteSkipped: opt.metadata["moe-gpu.nonfinite_skipped"].flatMap(Int.init) ?? 0)
         try Self.trimMetrics(out, after: step)
     }
 
@@ -260,7 +260,7 @@ public final class TrainRun {
                 tensors.append(("\(p.name).exp_avg_sq", .F32, p.shape, encodeFloats(try v.floats(), as: .F32)))
             }
             try writeSafetensors(to: partial.appendingPathComponent("optimizer.safetensors"), tensors: tensors,
-                                 metadata: ["format": "pt", "step": "\(step)"])
+                                 metadata: ["format": "pt", "step": "\(step)", "moe-gpu.nonfinite_skipped": "\(trainer.nonFiniteSkipped)"])
             try Self.syncDirectory(partial)
             let final = root.appendingPathComponent(name)
             if fm.fileExists(atPath: final.path) {

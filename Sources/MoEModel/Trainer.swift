@@ -246,7 +246,9 @@ public final class Trainer {
     }
 
     /// Skips the data of `steps` steps, so a resumed run sees the batches it would have seen.
-    public func fastForward(to target: Int) {
+    /// `nonFiniteSkipped`: the count at that step, so `--skip-nonfinite N` bounds the whole run.
+    public func fastForward(to target: Int, nonFiniteSkipped skipped: Int = 0) {
+        nonFiniteSkipped = skipped
         while step < target {
             for _ in 0..<config.gradientAccumulation { _ = nextIndices(config.batchSize) }
             step += 1

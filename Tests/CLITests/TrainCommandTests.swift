@@ -246,6 +246,23 @@ final class TrainCommandTests: XCTestCase {
         }
     }
 
+    /// A model too big for the device: one line with the tensor's size, the
+    /// device's limit and the way out, and no output folder. PoCL's
+    /// POCL_MEMORY_LIMIT=1 (GiB) makes its largest allocation 256 MiB.
+    func testOpenCLTensorOverTheDeviceLimitIsOneLineError() throws {
+        try CLI.requireOpenCL()
+        guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
+        guard try CLI.run(["devices"]).stdout.contains("Portable Computing Language") else { throw XCTSkip("the device limit is set through PoCL") }
+        let dir = try CLI.temporaryDirectory(self), out = dir.appendingPathComponent("run")
+        let config = try variant(dir, "huge", ["\"width\": 16": "\"width\": 8192"])
+        let r = try CLI.run(["train", "--config", config.path, "--device", "opencl", "--out", out.path], environment: ["POCL_MEMORY_LIMIT": "1"])
+        XCTAssertEqual(r.status, 1, r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        XCTAssertTrue(r.stderr.hasPrefix("Error: a tensor of 768.0 MiB is over ") && r.stderr.contains("largest allocation (256.0 MiB)")
+                      && r.stderr.contains("--device cpu"), r.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out.path), "an output folder was left")
+    }
+
     func testMissingDataNamesTheFolder() throws {
         let dir = try CLI.temporaryDirectory(self)
         let r = try CLI.run(["train", "--config", try smallConfig(dir).path, "--data", dir.appendingPathComponent("nowhere").path,
@@ -287,6 +304,14 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertEqual(counts.count, 4, "every step logged")
         XCTAssertGreaterThan(counts.last!, 0, "\(lines)")
         XCTAssertEqual(counts, counts.sorted(), "a running count")
+        // The count is part of the checkpoint: a resumed run goes on counting, so N bounds the whole run.
+        let resumed = try CLI.run(["train", "--resume", skipOut.path, "--steps", "6", "--device", "cpu", "--skip-nonfinite", "100"])
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+        let after = try String(contentsOf: skipOut.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n")
+            .map { try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])["nonfinite_skipped"] as? Int ?? 0 }
+        XCTAssertEqual(Array(after.prefix(4)), counts)
+        XCTAssertEqual(after.count, 6)
+        XCTAssertEqual(after[4], counts.last! + 1, "the count after the resume: \(after)")
         let limited = try CLI.run(["train", "--config", try smallConfig(dir, lr: 1e30).path, "--device", "cpu", "--out", dir.appendingPathComponent("few").path,
                                    "--skip-nonfinite", "\(max(counts.last! - 1, 0))"])
         XCTAssertNotEqual(limited.status, 0, "more bad steps than allowed")

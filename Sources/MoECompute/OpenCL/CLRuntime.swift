@@ -88,10 +88,16 @@ public struct CLError: Error, CustomStringConvertible {
         switch s {
         case -4, -5: return name + " (device out of memory or resources: use a smaller --batch-size, or --device cpu)"
         case -6: return name + " (the host is out of memory)"
+        case -61: return name + " (a tensor over the device's largest allocation: use a smaller --batch-size or model, or --device cpu)"
         case -1001: return name + " (no OpenCL platform installed)"
         default: return name
         }
     }
+}
+
+/// A tensor the device cannot hold, found before asking the driver.
+public struct DeviceMemoryError: Error, CustomStringConvertible {
+    public let description: String
 }
 
 /// The loader's status when no ICD is registered (cl_khr_icd).
@@ -190,6 +196,8 @@ public final class CLContext: @unchecked Sendable {
 
     public init(device: CLDevice) throws {
         self.device = device
+        let limit = device.maxAllocationBytes
+        maxAllocation = limit > 0 ? Int(clamping: limit) : Int.max
         var status: cl_int = 0
         var dev: cl_device_id? = device.id
         guard let ctx = clCreateContext(nil, 1, &dev, nil, nil, &status), status == CL_SUCCESS else {
@@ -205,9 +213,16 @@ public final class CLContext: @unchecked Sendable {
     }
 
     deinit {
+        // Drain the queue first: a non-blocking upload still reads its staging
+        // buffer, freed with this object (an error thrown mid-step gets here with
+        // uploads in flight). If the device is lost, keep the staging memory.
+        if clFinish(queue) != CL_SUCCESS { for b in staging { _ = Unmanaged.passRetained(b) } }
         clReleaseCommandQueue(queue)
         clReleaseContext(context)
     }
+
+    private let maxAllocation: Int
+    private func mebibytes(_ b: Int) -> String { String(format: "%.1f MiB", Double(b) / 1_048_576) }
 
     public func finish() throws {
         counters.hostSync()
@@ -242,6 +257,10 @@ public final class CLContext: @unchecked Sendable {
     }
 
     public func makeBuffer(bytes: Int) throws -> CLBuffer {
+        if bytes > maxAllocation {
+            throw DeviceMemoryError(description: "a tensor of \(mebibytes(bytes)) is over \(device.name)'s largest allocation "
+                + "(\(mebibytes(maxAllocation))): use a smaller --batch-size or model, or --device cpu")
+        }
         var status: cl_int = 0
         // OpenCL forbids zero-sized buffers; an empty tensor still gets a valid handle.
         let mem = clCreateBuffer(context, cl_mem_flags(CL_MEM_READ_WRITE), max(bytes, 4), nil, &status)
@@ -262,7 +281,15 @@ public final class CLBuffer: @unchecked Sendable {
     init(mem: cl_mem, byteCount: Int, context: CLContext) {
         self.mem = mem; self.byteCount = byteCount; self.context = context
     }
-    deinit { clReleaseMemObject(mem) }
+    deinit {
+        if !Self.keepReleased { clReleaseMemObject(mem) }
+    }
+
+    /// MOE_GPU_CL_KEEP_BUFFERS=1 (set by scripts/oclgrind.sh) leaks every buffer, so
+    /// no buffer id is reused: oclgrind 21.10's uninitialized-memory plugin keeps the
+    /// shadow of a released buffer that a kernel touched, and a larger buffer given the
+    /// same id then reads as uninitialized past the old size (scripts/oclgrind-reuse.c).
+    static let keepReleased = ProcessInfo.processInfo.environment["MOE_GPU_CL_KEEP_BUFFERS"] == "1"
 
     /// A blocking write (one host sync).
     public func write(from host: UnsafeRawPointer, byteOffset: Int = 0, bytes: Int) throws {
@@ -334,7 +361,7 @@ public final class CLKernel: @unchecked Sendable {
         }
         // A zero-sized launch is a no-op, not an error.
         if globalSize.contains(0) { return }
-        context.counters.launch()
+        context.counters.launch(kernel: name)
         let status = globalSize.withUnsafeBufferPointer { g -> cl_int in
             if let local {
                 return local.withUnsafeBufferPointer { l in
@@ -343,6 +370,7 @@ public final class CLKernel: @unchecked Sendable {
             }
             return clEnqueueNDRangeKernel(context.queue, kernel, cl_uint(global.count), nil, g.baseAddress, nil, 0, nil, nil)
         }
+
         try CLError.check(status, "clEnqueueNDRangeKernel(\(name), global \(globalSize), local \(local.map { "\($0)" } ?? "auto"))")
     }
 }

@@ -20,7 +20,7 @@ extension OpenCLBackend {
 
     /// Whether to use the launch shapes for CPU devices (one work-item per row,
     /// per reduction block, per column chunk) rather than the GPU ones.
-    var cpuShapes: Bool { device.kind == .cpu && Self.workGroupOverride == nil }
+    var cpuShapes: Bool { tuning.cpuShapes && Self.workGroupOverride == nil }
 
     /// Rows summed per work-item in the first pass of a column reduction (ROW_CHUNK in nn.cl).
     static let rowChunk = 64

@@ -240,6 +240,9 @@ public struct KernelTuning: Sendable, Equatable {
     /// CPU devices use the register-blocked `gemm_cpu` kernel instead of tiles.
     public var cpuGemm: Bool
     public var cpuRows = 4, cpuVecs = 2
+    /// CPU-device shapes for the reductions and row kernels: one work-item per
+    /// row and no work-group trees (PoCL runs a work-group as loops on one core).
+    public var cpuShapes = false
     public var elementwiseGroup: Int
 
     /// GEMM tiles for GPU (and other non-CPU) devices by max work-group size,
@@ -269,6 +272,7 @@ public struct KernelTuning: Sendable, Equatable {
             // PoCL runs a work-group as loops on one core: big register blocks, few groups.
             gemm = GemmTiles(tileM: 64, tileN: 64, tileK: 32, wptM: 8, wptN: 8)
             cpuGemm = true
+            cpuShapes = true
         }
         // MOE_GPU_GEMM="TM,TN,TK,WM,WN" or "cpu:ROWS,VECS" overrides the choice, for tuning.
         if let spec = ProcessInfo.processInfo.environment["MOE_GPU_GEMM"], !spec.isEmpty {
