@@ -45,7 +45,10 @@ public struct TrainConfig: Codable, Equatable, Sendable {
     public init() {}
 
     public func validate() throws {
-        try check(batchSize >= 1 && steps >= 0 && gradientAccumulation >= 1, "batchSize, gradientAccumulation must be >= 1 and steps >= 0")
+        try check(batchSize >= 1, "batchSize \(batchSize) must be at least 1")
+        try check(steps >= 1, "steps \(steps) must be at least 1")
+        try check(gradientAccumulation >= 1, "gradientAccumulation \(gradientAccumulation) must be at least 1")
+        try check((skipNonFinite ?? 0) >= 0, "skipNonFinite \(skipNonFinite ?? 0) must not be negative")
         try check(learningRate > 0 && minLearningRate >= 0 && warmupSteps >= 0, "learning rates must be positive")
         try check(labelSmoothing >= 0 && labelSmoothing < 1, "labelSmoothing must be in [0, 1)")
         try check(evalEvery >= 0 && logEvery >= 1, "evalEvery must be >= 0 and logEvery >= 1")

@@ -27,7 +27,8 @@ public struct ViTConfig: Codable, Equatable, Sendable {
 
     func validate() throws {
         try check(imageSize > 0 && patchSize > 0 && imageSize % patchSize == 0, "imageSize \(imageSize) must be a multiple of patchSize \(patchSize)")
-        try check(width > 0 && heads > 0 && width % heads == 0, "width \(width) must be a multiple of heads \(heads)")
+        try check(width > 0 && heads > 0, "width \(width) and heads \(heads) must be at least 1")
+        try check(width % heads == 0, "width \(width) must be a multiple of heads \(heads)")
         try check(depth > 0 && mlpRatio > 0 && classes > 1 && channels > 0, "depth, mlpRatio, channels must be positive and classes > 1")
         try check(pool == "mean" || pool == "cls", "pool must be \"mean\" or \"cls\", got \"\(pool)\"")
         try check(moeBlocks.allSatisfy { (0..<depth).contains($0) }, "moeBlocks \(moeBlocks) must be in 0..<\(depth)")

@@ -77,6 +77,7 @@ struct Train: ParsableCommand {
     func run() throws {
         // Ctrl-C / SIGTERM: finish the step, write a checkpoint, say how to resume.
         StopSignal.install()
+        try validateOptions()
         do { try runTraining() } catch let stop as TrainingStopped {
             print("\(stop.description)\nresume with: moe-gpu train --resume \(stop.out.path)")
             throw ExitCode(stop.exitCode)
@@ -179,6 +180,12 @@ struct Train: ParsableCommand {
         if let experts { cfg.model.moe?.experts = experts }
         if let topK { cfg.model.moe?.topK = topK }
         if cfg.model.moe != nil { Recipe.shapeExperts(&cfg.model.moe!, for: upcycle, granularity: granularity, topK: topK) }
+    }
+
+    /// Option values no config check sees.
+    func validateOptions() throws {
+        if let granularity, granularity < 1 { throw CommandError("--granularity \(granularity) must be at least 1") }
+        if let denseSteps, denseSteps < 1 { throw CommandError("--dense-steps \(denseSteps) must be at least 1") }
     }
 
     func upcycleInto(_ model: ViT, from dense: ViT, method: String, cfg: TrainConfig, data: (train: ImageDataset, test: ImageDataset)) throws {

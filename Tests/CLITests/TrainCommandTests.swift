@@ -236,6 +236,14 @@ final class TrainCommandTests: XCTestCase {
             (["--device", "foo"], "unknown device 'foo'"),
             (["--upcycle", "magic"], "unknown --upcycle 'magic'"),
             (["--config", config, "--out", "/proc/moe-gpu-run"], "cannot create the output folder /proc/moe-gpu-run"),
+            (["--steps", "-3"], "--steps -3: must not be negative"),
+            (["--config", config, "--steps=0"], "steps 0 must be at least 1"),
+            (["--config", config, "--width=0"], "width 0 and heads 2 must be at least 1"),
+            (["--config", config, "--skip-nonfinite=-1"], "skipNonFinite -1 must not be negative"),
+            (["--upcycle", "granular", "--granularity", "0"], "--granularity 0 must be at least 1"),
+            (["--experts", "many"], "The value 'many' is invalid for '--experts <experts>'"),
+            (["--bogus"], "Unknown option '--bogus'"),
+            (["--config", try variant(dir, "cf", ["\"dropPolicy\"": "\"capacityFactor\": -1, \"dropPolicy\""]).path], "capacityFactor must be positive"),
         ]
         for (args, expected) in cases {
             let r = try CLI.run(["train"] + args, directory: dir)
@@ -261,6 +269,29 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertTrue(r.stderr.hasPrefix("Error: a tensor of 768.0 MiB is over ") && r.stderr.contains("largest allocation (256.0 MiB)")
                       && r.stderr.contains("--device cpu"), r.stderr)
         XCTAssertFalse(FileManager.default.fileExists(atPath: out.path), "an output folder was left")
+    }
+
+    /// Other commands' bad values, and a checkpoint whose tensors do not fit the config it carries.
+    func testBadUpcycleMethodAndMismatchedCheckpointAreOneLineErrors() throws {
+        guard hasFashionMNIST else { throw XCTSkip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist") }
+        let dir = try CLI.temporaryDirectory(self), out = dir.appendingPathComponent("run")
+        let method = try CLI.run(["upcycle", "--from", "x.safetensors", "--to", "y.safetensors", "--method", "magic"], directory: dir)
+        XCTAssertEqual(method.status, 64)
+        XCTAssertEqual(method.stderr.split(separator: "\n").count, 1, method.stderr)
+        XCTAssertTrue(method.stderr.contains("'magic' is invalid for '--method <method>'"), method.stderr)
+
+        XCTAssertEqual(try CLI.run(["train", "--config", try smallConfig(dir).path, "--device", "cpu", "--out", out.path]).status, 0)
+        // The same length, so the header stays valid: the config now says mlpRatio 3.
+        var bytes = try Data(contentsOf: out.appendingPathComponent("model.safetensors"))
+        let from = Data("mlpRatio\\\" : 2".utf8), to = Data("mlpRatio\\\" : 3".utf8)
+        let range = try XCTUnwrap(bytes.range(of: from), "the stored config's mlpRatio")
+        bytes.replaceSubrange(range, with: to)
+        let edited = dir.appendingPathComponent("edited.safetensors")
+        try bytes.write(to: edited)
+        let r = try CLI.run(["eval", "--checkpoint", edited.path, "--device", "cpu"])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("edited.safetensors: ") && r.stderr.contains("has shape [32, 16], the model needs [48, 16]"), r.stderr)
     }
 
     func testMissingDataNamesTheFolder() throws {
