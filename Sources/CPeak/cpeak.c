@@ -24,8 +24,9 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-// Keeps the accumulators' final values observable, so no chain is dead code.
-static volatile float cpeak_sink;
+// Keeps the accumulators' final values observable, so no chain is dead code;
+// one per thread (threads run the probe at once: a shared one is a data race).
+static _Thread_local volatile float cpeak_sink;
 // The multiplier and addend, read at run time so the compiler cannot fold a
 // chain (a chain starting at the fixed point a / (1 - m) = 0.1 would be a
 // constant to it). Starting values are 1 + j / 8, away from that point.

@@ -29,6 +29,7 @@ public final class TrainRun {
         self.config = config
         self.out = out
         self.trainer = trainer
+        createdFolder = !FileManager.default.fileExists(atPath: out.path)
         do { try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true) } catch {
             throw ModelError.io("cannot create the output folder \(out.path) (\(ModelError.reason(error))): choose a writable --out")
         }
@@ -296,10 +297,25 @@ public final class TrainRun {
         guard fsync(fd) == 0 else { throw ModelError.badInput("cannot flush \(dir.path): \(String(cString: strerror(errno)))") }
     }
 
+    /// Whether this run made its folder (so a failed start may remove it).
+    private let createdFolder: Bool
+
     /// Trains to `config.steps` (or stops after step `until`, as an interrupted
-    /// run would); returns the final test accuracy.
+    /// run would); returns the final test accuracy. A run that fails before
+    /// its first checkpoint (a kernel that does not build, a lost device, a bad
+    /// first batch) removes what it wrote: no half-run folder is left behind.
     @discardableResult
     public func run(until: Int? = nil) throws -> (accuracy: Double, last: StepMetrics?) {
+        do { return try runSteps(until: until) } catch {
+            if !(error is TrainingStopped), lastSavedStep < 0, Self.latestCheckpoint(out) == nil {
+                Self.clearRun(out)
+                if createdFolder { try? FileManager.default.removeItem(at: out) }
+            }
+            throw error
+        }
+    }
+
+    private func runSteps(until: Int?) throws -> (accuracy: Double, last: StepMetrics?) {
         let metricsURL = out.appendingPathComponent("metrics.jsonl")
         if !FileManager.default.fileExists(atPath: metricsURL.path) { _ = FileManager.default.createFile(atPath: metricsURL.path, contents: nil) }
         let metrics = try FileHandle(forWritingTo: metricsURL)

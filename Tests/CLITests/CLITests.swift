@@ -87,6 +87,22 @@ final class DevicesCommandTests: XCTestCase {
         XCTAssertNotEqual(r.status, 0)
         XCTAssertTrue(r.stderr.contains("Kernels/gemm.cl"), r.stderr)
         XCTAssertTrue(r.stderr.lowercased().contains("error"), r.stderr)
+
+        // A run whose kernels do not build leaves no half-written run folder.
+        guard FileManager.default.fileExists(atPath: "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz") else { return }
+        // Every kernel file, nn.cl broken: the model builds, its first step fails.
+        let kernels = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../Kernels").standardized
+        let broken = try CLI.temporaryDirectory(self), out = dir.appendingPathComponent("run")
+        for file in try FileManager.default.contentsOfDirectory(atPath: kernels.path) where file.hasSuffix(".cl") {
+            var text = try String(contentsOf: kernels.appendingPathComponent(file), encoding: .utf8)
+            if file == "nn.cl" { text += "\n__kernel void broken( { }\n" }
+            try text.write(to: broken.appendingPathComponent(file), atomically: true, encoding: .utf8)
+        }
+        let t = try CLI.run(["train", "--config", try CLI.smallTrainConfig(in: dir).path, "--device", "opencl", "--out", out.path],
+                            environment: ["MOE_GPU_KERNELS": broken.path, "XDG_CACHE_HOME": cache.path])
+        XCTAssertEqual(t.status, 1, t.stderr)
+        XCTAssertTrue(t.stderr.contains("Kernels/nn.cl"), t.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out.path), "a failed start left \(out.path)")
     }
 
     /// The binary embeds its kernels: a lone copy in an empty folder builds them.
