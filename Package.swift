@@ -53,7 +53,10 @@ let package = Package(
         // built for AVX-512, AVX2+FMA and the baseline and chosen at load time.
         .target(name: "CKernels", path: "Sources/CKernels", cSettings: [.unsafeFlags(["-O3"])]),
 
-        .target(name: "MoECompute", dependencies: ["COpenCL", "CBLAS", "CPeak", "CKernels"],
+        // Open MPI, loaded with dlopen under mpirun: the build needs no MPI.
+        .target(name: "CMPI", path: "Sources/CMPI", linkerSettings: [.linkedLibrary("dl")]),
+
+        .target(name: "MoECompute", dependencies: ["COpenCL", "CBLAS", "CPeak", "CKernels", "CMPI"],
                 swiftSettings: vectorISA,
                 plugins: ["EmbedKernelsPlugin"]),
         .target(name: "MoECheckpoint", dependencies: ["MoECompute"], swiftSettings: alwaysOptimized),

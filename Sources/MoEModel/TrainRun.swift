@@ -30,6 +30,8 @@ public final class TrainRun {
         self.out = out
         self.trainer = trainer
         createdFolder = !FileManager.default.fileExists(atPath: out.path)
+        writes = trainer.communicator.rank == 0
+        guard writes else { return }
         do { try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true) } catch {
             throw ModelError.io("cannot create the output folder \(out.path) (\(ModelError.reason(error))): choose a writable --out")
         }
@@ -232,7 +234,7 @@ public final class TrainRun {
             try v.write(try opt.floats("\(p.name).exp_avg_sq"))
         }
         trainer.fastForward(to: step, nonFiniteSkipped: opt.metadata["moe-gpu.nonfinite_skipped"].flatMap(Int.init) ?? 0)
-        try Self.trimMetrics(out, after: step)
+        if writes { try Self.trimMetrics(out, after: step) }
     }
 
     private var lastSavedStep = -1
@@ -240,6 +242,7 @@ public final class TrainRun {
     /// Writes the checkpoint of the current step (see above) and keeps the last two.
     public func saveCheckpoint() throws {
         defer { lastSavedStep = trainer.step }
+        guard writes else { return }
         let fm = FileManager.default, model = trainer.model, step = trainer.step
         let root = out.appendingPathComponent(Self.checkpointsFolder)
         try fm.createDirectory(at: root, withIntermediateDirectories: true)
@@ -299,6 +302,8 @@ public final class TrainRun {
 
     /// Whether this run made its folder (so a failed start may remove it).
     private let createdFolder: Bool
+    /// Only rank 0 of a data-parallel run writes (the ranks hold the same weights).
+    private let writes: Bool
 
     /// Trains to `config.steps` (or stops after step `until`, as an interrupted
     /// run would); returns the final test accuracy. A run that fails before
@@ -307,7 +312,7 @@ public final class TrainRun {
     @discardableResult
     public func run(until: Int? = nil) throws -> (accuracy: Double, last: StepMetrics?) {
         do { return try runSteps(until: until) } catch {
-            if !(error is TrainingStopped), lastSavedStep < 0, Self.latestCheckpoint(out) == nil {
+            if writes, !(error is TrainingStopped), lastSavedStep < 0, Self.latestCheckpoint(out) == nil {
                 Self.clearRun(out)
                 if createdFolder { try? FileManager.default.removeItem(at: out) }
             }
@@ -316,7 +321,8 @@ public final class TrainRun {
     }
 
     private func runSteps(until: Int?) throws -> (accuracy: Double, last: StepMetrics?) {
-        let metricsURL = out.appendingPathComponent("metrics.jsonl")
+        // Ranks other than 0 log nowhere.
+        let metricsURL = writes ? out.appendingPathComponent("metrics.jsonl") : URL(fileURLWithPath: "/dev/null")
         if !FileManager.default.fileExists(atPath: metricsURL.path) { _ = FileManager.default.createFile(atPath: metricsURL.path, contents: nil) }
         let metrics = try FileHandle(forWritingTo: metricsURL)
         defer { try? metrics.close() }
@@ -326,7 +332,7 @@ public final class TrainRun {
         // Tokens/s over the logging window: wall time between log lines (each
         // step ends in its one host read, so no extra finish is needed).
         var windowStart = Date(), windowTokens = 0.0, rate = 0.0
-        let tokensPerStep = Double(config.batchSize * config.gradientAccumulation * trainer.model.tokensPerExample)
+        let tokensPerStep = Double(config.batchSize * config.gradientAccumulation * trainer.communicator.size * trainer.model.tokensPerExample)
         while trainer.step < min(config.steps, until ?? config.steps) {
             if let signal = StopSignal.received {
                 // Asked to stop (Ctrl-C, kill): the step in flight is done; keep it.
@@ -373,8 +379,10 @@ public final class TrainRun {
             summary["eval_loss"] = evalLoss
             summary["perplexity"] = exp(evalLoss)
         }
-        try atomicWrite(try JSONSerialization.data(withJSONObject: summary, options: [.sortedKeys, .prettyPrinted]),
-                        to: out.appendingPathComponent("eval.json"))
+        if writes {
+            try atomicWrite(try JSONSerialization.data(withJSONObject: summary, options: [.sortedKeys, .prettyPrinted]),
+                            to: out.appendingPathComponent("eval.json"))
+        }
         return (accuracy, last)
     }
 }

@@ -141,6 +141,8 @@ final class DeviceBatch {
 final class StepMetricsBuffer {
     let buffer: Tensor
     let loss: Tensor, gradNorm: Tensor
+    /// The loss, the (not yet computed) gradient norm and the auxiliary losses: the floats ranks sum.
+    let lossTerms: Tensor
     /// A routed layer's unweighted loss, its coefficient and the slot it adds into.
     let auxTerms: [(value: Tensor, coefficient: Float, slot: Tensor)]
     /// A routed layer with expert loads and its slot (i32 bits) of the buffer.
@@ -155,6 +157,7 @@ final class StepMetricsBuffer {
         buffer = try model.backend.zeros([2 + names.count + loadCount])
         loss = try buffer.view(offset: 0, shape: [1])
         gradNorm = try buffer.view(offset: 1, shape: [1])
+        lossTerms = try buffer.view(offset: 0, shape: [2 + names.count])
         var terms: [(value: Tensor, coefficient: Float, slot: Tensor)] = []
         for (_, layer) in routed {
             for a in layer.auxiliaryLossTensors {
@@ -209,6 +212,12 @@ public final class Trainer {
     private var preparedStep = 0
     // Loss scratch of the training batch and of the evaluation batch.
     private let ws: Workspace
+    /// Data parallel: every rank runs `gradientAccumulation` micro-batches of
+    /// the step's `ranks x gradientAccumulation` (rank r takes the r-th run of
+    /// them, in the data order one process would see), then gradients and loss
+    /// terms are summed over the ranks, so N ranks equal one process
+    /// accumulating N x as many micro-batches.
+    public let communicator: Communicator
 
     public init(config: TrainConfig, model: Model, train: BatchSource, test: BatchSource) throws {
         try config.validate()
@@ -217,6 +226,7 @@ public final class Trainer {
         optimizer = OptimizerState(store: model.params)
         metrics = try StepMetricsBuffer(model: model)
         ws = Workspace(backend: model.backend)
+        communicator = Distributed.world
     }
 
     /// The ViT on image datasets (the trainer the `train` command runs).
@@ -253,7 +263,7 @@ public final class Trainer {
     public func fastForward(to target: Int, nonFiniteSkipped skipped: Int = 0) {
         nonFiniteSkipped = skipped
         while step < target {
-            for _ in 0..<config.gradientAccumulation { _ = nextIndices(config.batchSize) }
+            for _ in 0..<config.gradientAccumulation * communicator.size { _ = nextIndices(config.batchSize) }
             step += 1
         }
         preparedStep = 0
@@ -266,11 +276,14 @@ public final class Trainer {
                 try (0..<config.gradientAccumulation).map { _ in try DeviceBatch(source: train, batch: config.batchSize, backend: backend) }
             }
         }
-        for (micro, batch) in batches[s % 2].enumerated() {
+        let n = config.gradientAccumulation, mine = communicator.rank * n
+        for micro in 0..<(n * communicator.size) {
+            let indices = nextIndices(config.batchSize)
+            guard (mine..<(mine + n)).contains(micro) else { continue }   // another rank's
             // Augmentation draws from a generator keyed by the step and micro-batch,
             // so a resumed run sees exactly the batches it would have seen.
             let seed = config.augment ? config.seed ^ (UInt64(s) &* 0xD1B5_4A32_D192_ED03) ^ (UInt64(micro) &* 0x9E37_79B9_7F4A_7C15) : nil
-            try batch.load(train, indices: nextIndices(config.batchSize), augmentSeed: seed)
+            try batches[s % 2][micro - mine].load(train, indices: indices, augmentSeed: seed)
         }
         preparedStep = s
     }
@@ -280,7 +293,7 @@ public final class Trainer {
     public func trainStep() throws -> StepMetrics {
         let start = Date()
         step += 1
-        let b = backend, n = config.gradientAccumulation, scale = 1 / Float(n)
+        let b = backend, n = config.gradientAccumulation, scale = 1 / Float(n * communicator.size)
         if preparedStep != step { try prepare(step: step) }
         try model.params.zeroGradients()
         try b.fill(metrics.buffer, value: 0)
@@ -301,6 +314,10 @@ public final class Trainer {
             if let counts = load.layer.expertCounts { try b.copy(counts, to: load.slot) }
         }
         guard let grads = model.params.gradients else { throw ModelError.badInput("the model was built without gradients (inference only)") }
+        if communicator.size > 1 {
+            try communicator.allreduceSum(grads)
+            try communicator.allreduceSum(metrics.lossTerms)
+        }
         try b.globalNorm([grads], into: metrics.gradNorm)
         if config.clipNorm > 0 { try b.clipByNorm([grads], maxNorm: config.clipNorm, norm: metrics.gradNorm) }
         let lr = config.learningRate(at: step)
@@ -310,7 +327,7 @@ public final class Trainer {
         if step < config.steps { try prepare(step: step + 1) }
         let r = try metrics.read()
         let seconds = Date().timeIntervalSince(start)
-        let tokens = Double(batch * n * model.tokensPerExample)
+        let tokens = Double(batch * n * communicator.size * model.tokensPerExample)
         var m = StepMetrics(step: step, loss: r.loss + r.aux.values.reduce(0, +), aux: r.aux, learningRate: lr, gradNorm: r.gradNorm,
                             tokensPerSecond: tokens / seconds, elapsed: seconds, accuracy: nil, expertLoad: r.loads)
         if !r.loss.isFinite || !r.gradNorm.isFinite {

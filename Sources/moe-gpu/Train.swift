@@ -37,6 +37,8 @@ struct Train: ParsableCommand {
     var out: String?
     @Option(name: .long, help: "Resume the run in this output folder.")
     var resume: String?
+    @Option(name: .customLong("comm-timeout"), help: "Under mpirun: seconds a collective may wait for the other ranks before this rank stops with an error.")
+    var commTimeout: Double = 300
     @Option(name: .customLong("skip-nonfinite"), help: "Skip up to N steps whose loss or gradient is NaN or infinite (the step counts, the update does not) instead of stopping.")
     var skipNonFinite: Int?
     @Flag(name: .long, help: "Replace the run an explicit --out already holds (otherwise that is an error; without --out a new runs/NAME-N folder is used).")
@@ -78,6 +80,13 @@ struct Train: ParsableCommand {
         // Ctrl-C / SIGTERM: finish the step, write a checkpoint, say how to resume.
         StopSignal.install()
         try validateOptions()
+        // Under mpirun / srun: join the job; rank 0 alone prints and writes.
+        let world = try Distributed.start(timeout: commTimeout)
+        defer { Distributed.finish() }
+        if world.size > 1 {
+            print("data parallel: \(world.summary)")
+            if world.rank != 0 { _ = freopen("/dev/null", "w", stdout) }
+        }
         do { try runTraining() } catch let stop as TrainingStopped {
             print("\(stop.description)\nresume with: moe-gpu train --resume \(stop.out.path)")
             throw ExitCode(stop.exitCode)
@@ -117,7 +126,9 @@ struct Train: ParsableCommand {
         guard ["replicate", "granular", "recycle", "none"].contains(method) else {
             throw CommandError("unknown --upcycle '\(method)': use replicate, granular, recycle or none")
         }
-        let outDir = try TrainRun.freshOutput(explicit: out, base: "runs/\(cfg.model.moeBlocks.isEmpty ? "dense" : cfg.model.moe!.router)", overwrite: overwrite)
+        let outDir = URL(fileURLWithPath: try Distributed.world.fromRoot {
+            try TrainRun.freshOutput(explicit: out, base: "runs/\(cfg.model.moeBlocks.isEmpty ? "dense" : cfg.model.moe!.router)", overwrite: overwrite).path
+        })
         let data = try loadData(cfg)
         print("device \(backend.name): \(backend.deviceDescription)")
         print("data: \(data.train.count) train / \(data.test.count) test images of \(data.train.height)x\(data.train.width), \(data.train.classes) classes")

@@ -1,0 +1,127 @@
+import CMPI
+import Foundation
+
+/// The processes of one run and their collectives: the trainer averages
+/// gradients and metrics through it. `SingleProcess` when moe-gpu runs alone,
+/// `MPICommunicator` under `mpirun -np N` or `srun` (Open MPI, loaded at run
+/// time: see `Sources/CMPI`).
+public protocol Communicator: AnyObject, Sendable {
+    var rank: Int { get }
+    var size: Int { get }
+    /// This process's index among the ranks on its host (picks its GPU).
+    var localRank: Int { get }
+    func allreduceSum(_ values: UnsafeMutableBufferPointer<Float>) throws
+    func allreduceSum(_ values: UnsafeMutableBufferPointer<Double>) throws
+    func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws
+    func barrier() throws
+}
+
+extension Communicator {
+    /// Sums `tensor` over every rank, in place. On an OpenCL device the values
+    /// go through host memory: one read and one write (two host syncs).
+    public func allreduceSum(_ tensor: Tensor) throws {
+        guard size > 1 else { return }
+        var values = try tensor.floats()
+        try values.withUnsafeMutableBufferPointer { try allreduceSum($0) }
+        try tensor.write(values)
+    }
+
+    /// Rank `root`'s string on every rank.
+    public func broadcast(_ text: String, root: Int = 0) throws -> String {
+        guard size > 1 else { return text }
+        var length = [Double(text.utf8.count)]
+        try length.withUnsafeMutableBytes { try broadcast($0, root: root) }
+        var bytes = rank == root ? Array(text.utf8) : [UInt8](repeating: 0, count: Int(length[0]))
+        try bytes.withUnsafeMutableBytes { try broadcast($0, root: root) }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// `body` run on rank 0 only (it may touch files), its result or its error
+    /// on every rank: a failure there fails every rank at once, none waits.
+    public func fromRoot(_ body: () throws -> String) throws -> String {
+        guard size > 1 else { return try body() }
+        var message = ""
+        if rank == 0 {
+            do { message = "ok\u{1}" + (try body()) } catch { message = "error\u{1}\(error)" }
+        }
+        let parts = try broadcast(message).split(separator: "\u{1}", maxSplits: 1, omittingEmptySubsequences: false)
+        guard parts.count == 2, parts[0] == "ok" else { throw CommunicationError(description: parts.count == 2 ? String(parts[1]) : "rank 0 failed") }
+        return String(parts[1])
+    }
+
+    /// "rank 1 of 2 on HOST" (or "single process").
+    public var summary: String {
+        size == 1 ? "single process" : "rank \(rank) of \(size) on \(ProcessInfo.processInfo.hostName) (local rank \(localRank))"
+    }
+}
+
+public final class SingleProcess: Communicator {
+    public init() {}
+    public var rank: Int { 0 }
+    public var size: Int { 1 }
+    public var localRank: Int { 0 }
+    public func allreduceSum(_ values: UnsafeMutableBufferPointer<Float>) throws {}
+    public func allreduceSum(_ values: UnsafeMutableBufferPointer<Double>) throws {}
+    public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {}
+    public func barrier() throws {}
+}
+
+public struct CommunicationError: Error, CustomStringConvertible {
+    public let description: String
+}
+
+public final class MPICommunicator: Communicator, @unchecked Sendable {
+    public let rank: Int, size: Int, localRank: Int
+
+    /// Loads Open MPI and joins the job; `timeout` seconds is the watchdog's
+    /// limit for one collective (0: none).
+    init(timeout: Double) throws {
+        var err = [CChar](repeating: 0, count: 512)
+        if cmpi_init(&err, err.count) != 0 {
+            throw CommunicationError(description: "started by an MPI launcher, but MPI could not start: \(String(cString: err)): "
+                + "install Open MPI (apt-get install openmpi-bin) or run moe-gpu without mpirun")
+        }
+        rank = Int(cmpi_rank()); size = Int(cmpi_size()); localRank = Int(cmpi_local_rank())
+        cmpi_set_timeout(timeout)
+    }
+
+    private func check(_ code: Int32, _ what: String) throws {
+        guard code != 0 else { return }
+        var text = [CChar](repeating: 0, count: 512)
+        cmpi_error(code, &text, text.count)
+        throw CommunicationError(description: "rank \(rank) of \(size): \(what) failed: \(String(cString: text)) (a rank died or the network failed)")
+    }
+
+    public func allreduceSum(_ values: UnsafeMutableBufferPointer<Float>) throws {
+        try check(cmpi_allreduce_sum_f32(values.baseAddress, values.count), "an allreduce")
+    }
+    public func allreduceSum(_ values: UnsafeMutableBufferPointer<Double>) throws {
+        try check(cmpi_allreduce_sum_f64(values.baseAddress, values.count), "an allreduce")
+    }
+    public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {
+        try check(cmpi_broadcast(bytes.baseAddress, bytes.count, Int32(root)), "a broadcast")
+    }
+    public func barrier() throws { try check(cmpi_barrier(), "a barrier") }
+}
+
+/// The run's communicator, chosen once at start-up.
+public enum Distributed {
+    nonisolated(unsafe) public private(set) static var world: Communicator = SingleProcess()
+    nonisolated(unsafe) private static var started = false
+
+    /// Under an MPI launcher, joins the MPI job (or throws why it cannot);
+    /// alone, stays a single process.
+    @discardableResult
+    public static func start(timeout: Double) throws -> Communicator {
+        if !started, cmpi_launched() != 0 {
+            world = try MPICommunicator(timeout: timeout)
+        }
+        started = true
+        return world
+    }
+
+    /// Leaves the MPI job (at exit, after the last collective).
+    public static func finish() {
+        if world is MPICommunicator { _ = cmpi_finalize() }
+    }
+}
