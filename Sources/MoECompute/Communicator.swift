@@ -26,6 +26,14 @@ extension Communicator {
         try tensor.write(values)
     }
 
+    /// Whether `flag` is set on any rank (the same answer on every rank).
+    public func anyRank(_ flag: Bool) throws -> Bool {
+        guard size > 1 else { return flag }
+        var v = [flag ? 1.0 : 0.0]
+        try v.withUnsafeMutableBufferPointer { try allreduceSum($0) }
+        return v[0] > 0
+    }
+
     /// Rank `root`'s string on every rank.
     public func broadcast(_ text: String, root: Int = 0) throws -> String {
         guard size > 1 else { return text }

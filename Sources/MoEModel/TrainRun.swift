@@ -332,9 +332,11 @@ public final class TrainRun {
         // Tokens/s over the logging window: wall time between log lines (each
         // step ends in its one host read, so no extra finish is needed).
         var windowStart = Date(), windowTokens = 0.0, rate = 0.0
-        let tokensPerStep = Double(config.batchSize * config.gradientAccumulation * trainer.communicator.size * trainer.model.tokensPerExample)
+        let tokensPerStep = Double(config.batchSize * config.gradientAccumulation * trainer.model.tokensPerExample)
         while trainer.step < min(config.steps, until ?? config.steps) {
-            if let signal = StopSignal.received {
+            // Ranks stop at the same step: mpirun's SIGTERM reaches them at different moments.
+            let comm = trainer.communicator
+            if let signal = try comm.anyRank(StopSignal.received != nil) ? (StopSignal.received ?? SIGTERM) : nil {
                 // Asked to stop (Ctrl-C, kill): the step in flight is done; keep it.
                 if lastSavedStep != trainer.step { try saveCheckpoint() }
                 throw TrainingStopped(signal: signal, step: trainer.step, out: out)

@@ -212,12 +212,15 @@ public final class Trainer {
     private var preparedStep = 0
     // Loss scratch of the training batch and of the evaluation batch.
     private let ws: Workspace
-    /// Data parallel: every rank runs `gradientAccumulation` micro-batches of
-    /// the step's `ranks x gradientAccumulation` (rank r takes the r-th run of
-    /// them, in the data order one process would see), then gradients and loss
-    /// terms are summed over the ranks, so N ranks equal one process
-    /// accumulating N x as many micro-batches.
+    /// Data parallel: `gradientAccumulation` is the step's number of
+    /// micro-batches over all ranks (the global batch is `batchSize x
+    /// gradientAccumulation` however many ranks run it); rank r runs the r-th
+    /// share of them, in the data order one process would see, then gradients
+    /// and loss terms are summed over the ranks. N ranks equal one process, and
+    /// a run resumes on any number of ranks that divides `gradientAccumulation`.
     public let communicator: Communicator
+    /// Micro-batches this rank runs per step.
+    var microBatchesPerRank: Int { config.gradientAccumulation / communicator.size }
 
     public init(config: TrainConfig, model: Model, train: BatchSource, test: BatchSource) throws {
         try config.validate()
@@ -227,6 +230,9 @@ public final class Trainer {
         metrics = try StepMetricsBuffer(model: model)
         ws = Workspace(backend: model.backend)
         communicator = Distributed.world
+        guard config.gradientAccumulation % communicator.size == 0 else {
+            throw ModelError.badConfig("gradientAccumulation \(config.gradientAccumulation) micro-batches per step do not split over \(communicator.size) ranks: make it a multiple of \(communicator.size) (the global batch is batchSize x gradientAccumulation)")
+        }
     }
 
     /// The ViT on image datasets (the trainer the `train` command runs).
@@ -263,7 +269,7 @@ public final class Trainer {
     public func fastForward(to target: Int, nonFiniteSkipped skipped: Int = 0) {
         nonFiniteSkipped = skipped
         while step < target {
-            for _ in 0..<config.gradientAccumulation * communicator.size { _ = nextIndices(config.batchSize) }
+            for _ in 0..<config.gradientAccumulation { _ = nextIndices(config.batchSize) }
             step += 1
         }
         preparedStep = 0
@@ -273,11 +279,11 @@ public final class Trainer {
     private func prepare(step s: Int) throws {
         if batches.isEmpty {
             batches = try (0..<2).map { _ in
-                try (0..<config.gradientAccumulation).map { _ in try DeviceBatch(source: train, batch: config.batchSize, backend: backend) }
+                try (0..<microBatchesPerRank).map { _ in try DeviceBatch(source: train, batch: config.batchSize, backend: backend) }
             }
         }
-        let n = config.gradientAccumulation, mine = communicator.rank * n
-        for micro in 0..<(n * communicator.size) {
+        let n = microBatchesPerRank, mine = communicator.rank * n
+        for micro in 0..<config.gradientAccumulation {
             let indices = nextIndices(config.batchSize)
             guard (mine..<(mine + n)).contains(micro) else { continue }   // another rank's
             // Augmentation draws from a generator keyed by the step and micro-batch,
@@ -293,7 +299,7 @@ public final class Trainer {
     public func trainStep() throws -> StepMetrics {
         let start = Date()
         step += 1
-        let b = backend, n = config.gradientAccumulation, scale = 1 / Float(n * communicator.size)
+        let b = backend, n = config.gradientAccumulation, scale = 1 / Float(n)
         if preparedStep != step { try prepare(step: step) }
         try model.params.zeroGradients()
         try b.fill(metrics.buffer, value: 0)
@@ -327,7 +333,7 @@ public final class Trainer {
         if step < config.steps { try prepare(step: step + 1) }
         let r = try metrics.read()
         let seconds = Date().timeIntervalSince(start)
-        let tokens = Double(batch * n * communicator.size * model.tokensPerExample)
+        let tokens = Double(batch * n * model.tokensPerExample)
         var m = StepMetrics(step: step, loss: r.loss + r.aux.values.reduce(0, +), aux: r.aux, learningRate: lr, gradNorm: r.gradNorm,
                             tokensPerSecond: tokens / seconds, elapsed: seconds, accuracy: nil, expertLoad: r.loads)
         if !r.loss.isFinite || !r.gradNorm.isFinite {

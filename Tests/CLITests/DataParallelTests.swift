@@ -2,9 +2,10 @@ import Foundation
 import XCTest
 
 /// `mpirun -np 2 moe-gpu train` (Open MPI from Debian, loaded at run time)
-/// against one process accumulating the same micro-batches: the bar
-/// is 1e-4 relative over 20 steps; on the CPU backend the sums are the same
-/// operations, so the curves agree bit for bit.
+/// against one process running the same config (gradientAccumulation is the
+/// step's micro-batches over all ranks): the bar is 1e-4 relative over
+/// 20 steps; on the CPU backend the sums are the same operations, so the
+/// curves agree bit for bit.
 final class DataParallelTests: XCTestCase {
     static let mpirun = "/usr/bin/mpirun"
 
@@ -23,29 +24,55 @@ final class DataParallelTests: XCTestCase {
         }
     }
 
+    /// 20 steps at a constant learning rate (so a run cut at step 10 and
+    /// resumed follows the same schedule), 2 micro-batches of 16 per step.
+    func config(_ dir: URL) throws -> URL {
+        try CLI.smallTrainConfig(in: dir, name: "two-micro", replacing: [
+            "\"steps\": 4": "\"steps\": 20", "\"evalEvery\": 2": "\"evalEvery\": 0",
+            "\"gradientAccumulation\": 1": "\"gradientAccumulation\": 2", "\"minLearningRate\": 0": "\"minLearningRate\": 0.002"])
+    }
+
+    func train(ranks: Int, _ args: [String]) throws -> CLI.Result {
+        let r = ranks == 1 ? try CLI.run(["train"] + args)
+            : try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "\(ranks)", CLI.binary.path, "train"] + args,
+                          binary: URL(fileURLWithPath: Self.mpirun))
+        XCTAssertEqual(r.status, 0, "\(ranks) ranks \(args): \(r.stderr)")
+        return r
+    }
+
+    func assertSameCurve(_ a: [Double], _ b: [Double], _ label: String) {
+        XCTAssertEqual(a.count, 20, label); XCTAssertEqual(b.count, 20, label)
+        for (i, (x, y)) in zip(a, b).enumerated() {
+            XCTAssertLessThan(abs(x - y) / abs(x), 1e-4, "\(label) step \(i + 1): \(x) vs \(y)")
+        }
+    }
+
     func compare(device: String) throws {
         try requireMPI()
-        let dir = try CLI.temporaryDirectory(self)
-        let common = ["\"steps\": 4": "\"steps\": 20", "\"evalEvery\": 2": "\"evalEvery\": 0"]
-        let accumulated = try CLI.smallTrainConfig(in: dir, name: "accumulated", replacing: common.merging(["\"gradientAccumulation\": 1": "\"gradientAccumulation\": 2"]) { $1 })
-        let perRank = try CLI.smallTrainConfig(in: dir, name: "per-rank", replacing: common)
+        let dir = try CLI.temporaryDirectory(self), config = try config(dir).path
         let one = dir.appendingPathComponent("one"), two = dir.appendingPathComponent("two")
-        let single = try CLI.run(["train", "--config", accumulated.path, "--device", device, "--out", one.path])
-        XCTAssertEqual(single.status, 0, single.stderr)
-        let ranks = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", CLI.binary.path,
-                                 "train", "--config", perRank.path, "--device", device, "--out", two.path],
-                                binary: URL(fileURLWithPath: Self.mpirun))
-        XCTAssertEqual(ranks.status, 0, ranks.stderr)
+        _ = try train(ranks: 1, ["--config", config, "--device", device, "--out", one.path])
+        let ranks = try train(ranks: 2, ["--config", config, "--device", device, "--out", two.path])
         XCTAssertTrue(ranks.stdout.contains("data parallel: rank 0 of 2"), ranks.stdout)
-        XCTAssertFalse(ranks.stdout.contains("rank 1 of 2") && ranks.stdout.contains("training 2"), "only rank 0 prints the run")
-        let a = try losses(one), b = try losses(two)
-        XCTAssertEqual(a.count, 20); XCTAssertEqual(b.count, 20)
-        for (i, (x, y)) in zip(a, b).enumerated() {
-            XCTAssertLessThan(abs(x - y) / abs(x), 1e-4, "\(device) step \(i + 1): one process \(x), two ranks \(y)")
-        }
+        XCTAssertEqual(ranks.stdout.components(separatedBy: "training ").count, 2, "only rank 0 prints the run: \(ranks.stdout)")
+        assertSameCurve(try losses(one), try losses(two), "\(device): one process vs two ranks")
         // Rank 0 wrote one run folder: config, metrics, checkpoint, eval.
         let files = try FileManager.default.contentsOfDirectory(atPath: two.path).sorted()
         XCTAssertEqual(files, ["checkpoints", "config.json", "eval.json", "metrics.jsonl", "model.safetensors"])
+    }
+
+    /// A checkpoint of 2 ranks resumes on 1, and one of 1 on 2, on the same curve.
+    func testResumeOnAnotherNumberOfRanksContinuesTheCurve() throws {
+        try requireMPI()
+        let dir = try CLI.temporaryDirectory(self), config = try config(dir).path
+        let reference = dir.appendingPathComponent("reference")
+        _ = try train(ranks: 1, ["--config", config, "--device", "cpu", "--out", reference.path])
+        for (first, second) in [(2, 1), (1, 2)] {
+            let out = dir.appendingPathComponent("from-\(first)")
+            _ = try train(ranks: first, ["--config", config, "--device", "cpu", "--out", out.path, "--steps", "10"])
+            _ = try train(ranks: second, ["--resume", out.path, "--device", "cpu", "--steps", "20"])
+            assertSameCurve(try losses(reference), try losses(out), "\(first) ranks, then \(second)")
+        }
     }
 
     func testTwoRanksEqualOneProcessAccumulatingOnTheCPU() throws { try compare(device: "cpu") }
