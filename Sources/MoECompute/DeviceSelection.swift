@@ -61,9 +61,9 @@ public struct DeviceCatalog: Sendable {
 
     /// The device `auto` picks, and why.
     public var autoChoice: (selector: DeviceSelector, reason: String) {
-        if let gpu = openCLDevices.first(where: { $0.kind == .gpu || $0.kind == .accelerator }) {
-            return (.openCLDevice(platform: gpu.platform.index, device: gpu.index),
-                    "first OpenCL \(gpu.kind.rawValue): \(gpu.name)")
+        if let gpu = gpuForThisRank {
+            let which = gpus.count > 1 ? "OpenCL \(gpu.kind.rawValue) \(Distributed.world.localRank % gpus.count) of \(gpus.count) (by local rank)" : "first OpenCL \(gpu.kind.rawValue)"
+            return (.openCLDevice(platform: gpu.platform.index, device: gpu.index), "\(which): \(gpu.name)")
         }
         if openCLDevices.isEmpty {
             return (.cpu, "no OpenCL platform found, so the CPU backend (OpenBLAS)")
@@ -71,13 +71,17 @@ public struct DeviceCatalog: Sendable {
         return (.cpu, "no OpenCL GPU or accelerator; the CPU backend (OpenBLAS) beats OpenCL on a CPU device (ask for opencl to use it)")
     }
 
+    private var gpus: [CLDevice] { openCLDevices.filter { $0.kind == .gpu || $0.kind == .accelerator } }
+    /// Several ranks on one host take one GPU each, by their local rank.
+    private var gpuForThisRank: CLDevice? { gpus.isEmpty ? nil : gpus[Distributed.world.localRank % gpus.count] }
+
     /// The OpenCL device a selector names, if it names one.
     public func openCLDevice(for selector: DeviceSelector) throws -> CLDevice? {
         switch selector {
         case .cpu: return nil
         case .auto: return try openCLDevice(for: autoChoice.selector)
         case .openCL:
-            guard let d = openCLDevices.first(where: { $0.kind == .gpu || $0.kind == .accelerator }) ?? openCLDevices.first else {
+            guard let d = gpuForThisRank ?? openCLDevices.first else {
                 throw DeviceNotFound(description: "no OpenCL device found: install an OpenCL driver (e.g. apt-get install pocl-opencl-icd) or use --device cpu")
             }
             return d

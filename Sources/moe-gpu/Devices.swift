@@ -11,7 +11,11 @@ struct Devices: ParsableCommand {
     var json = false
 
     func run() throws {
+        // Under mpirun each rank lists what it sees and which device it takes.
+        let world = try Distributed.start(timeout: 300)
+        defer { Distributed.finish() }
         let catalog = DeviceCatalog()
+        if world.size > 1 { print("\(world.summary): auto picks \(catalog.autoChoice.selector) (\(catalog.autoChoice.reason))") }
         let auto = catalog.autoChoice
         if json {
             var devices: [[String: Any]] = catalog.openCLDevices.map { d in
