@@ -428,4 +428,34 @@ final class LanguageModelCLITests: XCTestCase {
         XCTAssertEqual(o["examples"] as? Int, 2)
         try assertOneLineError(["eval", "--checkpoint", file.path, "--data", csv.path, "--seq-len", "8"], "for language models")
     }
+
+    /// `mpirun -np 2` on the decoder with a Mixtral block (routing statistics per
+    /// micro-batch, as in accumulation) equals one process on the same config.
+    func testDataParallelDecoderEqualsOneProcess() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/mpirun") else {
+            throw XCTSkip("Open MPI is not installed: apt-get install openmpi-bin (scripts/setup.sh test does)")
+        }
+        let dir = try CLI.temporaryDirectory(self)
+        let text = try writeText(dir, bytes: 4000).url
+        var t = TrainConfig()
+        t.task = "lm"; t.lm = byteLM(moe: "topk", moeLayers: [1]); t.data = text.path; t.evalData = text.path
+        t.seqLen = 16; t.batchSize = 2; t.gradientAccumulation = 2; t.steps = 12; t.warmupSteps = 0
+        t.learningRate = 3e-3; t.minLearningRate = 3e-3; t.evalEvery = 0; t.logEvery = 1; t.testExamples = 4; t.augment = false; t.labelSmoothing = 0
+        let config = dir.appendingPathComponent("lm.json")
+        try JSONEncoder().encode(t).write(to: config)
+        func losses(_ out: URL) throws -> [Double] {
+            try String(contentsOf: out.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n").map {
+                try XCTUnwrap((try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])?["loss"] as? Double)
+            }
+        }
+        let one = dir.appendingPathComponent("one"), two = dir.appendingPathComponent("two")
+        let single = try CLI.run(["train", "--config", config.path, "--device", "cpu", "--out", one.path])
+        XCTAssertEqual(single.status, 0, single.stderr)
+        let ranks = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", CLI.binary.path, "train", "--config", config.path,
+                                 "--device", "cpu", "--out", two.path], binary: URL(fileURLWithPath: "/usr/bin/mpirun"))
+        XCTAssertEqual(ranks.status, 0, ranks.stderr)
+        let a = try losses(one), b = try losses(two)
+        XCTAssertEqual(a.count, 12); XCTAssertEqual(b.count, 12)
+        for (i, (x, y)) in zip(a, b).enumerated() { XCTAssertLessThan(abs(x - y) / abs(x), 1e-4, "step \(i + 1): \(x) vs \(y)") }
+    }
 }
