@@ -103,4 +103,34 @@ final class DataParallelTests: XCTestCase {
         XCTAssertTrue(r.stderr.contains("Error: rank 0 of 2: an allreduce has waited 5 s for the other ranks (--comm-timeout)"), r.stderr)
         XCTAssertLessThan(Date().timeIntervalSince(start), 60, "the watchdog fires after 5 s")
     }
+
+    /// A rank killed with SIGKILL mid-run: mpirun ends the job with an error
+    /// status, and the last checkpoint rank 0 wrote still resumes.
+    func testARankKilledMidRunLeavesAWholeCheckpoint() throws {
+        try requireMPI()
+        let dir = try CLI.temporaryDirectory(self), out = dir.appendingPathComponent("run")
+        let config = try CLI.smallTrainConfig(in: dir, replacing: [
+            "\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 5", "\"testExamples\": 100": "\"testExamples\": 20",
+            "\"gradientAccumulation\": 1": "\"gradientAccumulation\": 2"])
+        let script = dir.appendingPathComponent("rank.sh")
+        try """
+            #!/bin/bash
+            if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then ( sleep 6; kill -KILL $$ ) & fi
+            exec "$@"
+            """.write(to: script, atomically: true, encoding: .utf8)
+        chmod(script.path, 0o755)
+        let r = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", script.path, CLI.binary.path,
+                             "train", "--config", config.path, "--device", "cpu", "--out", out.path, "--comm-timeout", "20"],
+                            binary: URL(fileURLWithPath: Self.mpirun))
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("signal 9") || r.stderr.contains("killed") || r.stderr.contains("--comm-timeout"), r.stderr)
+        // The newest whole checkpoint resumes (on one process: the checkpoint holds the whole model).
+        let resumed = try CLI.run(["train", "--resume", out.path, "--device", "cpu", "--steps", "\(try latestStep(out) + 1)"])
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+    }
+
+    func latestStep(_ out: URL) throws -> Int {
+        let names = try FileManager.default.contentsOfDirectory(atPath: out.appendingPathComponent("checkpoints").path)
+        return try XCTUnwrap(names.filter { $0.hasPrefix("step-") }.compactMap { Int($0.dropFirst(5)) }.max(), "no checkpoint in \(names)")
+    }
 }
