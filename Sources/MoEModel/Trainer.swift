@@ -97,6 +97,8 @@ public struct StepMetrics: Sendable {
     public var expertLoad: [String: [Int]]
     /// Steps skipped so far for a non-finite loss or gradient (`skipNonFinite`).
     public var nonFiniteSkipped = 0
+    /// Data parallel: bytes this rank handed to allreduce in the step (gradients and loss terms).
+    public var allreduceBytes = 0
 
     public var json: [String: Any] {
         // JSON has no NaN: a non-finite value (a skipped step) is left out.
@@ -104,6 +106,7 @@ public struct StepMetrics: Sendable {
         if loss.isFinite { o["loss"] = loss }
         if gradNorm.isFinite { o["grad_norm"] = gradNorm }
         if nonFiniteSkipped > 0 { o["nonfinite_skipped"] = nonFiniteSkipped }
+        if allreduceBytes > 0 { o["allreduce_bytes"] = allreduceBytes }
         for (k, v) in aux where v.isFinite { o[k] = v }
         if let accuracy { o["accuracy"] = accuracy }
         if let evalLoss, evalLoss.isFinite { o["eval_loss"] = evalLoss }
@@ -344,6 +347,7 @@ public final class Trainer {
             nonFiniteSkipped += 1
         }
         m.nonFiniteSkipped = nonFiniteSkipped
+        if communicator.size > 1 { m.allreduceBytes = 4 * (grads.count + metrics.lossTerms.count) }
         return m
     }
 

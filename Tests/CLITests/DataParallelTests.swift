@@ -56,6 +56,10 @@ final class DataParallelTests: XCTestCase {
         XCTAssertTrue(ranks.stdout.contains("data parallel: rank 0 of 2"), ranks.stdout)
         XCTAssertEqual(ranks.stdout.components(separatedBy: "training ").count, 2, "only rank 0 prints the run: \(ranks.stdout)")
         assertSameCurve(try losses(one), try losses(two), "\(device): one process vs two ranks")
+        // One allreduce of every gradient (the config's 8,986 parameters) and one of the loss terms
+        // (loss, gradient norm slot, load-balancing and z-loss): 4 x (8,986 + 4) bytes a step.
+        let line = try String(contentsOf: two.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n")[0]
+        XCTAssertEqual((try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["allreduce_bytes"] as? Int, 4 * (8_986 + 4))
         // Rank 0 wrote one run folder: config, metrics, checkpoint, eval.
         let files = try FileManager.default.contentsOfDirectory(atPath: two.path).sorted()
         XCTAssertEqual(files, ["checkpoints", "config.json", "eval.json", "metrics.jsonl", "model.safetensors"])
@@ -86,7 +90,8 @@ final class DataParallelTests: XCTestCase {
     func testARankThatStopsAnsweringEndsTheOthersWithAClearError() throws {
         try requireMPI()
         let dir = try CLI.temporaryDirectory(self)
-        let config = try CLI.smallTrainConfig(in: dir, replacing: ["\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 0"])
+        let config = try CLI.smallTrainConfig(in: dir, replacing: ["\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 0",
+                                                                   "\"gradientAccumulation\": 1": "\"gradientAccumulation\": 2"])
         // Rank 1 stops itself (SIGSTOP) after its start-up: rank 0 waits in an allreduce until the watchdog fires.
         let script = dir.appendingPathComponent("rank.sh")
         try """
