@@ -37,7 +37,9 @@ int cmpi_launched(void) {
 #define LOAD(ptr, name) do { *(void **)&ptr = dlsym(lib, name); if (!ptr) { snprintf(err, errlen, "%s has no %s", path, name); return 1; } } while (0)
 
 int cmpi_init(char *err, size_t errlen) {
-    const char *path = "libmpi.so.40";
+    // MOE_GPU_MPI_LIBRARY names another Open MPI build (an HPC module's libmpi.so).
+    const char *path = getenv("MOE_GPU_MPI_LIBRARY");
+    if (!path || !*path) path = "libmpi.so.40";
     // RTLD_GLOBAL: Open MPI's own plugins resolve libmpi's symbols through it.
     void *lib = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
     if (!lib) { snprintf(err, errlen, "cannot load %s (%s)", path, dlerror()); return 1; }

@@ -87,7 +87,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         var err = [CChar](repeating: 0, count: 512)
         if cmpi_init(&err, err.count) != 0 {
             throw CommunicationError(description: "started by an MPI launcher, but MPI could not start: \(String(cString: err)): "
-                + "install Open MPI (apt-get install openmpi-bin) or run moe-gpu without mpirun")
+                + "install Open MPI (apt-get install openmpi-bin), point MOE_GPU_MPI_LIBRARY at its libmpi.so, or run moe-gpu without mpirun")
         }
         rank = Int(cmpi_rank()); size = Int(cmpi_size()); localRank = Int(cmpi_local_rank())
         cmpi_set_timeout(timeout)

@@ -138,4 +138,15 @@ final class DataParallelTests: XCTestCase {
         let names = try FileManager.default.contentsOfDirectory(atPath: out.appendingPathComponent("checkpoints").path)
         return try XCTUnwrap(names.filter { $0.hasPrefix("step-") }.compactMap { Int($0.dropFirst(5)) }.max(), "no checkpoint in \(names)")
     }
+
+    /// Started by a launcher without a usable MPI library: one line naming the library and the way out.
+    func testAMissingMPILibraryIsOneLineError() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let r = try CLI.run(["train", "--config", try CLI.smallTrainConfig(in: dir).path, "--device", "cpu", "--out", dir.appendingPathComponent("run").path],
+                            environment: ["OMPI_COMM_WORLD_SIZE": "2", "MOE_GPU_MPI_LIBRARY": "/nonexistent/libmpi.so.40"])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("MPI could not start: cannot load /nonexistent/libmpi.so.40") && r.stderr.contains("apt-get install openmpi-bin"), r.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("run").path))
+    }
 }
