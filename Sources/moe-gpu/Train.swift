@@ -83,10 +83,6 @@ struct Train: ParsableCommand {
         // Under mpirun / srun: join the job; rank 0 alone prints and writes.
         let world = try Distributed.start(timeout: commTimeout)
         defer { Distributed.finish() }
-        if world.size > 1 {
-            print("data parallel: \(world.summary)")
-            if world.rank != 0 { _ = freopen("/dev/null", "w", stdout) }
-        }
         do { try runTraining() } catch let stop as TrainingStopped {
             print("\(stop.description)\nresume with: moe-gpu train --resume \(stop.out.path)")
             throw ExitCode(stop.exitCode)
@@ -97,6 +93,11 @@ struct Train: ParsableCommand {
         // Progress lines should reach a pipe or a log file as they happen.
         setvbuf(stdout, nil, _IOLBF, 0)
         let backend = try DeviceCatalog().makeBackend(try DeviceSelector.resolve(device))
+        let world = Distributed.world
+        if world.size > 1 {
+            print("data parallel: \(world.summary), device \(backend.name)")
+            if world.rank != 0 { _ = freopen("/dev/null", "w", stdout) }
+        }
         if let resume {
             let dir = URL(fileURLWithPath: resume)
             var cfg = try TrainRun.storedConfig(dir)
