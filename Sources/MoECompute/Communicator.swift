@@ -13,6 +13,11 @@ public protocol Communicator: AnyObject, Sendable {
     func allreduceSum(_ values: UnsafeMutableBufferPointer<Float>) throws
     func allreduceSum(_ values: UnsafeMutableBufferPointer<Double>) throws
     func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws
+    /// Every rank's `values` (the same count on each), in rank order, on every rank.
+    func allgather(_ values: [Int32]) throws -> [Int32]
+    /// Sends `sendCounts[r]` floats of `send` (in rank order) to rank r and
+    /// returns what each rank sent here, in rank order (`recvCounts[r]` from r).
+    func allToAll(_ send: [Float], sendCounts: [Int], recvCounts: [Int]) throws -> [Float]
     func barrier() throws
 }
 
@@ -71,6 +76,8 @@ public final class SingleProcess: Communicator {
     public func allreduceSum(_ values: UnsafeMutableBufferPointer<Float>) throws {}
     public func allreduceSum(_ values: UnsafeMutableBufferPointer<Double>) throws {}
     public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {}
+    public func allgather(_ values: [Int32]) throws -> [Int32] { values }
+    public func allToAll(_ send: [Float], sendCounts: [Int], recvCounts: [Int]) throws -> [Float] { send }
     public func barrier() throws {}
 }
 
@@ -110,6 +117,33 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         try check(cmpi_broadcast(bytes.baseAddress, bytes.count, Int32(root)), "a broadcast")
     }
     public func barrier() throws { try check(cmpi_barrier(), "a barrier") }
+
+    public func allgather(_ values: [Int32]) throws -> [Int32] {
+        var out = [Int32](repeating: 0, count: values.count * size)
+        let bytes = values.count * 4
+        try values.withUnsafeBytes { v in
+            try out.withUnsafeMutableBytes { o in try check(cmpi_allgather(v.baseAddress, o.baseAddress, bytes), "an allgather") }
+        }
+        return out
+    }
+
+    public func allToAll(_ send: [Float], sendCounts: [Int], recvCounts: [Int]) throws -> [Float] {
+        func displacements(_ counts: [Int]) -> [Int32] { counts.indices.map { Int32(4 * counts[..<$0].reduce(0, +)) } }
+        let sc = sendCounts.map { Int32(4 * $0) }, rc = recvCounts.map { Int32(4 * $0) }
+        let sd = displacements(sendCounts), rd = displacements(recvCounts)
+        // Int32 byte counts: one exchange moves under 2 GiB per peer (checked).
+        guard sendCounts.allSatisfy({ $0 < Int(Int32.max) / 4 }), recvCounts.allSatisfy({ $0 < Int(Int32.max) / 4 }),
+              sendCounts.reduce(0, +) < Int(Int32.max) / 4, recvCounts.reduce(0, +) < Int(Int32.max) / 4 else {
+            throw CommunicationError(description: "an all-to-all of over 2 GiB: use a smaller batch")
+        }
+        var out = [Float](repeating: 0, count: max(recvCounts.reduce(0, +), 1))
+        try send.withUnsafeBytes { s in
+            try out.withUnsafeMutableBytes { o in
+                try check(cmpi_alltoallv(s.baseAddress, sc, sd, o.baseAddress, rc, rd), "an all-to-all")
+            }
+        }
+        return Array(out.prefix(recvCounts.reduce(0, +)))
+    }
 }
 
 /// The run's communicator, chosen once at start-up.
@@ -127,6 +161,10 @@ public enum Distributed {
         started = true
         return world
     }
+
+    /// Expert parallelism: the MoE layers' experts split over this many ranks
+    /// (1: every rank runs every expert). Set before the model is built.
+    nonisolated(unsafe) public static var expertParallel = 1
 
     /// Leaves the MPI job (at exit, after the last collective).
     public static func finish() {

@@ -149,4 +149,43 @@ final class DataParallelTests: XCTestCase {
         XCTAssertTrue(r.stderr.contains("MPI could not start: cannot load /nonexistent/libmpi.so.40") && r.stderr.contains("apt-get install openmpi-bin"), r.stderr)
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("run").path))
     }
+
+    /// `--expert-parallel 2` on 2 ranks: each rank runs half the experts of every MoE layer for
+    /// both ranks' tokens (all-to-all there and back); the curve is one process's.
+    func expertParallel(device: String) throws {
+        try requireMPI()
+        let dir = try CLI.temporaryDirectory(self)
+        let variants: [(String, [String: String])] = [
+            ("top-k dropless", [:]),
+            ("top-k with capacity drops", ["\"dropPolicy\"": "\"capacityFactor\": 0.5, \"dropPolicy\""]),
+            ("expert choice", ["\"router\": \"topk\"": "\"router\": \"expert-choice\"", "\"dropPolicy\"": "\"capacityFactor\": 2, \"dropPolicy\""]),
+        ]
+        for (i, (name, change)) in variants.enumerated() {
+            var text = try String(contentsOf: try config(dir), encoding: .utf8)
+            for (a, b) in change { text = text.replacingOccurrences(of: a, with: b) }
+            let config = dir.appendingPathComponent("ep-\(i).json")
+            try text.write(to: config, atomically: true, encoding: .utf8)
+            let one = dir.appendingPathComponent("one-\(i)"), two = dir.appendingPathComponent("two-\(i)")
+            _ = try train(ranks: 1, ["--config", config.path, "--device", device, "--out", one.path])
+            _ = try train(ranks: 2, ["--config", config.path, "--device", device, "--out", two.path, "--expert-parallel", "2"])
+            assertSameCurve(try losses(one), try losses(two), "\(device) \(name): one process vs expert parallel on 2 ranks")
+        }
+    }
+
+    func testExpertParallelEqualsOneProcessOnTheCPU() throws { try expertParallel(device: "cpu") }
+
+    func testExpertParallelEqualsOneProcessOpenCL() throws {
+        try CLI.requireOpenCL()
+        try expertParallel(device: "opencl")
+    }
+
+    func testExpertParallelNeedsTheRanksToSplitTheExperts() throws {
+        try requireMPI()
+        let dir = try CLI.temporaryDirectory(self)
+        let r = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", CLI.binary.path, "train", "--config", try config(dir).path,
+                             "--device", "cpu", "--out", dir.appendingPathComponent("run").path, "--expert-parallel", "2", "--experts", "3"],
+                            binary: URL(fileURLWithPath: Self.mpirun))
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("3 experts do not split over 2 ranks"), r.stderr)
+    }
 }

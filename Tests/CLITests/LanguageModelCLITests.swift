@@ -430,7 +430,8 @@ final class LanguageModelCLITests: XCTestCase {
     }
 
     /// `mpirun -np 2` on the decoder with a Mixtral block (routing statistics per
-    /// micro-batch, as in accumulation) equals one process on the same config.
+    /// micro-batch, as in accumulation), data parallel and expert parallel,
+    /// equals one process on the same config.
     func testDataParallelDecoderEqualsOneProcess() throws {
         guard FileManager.default.isExecutableFile(atPath: "/usr/bin/mpirun") else {
             throw XCTSkip("Open MPI is not installed: apt-get install openmpi-bin (scripts/setup.sh test does)")
@@ -454,8 +455,17 @@ final class LanguageModelCLITests: XCTestCase {
         let ranks = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", CLI.binary.path, "train", "--config", config.path,
                                  "--device", "cpu", "--out", two.path], binary: URL(fileURLWithPath: "/usr/bin/mpirun"))
         XCTAssertEqual(ranks.status, 0, ranks.stderr)
-        let a = try losses(one), b = try losses(two)
-        XCTAssertEqual(a.count, 12); XCTAssertEqual(b.count, 12)
-        for (i, (x, y)) in zip(a, b).enumerated() { XCTAssertLessThan(abs(x - y) / abs(x), 1e-4, "step \(i + 1): \(x) vs \(y)") }
+        // The same with the Mixtral block's experts split over the 2 ranks.
+        let three = dir.appendingPathComponent("three")
+        let ep = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", CLI.binary.path, "train", "--config", config.path,
+                              "--device", "cpu", "--out", three.path, "--expert-parallel", "2"], binary: URL(fileURLWithPath: "/usr/bin/mpirun"))
+        XCTAssertEqual(ep.status, 0, ep.stderr)
+        let a = try losses(one)
+        XCTAssertEqual(a.count, 12)
+        for (label, other) in [("data parallel", two), ("expert parallel", three)] {
+            let b = try losses(other)
+            XCTAssertEqual(b.count, 12, label)
+            for (i, (x, y)) in zip(a, b).enumerated() { XCTAssertLessThan(abs(x - y) / abs(x), 1e-4, "\(label) step \(i + 1): \(x) vs \(y)") }
+        }
     }
 }

@@ -24,6 +24,8 @@ final class MoELayer: FeedForward, RoutedLayer {
     private let auxLoss: Tensor, zLoss: Tensor
     /// Dispatch plans by token count (training and evaluation batches), built once.
     private var plans: [Int: DispatchPlan] = [:]
+    /// Expert parallelism: where the rows meet their experts' ranks (nil: all experts here).
+    let exchange: ExpertExchange?
 
     init(_ store: ParameterStore, _ name: String, width: Int, hidden: Int, experts e: Int, routing: Routing,
          auxCoefficient: Float, zCoefficient: Float, experts style: ExpertStyle, dropout: Float,
@@ -37,6 +39,8 @@ final class MoELayer: FeedForward, RoutedLayer {
         self.auxCoefficient = auxCoefficient; self.zCoefficient = zCoefficient
         ws = Workspace(backend: store.backend)
         self.scratch = scratch ?? ws
+        exchange = Distributed.expertParallel > 1
+            ? try ExpertExchange(comm: Distributed.world, experts: e, width: width, backend: store.backend) : nil
         auxLoss = try store.backend.zeros([1])
         zLoss = try store.backend.zeros([1])
         var h: UInt64 = 0
@@ -88,8 +92,12 @@ final class MoELayer: FeedForward, RoutedLayer {
         rowsCapacity = max(plan.maxRows, 1)
         let xp = try ws.get("xp", [rowsCapacity, experts.width]), yp = try ws.get("yp", [rowsCapacity, experts.width])
         try b.permute(x, plan: plan, into: xp)
-        try experts.forward(xp, offsets: plan.offsets, rows: rowsCapacity, into: yp, training: training,
-                            seed: layerSeed ^ (UInt64(step) &* 0x2545_F491_4F6C_DD1D))
+        let seed = layerSeed ^ (UInt64(step) &* 0x2545_F491_4F6C_DD1D)
+        if let exchange {
+            try exchange.forward(xp: xp, yp: yp, plan: plan, bank: experts, training: training, seed: seed)
+        } else {
+            try experts.forward(xp, offsets: plan.offsets, rows: rowsCapacity, into: yp, training: training, seed: seed)
+        }
         try b.combine(yp, weights: weights, plan: plan, into: out)
     }
 
@@ -122,7 +130,11 @@ final class MoELayer: FeedForward, RoutedLayer {
         if zCoefficient > 0 {
             try b.zLoss(logits: logits, coefficient: zCoefficient * lossScale, loss: zLoss, dLogits: dLogits, accumulate: true)
         }
-        try experts.backward(dYp: dYp, xp: xp, offsets: plan.offsets, rows: r, dXp: dXp)
+        if let exchange {
+            try exchange.backward(dYp: dYp, dXp: dXp, bank: experts)
+        } else {
+            try experts.backward(dYp: dYp, xp: xp, offsets: plan.offsets, rows: r, dXp: dXp)
+        }
         try b.unpermute(dXp, plan: plan, into: dX)
         try router.backward(dY: dLogits, x: x, rows: t, dX: dX, accumulateDX: true)
     }
