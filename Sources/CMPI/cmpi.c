@@ -27,7 +27,8 @@ static int (*p_alltoallv)(const void *, const int *, const int *, Handle, void *
 static int (*p_barrier)(Handle);
 static int (*p_error_string)(int, char *, int *);
 static int (*p_set_errhandler)(Handle, Handle);
-static Handle comm_world, dt_float, dt_double, dt_byte, op_sum, op_max, errors_return;
+static int (*p_comm_split)(Handle, int, int, Handle *);
+static Handle comm_world, dt_float, dt_double, dt_byte, op_sum, errors_return;
 static int rank_ = 0, size_ = 1;
 
 int cmpi_launched(void) {
@@ -48,8 +49,9 @@ int cmpi_init(char *err, size_t errlen) {
     LOAD(p_allreduce, "MPI_Allreduce"); LOAD(p_bcast, "MPI_Bcast"); LOAD(p_allgather, "MPI_Allgather");
     LOAD(p_alltoallv, "MPI_Alltoallv"); LOAD(p_barrier, "MPI_Barrier");
     LOAD(p_error_string, "MPI_Error_string"); LOAD(p_set_errhandler, "MPI_Comm_set_errhandler");
+    LOAD(p_comm_split, "MPI_Comm_split");
     LOAD(comm_world, "ompi_mpi_comm_world"); LOAD(dt_float, "ompi_mpi_float"); LOAD(dt_double, "ompi_mpi_double");
-    LOAD(dt_byte, "ompi_mpi_byte"); LOAD(op_sum, "ompi_mpi_op_sum"); LOAD(op_max, "ompi_mpi_op_max");
+    LOAD(dt_byte, "ompi_mpi_byte"); LOAD(op_sum, "ompi_mpi_op_sum");
     LOAD(errors_return, "ompi_mpi_errors_return");
     int provided = 0;
     int rc = p_init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
@@ -113,42 +115,52 @@ static void begin(const char *what) { pthread_mutex_lock(&wd_lock); wd_what = wh
 static int end(int rc) { pthread_mutex_lock(&wd_lock); wd_what = NULL; pthread_mutex_unlock(&wd_lock); return rc; }
 
 // --- collectives --------------------------------------------------------------
-static int allreduce(void *buf, size_t count, size_t elem, Handle type, Handle op, const char *what) {
+#define COMM(c) ((c) ? (Handle)(c) : comm_world)
+
+static int allreduce(void *comm, void *buf, size_t count, size_t elem, Handle type, Handle op, const char *what) {
     begin(what);
     for (size_t done = 0; done < count; done += CHUNK) {
         size_t n = count - done < CHUNK ? count - done : CHUNK;
-        int rc = p_allreduce(MPI_IN_PLACE, (char *)buf + done * elem, (int)n, type, op, comm_world);
+        int rc = p_allreduce(MPI_IN_PLACE, (char *)buf + done * elem, (int)n, type, op, COMM(comm));
         if (rc) return end(rc);
     }
     return end(0);
 }
 
-int cmpi_allreduce_sum_f32(float *buf, size_t count) { return allreduce(buf, count, 4, dt_float, op_sum, "an allreduce"); }
-int cmpi_allreduce_sum_f64(double *buf, size_t count) { return allreduce(buf, count, 8, dt_double, op_sum, "an allreduce"); }
-int cmpi_allreduce_max_f64(double *buf, size_t count) { return allreduce(buf, count, 8, dt_double, op_max, "an allreduce"); }
+int cmpi_allreduce_sum_f32(void *comm, float *buf, size_t count) { return allreduce(comm, buf, count, 4, dt_float, op_sum, "an allreduce"); }
+int cmpi_allreduce_sum_f64(void *comm, double *buf, size_t count) { return allreduce(comm, buf, count, 8, dt_double, op_sum, "an allreduce"); }
 
-int cmpi_broadcast(void *buf, size_t bytes, int root) {
+int cmpi_broadcast(void *comm, void *buf, size_t bytes, int root) {
     begin("a broadcast");
     for (size_t done = 0; done < bytes; done += CHUNK) {
         size_t n = bytes - done < CHUNK ? bytes - done : CHUNK;
-        int rc = p_bcast((char *)buf + done, (int)n, dt_byte, root, comm_world);
+        int rc = p_bcast((char *)buf + done, (int)n, dt_byte, root, COMM(comm));
         if (rc) return end(rc);
     }
     return end(0);
 }
 
-int cmpi_allgather(const void *in, void *out, size_t bytes) {
+int cmpi_allgather(void *comm, const void *in, void *out, size_t bytes) {
     begin("an allgather");
-    return end(p_allgather(in, (int)bytes, dt_byte, out, (int)bytes, dt_byte, comm_world));
+    return end(p_allgather(in, (int)bytes, dt_byte, out, (int)bytes, dt_byte, COMM(comm)));
 }
 
-int cmpi_alltoallv(const void *send, const int *sendCounts, const int *sendOffsets,
+int cmpi_alltoallv(void *comm, const void *send, const int *sendCounts, const int *sendOffsets,
                    void *recv, const int *recvCounts, const int *recvOffsets) {
     begin("an all-to-all");
-    return end(p_alltoallv(send, sendCounts, sendOffsets, dt_byte, recv, recvCounts, recvOffsets, dt_byte, comm_world));
+    return end(p_alltoallv(send, sendCounts, sendOffsets, dt_byte, recv, recvCounts, recvOffsets, dt_byte, COMM(comm)));
 }
 
-int cmpi_barrier(void) { begin("a barrier"); return end(p_barrier(comm_world)); }
+int cmpi_barrier(void *comm) { begin("a barrier"); return end(p_barrier(COMM(comm))); }
+
+void *cmpi_split(void *comm, int color, int key, int *rank, int *size) {
+    Handle group = NULL;
+    if (p_comm_split(COMM(comm), color, key, &group) != 0 || !group) return NULL;
+    p_set_errhandler(group, errors_return);
+    p_comm_rank(group, rank);
+    p_comm_size(group, size);
+    return group;
+}
 
 void cmpi_error(int code, char *out, size_t len) {
     int n = (int)len;

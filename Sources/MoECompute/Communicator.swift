@@ -19,6 +19,8 @@ public protocol Communicator: AnyObject, Sendable {
     /// returns what each rank sent here, in rank order (`recvCounts[r]` from r).
     func allToAll(_ send: [Float], sendCounts: [Int], recvCounts: [Int]) throws -> [Float]
     func barrier() throws
+    /// The ranks with the same `color`, ordered by their rank here (a collective: every rank calls it).
+    func split(color: Int) throws -> Communicator
 }
 
 extension Communicator {
@@ -79,6 +81,7 @@ public final class SingleProcess: Communicator {
     public func allgather(_ values: [Int32]) throws -> [Int32] { values }
     public func allToAll(_ send: [Float], sendCounts: [Int], recvCounts: [Int]) throws -> [Float] { send }
     public func barrier() throws {}
+    public func split(color: Int) throws -> Communicator { self }
 }
 
 public struct CommunicationError: Error, CustomStringConvertible {
@@ -87,6 +90,20 @@ public struct CommunicationError: Error, CustomStringConvertible {
 
 public final class MPICommunicator: Communicator, @unchecked Sendable {
     public let rank: Int, size: Int, localRank: Int
+    /// nil: every rank (MPI_COMM_WORLD); else a group from `split`.
+    private let comm: UnsafeMutableRawPointer?
+
+    private init(rank: Int, size: Int, localRank: Int, comm: UnsafeMutableRawPointer) {
+        self.rank = rank; self.size = size; self.localRank = localRank; self.comm = comm
+    }
+
+    public func split(color: Int) throws -> Communicator {
+        var r: Int32 = 0, n: Int32 = 0
+        guard let group = cmpi_split(comm, Int32(color), Int32(rank), &r, &n) else {
+            throw CommunicationError(description: "rank \(rank) of \(size): MPI_Comm_split failed")
+        }
+        return MPICommunicator(rank: Int(r), size: Int(n), localRank: localRank, comm: group)
+    }
 
     /// Loads Open MPI and joins the job; `timeout` seconds is the watchdog's
     /// limit for one collective (0: none).
@@ -97,6 +114,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
                 + "install Open MPI (apt-get install openmpi-bin), point MOE_GPU_MPI_LIBRARY at its libmpi.so, or run moe-gpu without mpirun")
         }
         rank = Int(cmpi_rank()); size = Int(cmpi_size()); localRank = Int(cmpi_local_rank())
+        comm = nil
         cmpi_set_timeout(timeout)
     }
 
@@ -108,21 +126,21 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
     }
 
     public func allreduceSum(_ values: UnsafeMutableBufferPointer<Float>) throws {
-        try check(cmpi_allreduce_sum_f32(values.baseAddress, values.count), "an allreduce")
+        try check(cmpi_allreduce_sum_f32(comm, values.baseAddress, values.count), "an allreduce")
     }
     public func allreduceSum(_ values: UnsafeMutableBufferPointer<Double>) throws {
-        try check(cmpi_allreduce_sum_f64(values.baseAddress, values.count), "an allreduce")
+        try check(cmpi_allreduce_sum_f64(comm, values.baseAddress, values.count), "an allreduce")
     }
     public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {
-        try check(cmpi_broadcast(bytes.baseAddress, bytes.count, Int32(root)), "a broadcast")
+        try check(cmpi_broadcast(comm, bytes.baseAddress, bytes.count, Int32(root)), "a broadcast")
     }
-    public func barrier() throws { try check(cmpi_barrier(), "a barrier") }
+    public func barrier() throws { try check(cmpi_barrier(comm), "a barrier") }
 
     public func allgather(_ values: [Int32]) throws -> [Int32] {
         var out = [Int32](repeating: 0, count: values.count * size)
         let bytes = values.count * 4
         try values.withUnsafeBytes { v in
-            try out.withUnsafeMutableBytes { o in try check(cmpi_allgather(v.baseAddress, o.baseAddress, bytes), "an allgather") }
+            try out.withUnsafeMutableBytes { o in try check(cmpi_allgather(comm, v.baseAddress, o.baseAddress, bytes), "an allgather") }
         }
         return out
     }
@@ -139,7 +157,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         var out = [Float](repeating: 0, count: max(recvCounts.reduce(0, +), 1))
         try send.withUnsafeBytes { s in
             try out.withUnsafeMutableBytes { o in
-                try check(cmpi_alltoallv(s.baseAddress, sc, sd, o.baseAddress, rc, rd), "an all-to-all")
+                try check(cmpi_alltoallv(comm, s.baseAddress, sc, sd, o.baseAddress, rc, rd), "an all-to-all")
             }
         }
         return Array(out.prefix(recvCounts.reduce(0, +)))
@@ -162,9 +180,21 @@ public enum Distributed {
         return world
     }
 
-    /// Expert parallelism: the MoE layers' experts split over this many ranks
-    /// (1: every rank runs every expert). Set before the model is built.
-    nonisolated(unsafe) public static var expertParallel = 1
+    /// Expert parallelism: the MoE layers' experts split over groups of this
+    /// many consecutive ranks (1: every rank runs every expert). Set before
+    /// the model is built, through `startExpertParallel`.
+    nonisolated(unsafe) public private(set) static var expertParallel = 1
+    /// This rank's expert-parallel group (ranks g P ..< (g+1) P).
+    nonisolated(unsafe) public private(set) static var expertGroup: Communicator = SingleProcess()
+
+    /// Splits the ranks into groups of `size` for expert parallelism (a collective).
+    public static func startExpertParallel(_ size: Int) throws {
+        guard size >= 1, world.size % size == 0 else {
+            throw CommunicationError(description: "--expert-parallel \(size) does not divide the \(world.size) ranks: use a divisor of \(world.size)")
+        }
+        expertParallel = size
+        expertGroup = size > 1 ? try world.split(color: world.rank / size) : SingleProcess()
+    }
 
     /// Leaves the MPI job (at exit, after the last collective).
     public static func finish() {

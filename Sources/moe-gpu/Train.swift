@@ -37,7 +37,7 @@ struct Train: ParsableCommand {
     var out: String?
     @Option(name: .long, help: "Resume the run in this output folder.")
     var resume: String?
-    @Option(name: .customLong("expert-parallel"), help: "Under mpirun: split every MoE layer's experts over this many ranks (today: 1 or the number of ranks).")
+    @Option(name: .customLong("expert-parallel"), help: "Under mpirun: split every MoE layer's experts over groups of this many ranks (it divides the number of ranks and the experts).")
     var expertParallel: Int = 1
     @Option(name: .customLong("comm-timeout"), help: "Under mpirun: seconds a collective may wait for the other ranks before this rank stops with an error.")
     var commTimeout: Double = 300
@@ -85,10 +85,7 @@ struct Train: ParsableCommand {
         // Under mpirun / srun: join the job; rank 0 alone prints and writes.
         let world = try Distributed.start(timeout: commTimeout)
         defer { Distributed.finish() }
-        guard expertParallel == 1 || expertParallel == world.size else {
-            throw CommandError("--expert-parallel \(expertParallel) with \(world.size) ranks: use 1 or the number of ranks (\(world.size)); expert parallelism inside data-parallel groups is not built yet")
-        }
-        Distributed.expertParallel = expertParallel
+        try Distributed.startExpertParallel(expertParallel)
         do { try runTraining() } catch let stop as TrainingStopped {
             print("\(stop.description)\nresume with: moe-gpu train --resume \(stop.out.path)")
             throw ExitCode(stop.exitCode)

@@ -188,4 +188,24 @@ final class DataParallelTests: XCTestCase {
         XCTAssertNotEqual(r.status, 0)
         XCTAssertTrue(r.stderr.contains("3 experts do not split over 2 ranks"), r.stderr)
     }
+
+    /// Expert parallel inside data parallel: 4 ranks in 2 groups of 2 (each group splits the
+    /// experts, expert gradients are summed over the groups) equal one process with 4 micro-batches.
+    func testExpertParallelGroupsInsideDataParallelEqualOneProcess() throws {
+        try requireMPI()
+        let dir = try CLI.temporaryDirectory(self)
+        let text = try String(contentsOf: try config(dir), encoding: .utf8)
+            .replacingOccurrences(of: "\"gradientAccumulation\": 2", with: "\"gradientAccumulation\": 4")
+        let config = dir.appendingPathComponent("four.json")
+        try text.write(to: config, atomically: true, encoding: .utf8)
+        let one = dir.appendingPathComponent("one"), four = dir.appendingPathComponent("four")
+        _ = try train(ranks: 1, ["--config", config.path, "--device", "cpu", "--out", one.path])
+        _ = try train(ranks: 4, ["--config", config.path, "--device", "cpu", "--out", four.path, "--expert-parallel", "2"])
+        assertSameCurve(try losses(one), try losses(four), "4 ranks, expert-parallel groups of 2")
+        let bad = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", CLI.binary.path, "train", "--config", config.path,
+                               "--device", "cpu", "--out", dir.appendingPathComponent("bad").path, "--expert-parallel", "3"],
+                              binary: URL(fileURLWithPath: Self.mpirun))
+        XCTAssertNotEqual(bad.status, 0)
+        XCTAssertTrue(bad.stderr.contains("--expert-parallel 3 does not divide the 2 ranks"), bad.stderr)
+    }
 }

@@ -15,17 +15,19 @@ int cmpi_size(void);
 // Ranks on this host (Open MPI's local rank), for picking a device per rank.
 int cmpi_local_rank(void);
 
-// In-place sums over every rank (every rank gets the result).
-int cmpi_allreduce_sum_f32(float *buf, size_t count);
-int cmpi_allreduce_sum_f64(double *buf, size_t count);
-int cmpi_allreduce_max_f64(double *buf, size_t count);
-int cmpi_broadcast(void *buf, size_t bytes, int root);
+// Collectives over `comm`: NULL for every rank (MPI_COMM_WORLD), or a group from cmpi_split.
+// In-place sums over the ranks (every rank gets the result).
+int cmpi_allreduce_sum_f32(void *comm, float *buf, size_t count);
+int cmpi_allreduce_sum_f64(void *comm, double *buf, size_t count);
+int cmpi_broadcast(void *comm, void *buf, size_t bytes, int root);
 // Gathers `bytes` from every rank into `out` (size * bytes) on every rank.
-int cmpi_allgather(const void *in, void *out, size_t bytes);
+int cmpi_allgather(void *comm, const void *in, void *out, size_t bytes);
 // Sends sendCounts[r] bytes at sendOffsets[r] to rank r, receives likewise.
-int cmpi_alltoallv(const void *send, const int *sendCounts, const int *sendOffsets,
+int cmpi_alltoallv(void *comm, const void *send, const int *sendCounts, const int *sendOffsets,
                    void *recv, const int *recvCounts, const int *recvOffsets);
-int cmpi_barrier(void);
+int cmpi_barrier(void *comm);
+// The ranks of `comm` with the same `color`, ordered by `key` (MPI_Comm_split); NULL on failure.
+void *cmpi_split(void *comm, int color, int key, int *rank, int *size);
 void cmpi_error(int code, char *out, size_t len);
 
 // The watchdog: a collective that has not returned after `seconds` prints

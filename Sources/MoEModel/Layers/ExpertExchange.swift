@@ -1,20 +1,21 @@
 import Foundation
 import MoECompute
 
-/// Expert parallelism (`--expert-parallel P`, P = the number of ranks): rank g
-/// runs experts [g E/P, (g+1) E/P) of every MoE layer for the tokens of all
-/// ranks. After a rank's dispatch plan, its permuted rows are already grouped
-/// by expert, so the rows for rank g's experts are one contiguous block: an
-/// all-to-all sends each block to its owner, the owner regroups what it got by
-/// expert (rows of rank 0, then rank 1, ... within each expert) and runs its
-/// experts as one grouped GEMM, and a second all-to-all brings the outputs
-/// back to the rows they came from. The backward sends dYp the same way and
-/// dXp back. Expert weight gradients thus live on the owner only; the step's
-/// gradient allreduce sums them (zeros elsewhere) with the dense ones, so P
-/// ranks equal one process. Weights are still held on every rank (the
-/// compute and the traffic are split, the memory not yet). The exchange goes
-/// through host memory: on OpenCL, reads and writes of the rows around each
-/// all-to-all.
+/// Expert parallelism (`--expert-parallel P`): the ranks form groups of P
+/// consecutive ranks, and rank g of a group runs experts [g E/P, (g+1) E/P)
+/// of every MoE layer for the tokens of its whole group. After a rank's
+/// dispatch plan its permuted rows are already grouped by expert, so the rows
+/// for rank g's experts are one contiguous block: an all-to-all over the group
+/// sends each block to its owner, the owner regroups what it got by expert
+/// (rows of group rank 0, then 1, ... within each expert) and runs its experts
+/// as one grouped GEMM, and a second all-to-all brings the outputs back to the
+/// rows they came from. The backward sends dYp the same way and dXp back.
+/// Expert weight gradients thus live on the owners; the step's gradient
+/// allreduce over all ranks sums them (zeros elsewhere) with the dense ones:
+/// each expert's gradient is the sum over the groups' owners of it, so the
+/// run equals one process. Weights are still held on every rank (the compute
+/// and the traffic are split, the memory not yet). The exchange goes through
+/// host memory: on OpenCL, reads and writes of the rows around each all-to-all.
 final class ExpertExchange {
     let comm: Communicator
     let experts: Int, width: Int

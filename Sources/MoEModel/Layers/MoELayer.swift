@@ -40,7 +40,7 @@ final class MoELayer: FeedForward, RoutedLayer {
         ws = Workspace(backend: store.backend)
         self.scratch = scratch ?? ws
         exchange = Distributed.expertParallel > 1
-            ? try ExpertExchange(comm: Distributed.world, experts: e, width: width, backend: store.backend) : nil
+            ? try ExpertExchange(comm: Distributed.expertGroup, experts: e, width: width, backend: store.backend) : nil
         auxLoss = try store.backend.zeros([1])
         zLoss = try store.backend.zeros([1])
         var h: UInt64 = 0
