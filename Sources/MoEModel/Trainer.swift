@@ -234,7 +234,7 @@ public final class Trainer {
         ws = Workspace(backend: model.backend)
         communicator = Distributed.world
         guard config.gradientAccumulation % communicator.size == 0 else {
-            throw ModelError.badConfig("gradientAccumulation \(config.gradientAccumulation) micro-batches per step do not split over \(communicator.size) ranks: make it a multiple of \(communicator.size) (the global batch is batchSize x gradientAccumulation)")
+            throw ModelError.badConfig("gradientAccumulation \(config.gradientAccumulation) micro-batches per step do not split over \(communicator.size) ranks: make it a multiple of \(communicator.size) with --gradient-accumulation (the global batch is batchSize x gradientAccumulation)")
         }
     }
 

@@ -37,6 +37,8 @@ struct Train: ParsableCommand {
     var out: String?
     @Option(name: .long, help: "Resume the run in this output folder.")
     var resume: String?
+    @Option(name: .customLong("gradient-accumulation"), help: "Micro-batches of --batch-size per step, over all ranks under mpirun (the global batch is their product).")
+    var gradientAccumulation: Int?
     @Option(name: .customLong("expert-parallel"), help: "Under mpirun: split every MoE layer's experts over groups of this many ranks (it divides the number of ranks and the experts).")
     var expertParallel: Int = 1
     @Option(name: .customLong("comm-timeout"), help: "Under mpirun: seconds a collective may wait for the other ranks before this rank stops with an error.")
@@ -179,6 +181,7 @@ struct Train: ParsableCommand {
         if let batchSize { cfg.batchSize = batchSize }
         if let seed { cfg.seed = seed }
         if let skipNonFinite { cfg.skipNonFinite = skipNonFinite }
+        if let gradientAccumulation { cfg.gradientAccumulation = gradientAccumulation }
     }
 
     func apply(to cfg: inout TrainConfig) {
