@@ -5,7 +5,7 @@ set -euo pipefail
 need=(ocl-icd-opencl-dev opencl-headers pocl-opencl-icd libopenblas-dev zlib1g-dev)
 case "${1:-build}" in
   run) need+=(dataset-fashion-mnist) ;;
-  test) need+=(dataset-fashion-mnist python3 python3-pip unzip oclgrind openmpi-bin) ;;
+  test) need+=(dataset-fashion-mnist python3 python3-pip unzip oclgrind openmpi-bin iproute2) ;;
 esac
 missing=()
 for p in "${need[@]}"; do

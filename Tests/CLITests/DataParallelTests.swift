@@ -208,4 +208,22 @@ final class DataParallelTests: XCTestCase {
         XCTAssertNotEqual(bad.status, 0)
         XCTAssertTrue(bad.stderr.contains("--expert-parallel 3 does not divide the 2 ranks"), bad.stderr)
     }
+
+    /// The two ranks in two network namespaces joined by a veth pair (scripts/mpi-netns.sh,
+    /// Open MPI's TCP transport): the same curve, and the gradients really crossed the interface.
+    func testTwoRanksInTwoNetworkNamespacesGiveTheSameCurve() throws {
+        try requireMPI()
+        guard getuid() == 0 else { throw XCTSkip("network namespaces need root") }
+        let dir = try CLI.temporaryDirectory(self), config = try config(dir).path
+        let one = dir.appendingPathComponent("one"), two = dir.appendingPathComponent("two")
+        _ = try train(ranks: 1, ["--config", config, "--device", "cpu", "--out", one.path])
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../scripts/mpi-netns.sh").standardized
+        let r = try CLI.run([CLI.binary.path, "train", "--config", config, "--device", "cpu", "--out", two.path], binary: script)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        assertSameCurve(try losses(one), try losses(two), "two network namespaces")
+        // 20 steps of one allreduce of 8,990 floats: at least the gradients' bytes arrived over the veth.
+        let line = try XCTUnwrap(r.stdout.split(separator: "\n").last { $0.hasPrefix("veth bytes received: ") }, r.stdout)
+        let bytes = try XCTUnwrap(Int(line.dropFirst("veth bytes received: ".count)))
+        XCTAssertGreaterThan(bytes, 20 * 4 * 8_990, "bytes over the veth pair")
+    }
 }
