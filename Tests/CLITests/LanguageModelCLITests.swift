@@ -228,6 +228,16 @@ final class LanguageModelCLITests: XCTestCase {
         XCTAssertEqual(forced.status, 0, forced.stderr)
         try assertSameLogits(model, reloaded: out)
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted(), ["hf", "model.safetensors"])
+
+        // Under a file-size limit (EFBIG, SIGXFSZ ignored): an error, the previous export intact, no partial folder.
+        let before = try Data(contentsOf: out.appendingPathComponent("model.safetensors"))
+        let limited = try CLI.run(["-c", "ulimit -f 4; trap '' XFSZ; exec \"$0\" \"$@\"", CLI.binary.path,
+                                   "export", "--run", file.path, "--to", out.path, "--force"], binary: URL(fileURLWithPath: "/bin/bash"))
+        XCTAssertNotEqual(limited.status, 0)
+        XCTAssertTrue(limited.stderr.contains("File too large"), limited.stderr)
+        XCTAssertEqual(limited.stderr.split(separator: "\n").count, 1, limited.stderr)
+        XCTAssertEqual(try Data(contentsOf: out.appendingPathComponent("model.safetensors")), before)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted(), ["hf", "model.safetensors"])
     }
 
     func assertSameLogits(_ model: LlamaModel, reloaded folder: URL, file: StaticString = #filePath, line: UInt = #line) throws {
