@@ -405,6 +405,32 @@ func oneLine(_ error: Error) -> String {
     "\(error)".split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }.joined(separator: " ")
 }
 
+/// A plain scalar by YAML 1.2's core schema. Not Yams's resolvers: they follow
+/// YAML 1.1, whose base-60 integers ("1:30:00") trap on overflow (a fuzzer
+/// found "0:00:0:..." crashing the config reader).
+func coreSchemaScalar(_ s: String) -> Any {
+    switch s {
+    case "", "~", "null", "Null", "NULL": return NSNull()
+    case "true", "True", "TRUE": return true
+    case "false", "False", "FALSE": return false
+    case ".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF": return Double.infinity
+    case "-.inf", "-.Inf", "-.INF": return -Double.infinity
+    case ".nan", ".NaN", ".NAN": return Double.nan
+    default: break
+    }
+    let digits = s.drop { $0 == "+" || $0 == "-" }
+    if s.count - digits.count <= 1, !digits.isEmpty, digits.allSatisfy(\.isASCII), digits.allSatisfy(\.isNumber) {
+        return Int(s) ?? s   // beyond Int: kept as text, so the config check names the key
+    }
+    if s.hasPrefix("0o"), let v = Int(s.dropFirst(2), radix: 8) { return v }
+    if s.hasPrefix("0x"), let v = Int(s.dropFirst(2), radix: 16) { return v }
+    // [-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?
+    if s.range(of: #"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"#, options: .regularExpression) != nil, let v = Double(s) {
+        return v
+    }
+    return s
+}
+
 /// A YAML node as the JSON-like values the config merge works on: mappings with
 /// string keys, sequences, and scalars resolved as YAML 1.2's core schema does
 /// (null, bool, int, float, else string).
@@ -412,12 +438,7 @@ func plainYAML(_ node: Node, path: String, depth: Int = 0) throws -> Any {
     guard depth < 64 else { throw ModelError.badConfig("\(path) nests deeper than 64 levels") }
     switch node {
     case .scalar(let s):
-        if s.style != .plain { return s.string }
-        if node.null != nil { return NSNull() }
-        if let b = node.bool { return b }
-        if let i = node.int { return i }
-        if let f = node.float { return f }
-        return s.string
+        return s.style == .plain ? coreSchemaScalar(s.string) : s.string
     case .mapping(let m):
         var out: [String: Any] = [:]
         for (k, v) in m {

@@ -187,6 +187,24 @@ final class ConfigFileTests: XCTestCase {
         XCTAssertNoThrow(try c.validate())
     }
 
+    /// Plain YAML scalars by the 1.2 core schema: no YAML 1.1 base-60 numbers (Yams's
+    /// resolver trapped on "0:00:0:..." overflowing: a fuzzer finding).
+    func testYAMLScalarsFollowTheCoreSchema() {
+        XCTAssertEqual(coreSchemaScalar("42") as? Int, 42)
+        XCTAssertEqual(coreSchemaScalar("-7") as? Int, -7)
+        XCTAssertEqual(coreSchemaScalar("0x1F") as? Int, 31)
+        XCTAssertEqual(coreSchemaScalar("0o17") as? Int, 15)
+        XCTAssertEqual(coreSchemaScalar("2.5e-3") as? Double, 0.0025)
+        XCTAssertEqual(coreSchemaScalar(".5") as? Double, 0.5)
+        XCTAssertEqual(coreSchemaScalar("True") as? Bool, true)
+        XCTAssertTrue(coreSchemaScalar("~") is NSNull)
+        XCTAssertEqual(coreSchemaScalar("1:30:00") as? String, "1:30:00")
+        XCTAssertEqual(coreSchemaScalar("0:00:0:99999999999999999999:0") as? String, "0:00:0:99999999999999999999:0")
+        XCTAssertEqual(coreSchemaScalar("99999999999999999999") as? String, "99999999999999999999")
+        XCTAssertEqual(coreSchemaScalar("yes") as? String, "yes")
+        XCTAssertEqual((coreSchemaScalar("-.inf") as? Double).map { $0 < 0 && $0.isInfinite }, true)
+    }
+
     func testUnknownKeysAreNamed() throws {
         XCTAssertThrowsError(try TrainRun.loadConfig(try write(#"{"stpes": 7, "model": {"widht": 3}}"#))) { e in
             XCTAssertTrue("\(e)".contains("stpes") && "\(e)".contains("model.widht"), "\(e)")
