@@ -85,13 +85,16 @@ struct Train: ParsableCommand {
         StopSignal.install()
         try validateOptions()
         // Under mpirun / srun: join the job; rank 0 alone prints and writes.
-        let world = try Distributed.start(timeout: commTimeout)
-        defer { Distributed.finish() }
+        _ = try Distributed.start(timeout: commTimeout)
         try Distributed.startExpertParallel(expertParallel)
+        // MPI_Finalize after success only: a rank that fails alone exits without
+        // it (finalize would wait for ranks still in a collective), and mpirun
+        // then ends the others.
         do { try runTraining() } catch let stop as TrainingStopped {
             print("\(stop.description)\nresume with: moe-gpu train --resume \(stop.out.path)")
             throw ExitCode(stop.exitCode)
         }
+        Distributed.finish()
     }
 
     func runTraining() throws {
