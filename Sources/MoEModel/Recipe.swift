@@ -111,9 +111,8 @@ public enum Recipe {
             log(String(format: "dense: reusing the pretrained ViT in %@ (test accuracy %.2f%%)", dir.path, 100 * acc))
             return (model, acc)
         }
-        // A pretraining stopped before its first checkpoint starts again from nothing
-        // (rank 0 alone touches the folder of a data-parallel run).
-        if Distributed.world.rank == 0 { TrainRun.clearRun(dir) }
+        // A pretraining stopped before its first checkpoint starts again from nothing.
+        TrainRun.clearRun(dir)
         log("dense: pretraining a \(model.params.parameterCount)-parameter ViT for \(d.steps) steps (cached in \(dir.path) for later runs)")
         let run = try TrainRun(config: d, model: model, out: dir, data: data)
         run.progress = { m, total in

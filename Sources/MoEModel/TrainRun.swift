@@ -131,7 +131,9 @@ public final class TrainRun {
     static let baselineFolders = ["dense-continued", "dense-equal-flops"]
 
     /// Removes a run's files from `dir` (a fresh start in a folder that held one).
+    /// Rank 0 alone touches run folders in a data-parallel run.
     public static func clearRun(_ dir: URL) {
+        guard Distributed.world.rank == 0 else { return }
         for f in runFiles { try? FileManager.default.removeItem(at: dir.appendingPathComponent(f)) }
     }
 
@@ -144,7 +146,12 @@ public final class TrainRun {
     /// unless `overwrite` (then that run's files are removed first); without one,
     /// the first of `base`, `base-2`, `base-3`, ... that holds no run, as
     /// experiment trackers do, so a second run never appends to the first's metrics.
+    /// Under MPI rank 0 decides (and clears) and every rank gets its answer.
     public static func freshOutput(explicit: String?, base: String, overwrite: Bool) throws -> URL {
+        URL(fileURLWithPath: try Distributed.world.fromRoot { try chooseOutput(explicit: explicit, base: base, overwrite: overwrite).path })
+    }
+
+    private static func chooseOutput(explicit: String?, base: String, overwrite: Bool) throws -> URL {
         if let explicit {
             let dir = URL(fileURLWithPath: explicit)
             guard holdsRun(dir) else { return dir }
@@ -401,9 +408,11 @@ public struct TrainingStopped: Error, CustomStringConvertible {
 
 /// An underlying error's text on one line (YAML and JSON parsers point at the
 /// offending column over several lines): errors here are one line each.
-func oneLine(_ error: Error) -> String {
-    "\(error)".split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }.joined(separator: " ")
+public func oneLine(_ text: String) -> String {
+    text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }.joined(separator: " ")
 }
+
+func oneLine(_ error: Error) -> String { oneLine("\(error)") }
 
 /// A plain scalar by YAML 1.2's core schema. Not Yams's resolvers: they follow
 /// YAML 1.1, whose base-60 integers ("1:30:00") trap on overflow (a fuzzer

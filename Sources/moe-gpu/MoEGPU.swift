@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import MoECompute
+import MoEModel
 
 @main
 struct MoEGPU: ParsableCommand {
@@ -42,8 +43,7 @@ struct MoEGPU: ParsableCommand {
            arguments[i + 1].hasPrefix("-"), Double(arguments[i + 1]) != nil {
             return "\(option) \(arguments[i + 1]): must not be negative"
         }
-        let lines = message.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
-        return lines.joined(separator: " ") + (message.contains("--help") ? "" : " (see --help)")
+        return MoEModel.oneLine(message) + (message.contains("--help") ? "" : " (see --help)")
     }
 }
 

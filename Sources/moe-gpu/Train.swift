@@ -135,9 +135,7 @@ struct Train: ParsableCommand {
         guard ["replicate", "granular", "recycle", "none"].contains(method) else {
             throw CommandError("unknown --upcycle '\(method)': use replicate, granular, recycle or none")
         }
-        let outDir = URL(fileURLWithPath: try Distributed.world.fromRoot {
-            try TrainRun.freshOutput(explicit: out, base: "runs/\(cfg.model.moeBlocks.isEmpty ? "dense" : cfg.model.moe!.router)", overwrite: overwrite).path
-        })
+        let outDir = try TrainRun.freshOutput(explicit: out, base: "runs/\(cfg.model.moeBlocks.isEmpty ? "dense" : cfg.model.moe!.router)", overwrite: overwrite)
         let data = try loadData(cfg)
         print("device \(backend.name): \(backend.deviceDescription)")
         print("data: \(data.train.count) train / \(data.test.count) test images of \(data.train.height)x\(data.train.width), \(data.train.classes) classes")

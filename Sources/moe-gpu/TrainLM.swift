@@ -53,9 +53,7 @@ extension Train {
         try cfg.validate()
         let lm = cfg.lm!
         let label = lm.moeLayers.isEmpty ? "dense" : "moe"
-        let outDir = URL(fileURLWithPath: try Distributed.world.fromRoot {
-            try TrainRun.freshOutput(explicit: out, base: "runs/lm-\(label)", overwrite: overwrite).path
-        })
+        let outDir = try TrainRun.freshOutput(explicit: out, base: "runs/lm-\(label)", overwrite: overwrite)
         print("device \(backend.name): \(backend.deviceDescription)")
         let data = try LMRecipe.sources(train: cfg.data, validation: cfg.evalData, tokenizer: lm.tokenizer, seqLen: cfg.seqLen)
 

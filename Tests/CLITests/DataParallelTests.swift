@@ -7,10 +7,8 @@ import XCTest
 /// 20 steps; on the CPU backend the sums are the same operations, so the
 /// curves agree bit for bit.
 final class DataParallelTests: XCTestCase {
-    static let mpirun = "/usr/bin/mpirun"
-
     func requireMPI() throws {
-        guard FileManager.default.isExecutableFile(atPath: Self.mpirun) else {
+        guard FileManager.default.isExecutableFile(atPath: CLI.mpirunPath) else {
             throw XCTSkip("Open MPI is not installed: apt-get install openmpi-bin (scripts/setup.sh test does)")
         }
         guard FileManager.default.fileExists(atPath: "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz") else {
@@ -33,9 +31,7 @@ final class DataParallelTests: XCTestCase {
     }
 
     func train(ranks: Int, _ args: [String]) throws -> CLI.Result {
-        let r = ranks == 1 ? try CLI.run(["train"] + args)
-            : try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "\(ranks)", CLI.binary.path, "train"] + args,
-                          binary: URL(fileURLWithPath: Self.mpirun))
+        let r = ranks == 1 ? try CLI.run(["train"] + args) : try CLI.mpirun(ranks: ranks, [CLI.binary.path, "train"] + args)
         XCTAssertEqual(r.status, 0, "\(ranks) ranks \(args): \(r.stderr)")
         return r
     }
@@ -86,6 +82,18 @@ final class DataParallelTests: XCTestCase {
         try compare(device: "opencl")
     }
 
+    /// A wrapper that sends rank 1 `signal` `after` seconds into the run, then runs its arguments.
+    func signalRankOne(_ signal: String, after seconds: Int, in dir: URL) throws -> String {
+        let script = dir.appendingPathComponent("rank.sh")
+        try """
+            #!/bin/bash
+            if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then ( sleep \(seconds); kill -\(signal) $$ ) & fi
+            exec "$@"
+            """.write(to: script, atomically: true, encoding: .utf8)
+        chmod(script.path, 0o755)
+        return script.path
+    }
+
     /// A rank that dies mid-run: the other stops with a clear error within --comm-timeout.
     func testARankThatStopsAnsweringEndsTheOthersWithAClearError() throws {
         try requireMPI()
@@ -93,17 +101,10 @@ final class DataParallelTests: XCTestCase {
         let config = try CLI.smallTrainConfig(in: dir, replacing: ["\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 0",
                                                                    "\"gradientAccumulation\": 1": "\"gradientAccumulation\": 2"])
         // Rank 1 stops itself (SIGSTOP) after its start-up: rank 0 waits in an allreduce until the watchdog fires.
-        let script = dir.appendingPathComponent("rank.sh")
-        try """
-            #!/bin/bash
-            if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then ( sleep 3; kill -STOP $$ ) & fi
-            exec "$@"
-            """.write(to: script, atomically: true, encoding: .utf8)
-        chmod(script.path, 0o755)
+        let script = try signalRankOne("STOP", after: 3, in: dir)
         let start = Date()
-        let r = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", script.path, CLI.binary.path,
-                             "train", "--config", config.path, "--device", "cpu", "--out", dir.appendingPathComponent("run").path,
-                             "--comm-timeout", "5"], binary: URL(fileURLWithPath: Self.mpirun))
+        let r = try CLI.mpirun(ranks: 2, [script, CLI.binary.path, "train", "--config", config.path, "--device", "cpu",
+                                          "--out", dir.appendingPathComponent("run").path, "--comm-timeout", "5"])
         XCTAssertNotEqual(r.status, 0)
         XCTAssertTrue(r.stderr.contains("Error: rank 0 of 2: an allreduce has waited 5 s for the other ranks (--comm-timeout)"), r.stderr)
         XCTAssertLessThan(Date().timeIntervalSince(start), 60, "the watchdog fires after 5 s")
@@ -117,16 +118,9 @@ final class DataParallelTests: XCTestCase {
         let config = try CLI.smallTrainConfig(in: dir, replacing: [
             "\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 5", "\"testExamples\": 100": "\"testExamples\": 20",
             "\"gradientAccumulation\": 1": "\"gradientAccumulation\": 2"])
-        let script = dir.appendingPathComponent("rank.sh")
-        try """
-            #!/bin/bash
-            if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then ( sleep 6; kill -KILL $$ ) & fi
-            exec "$@"
-            """.write(to: script, atomically: true, encoding: .utf8)
-        chmod(script.path, 0o755)
-        let r = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", script.path, CLI.binary.path,
-                             "train", "--config", config.path, "--device", "cpu", "--out", out.path, "--comm-timeout", "20"],
-                            binary: URL(fileURLWithPath: Self.mpirun))
+        let script = try signalRankOne("KILL", after: 6, in: dir)
+        let r = try CLI.mpirun(ranks: 2, [script, CLI.binary.path, "train", "--config", config.path, "--device", "cpu",
+                                          "--out", out.path, "--comm-timeout", "20"])
         XCTAssertNotEqual(r.status, 0)
         XCTAssertTrue(r.stderr.contains("signal 9") || r.stderr.contains("killed") || r.stderr.contains("--comm-timeout"), r.stderr)
         // The newest whole checkpoint resumes (on one process: the checkpoint holds the whole model).
@@ -182,9 +176,8 @@ final class DataParallelTests: XCTestCase {
     func testExpertParallelNeedsTheRanksToSplitTheExperts() throws {
         try requireMPI()
         let dir = try CLI.temporaryDirectory(self)
-        let r = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", CLI.binary.path, "train", "--config", try config(dir).path,
-                             "--device", "cpu", "--out", dir.appendingPathComponent("run").path, "--expert-parallel", "2", "--experts", "3"],
-                            binary: URL(fileURLWithPath: Self.mpirun))
+        let r = try CLI.mpirun(ranks: 2, [CLI.binary.path, "train", "--config", try config(dir).path, "--device", "cpu",
+                                          "--out", dir.appendingPathComponent("run").path, "--expert-parallel", "2", "--experts", "3"])
         XCTAssertNotEqual(r.status, 0)
         XCTAssertTrue(r.stderr.contains("3 experts do not split over 2 ranks"), r.stderr)
     }
@@ -202,9 +195,8 @@ final class DataParallelTests: XCTestCase {
         _ = try train(ranks: 1, ["--config", config.path, "--device", "cpu", "--out", one.path])
         _ = try train(ranks: 4, ["--config", config.path, "--device", "cpu", "--out", four.path, "--expert-parallel", "2"])
         assertSameCurve(try losses(one), try losses(four), "4 ranks, expert-parallel groups of 2")
-        let bad = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", CLI.binary.path, "train", "--config", config.path,
-                               "--device", "cpu", "--out", dir.appendingPathComponent("bad").path, "--expert-parallel", "3"],
-                              binary: URL(fileURLWithPath: Self.mpirun))
+        let bad = try CLI.mpirun(ranks: 2, [CLI.binary.path, "train", "--config", config.path, "--device", "cpu",
+                                            "--out", dir.appendingPathComponent("bad").path, "--expert-parallel", "3"])
         XCTAssertNotEqual(bad.status, 0)
         XCTAssertTrue(bad.stderr.contains("--expert-parallel 3 does not divide the 2 ranks"), bad.stderr)
     }

@@ -443,7 +443,7 @@ final class LanguageModelCLITests: XCTestCase {
     /// micro-batch, as in accumulation), data parallel and expert parallel,
     /// equals one process on the same config.
     func testDataParallelDecoderEqualsOneProcess() throws {
-        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/mpirun") else {
+        guard FileManager.default.isExecutableFile(atPath: CLI.mpirunPath) else {
             throw XCTSkip("Open MPI is not installed: apt-get install openmpi-bin (scripts/setup.sh test does)")
         }
         let dir = try CLI.temporaryDirectory(self)
@@ -462,13 +462,12 @@ final class LanguageModelCLITests: XCTestCase {
         let one = dir.appendingPathComponent("one"), two = dir.appendingPathComponent("two")
         let single = try CLI.run(["train", "--config", config.path, "--device", "cpu", "--out", one.path])
         XCTAssertEqual(single.status, 0, single.stderr)
-        let ranks = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", CLI.binary.path, "train", "--config", config.path,
-                                 "--device", "cpu", "--out", two.path], binary: URL(fileURLWithPath: "/usr/bin/mpirun"))
+        let ranks = try CLI.mpirun(ranks: 2, [CLI.binary.path, "train", "--config", config.path, "--device", "cpu", "--out", two.path])
         XCTAssertEqual(ranks.status, 0, ranks.stderr)
         // The same with the Mixtral block's experts split over the 2 ranks.
         let three = dir.appendingPathComponent("three")
-        let ep = try CLI.run(["--allow-run-as-root", "--oversubscribe", "-np", "2", CLI.binary.path, "train", "--config", config.path,
-                              "--device", "cpu", "--out", three.path, "--expert-parallel", "2"], binary: URL(fileURLWithPath: "/usr/bin/mpirun"))
+        let ep = try CLI.mpirun(ranks: 2, [CLI.binary.path, "train", "--config", config.path, "--device", "cpu",
+                                           "--out", three.path, "--expert-parallel", "2"])
         XCTAssertEqual(ep.status, 0, ep.stderr)
         let a = try losses(one)
         XCTAssertEqual(a.count, 12)

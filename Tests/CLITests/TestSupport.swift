@@ -39,3 +39,12 @@ extension CLI {
         return url
     }
 }
+
+extension CLI {
+    static let mpirunPath = "/usr/bin/mpirun"
+
+    /// `mpirun -np RANKS COMMAND...` as root may run it, on as many cores as there are.
+    static func mpirun(ranks: Int, _ command: [String]) throws -> Result {
+        try run(["--allow-run-as-root", "--oversubscribe", "-np", "\(ranks)"] + command, binary: URL(fileURLWithPath: mpirunPath))
+    }
+}

@@ -54,14 +54,9 @@ final class KernelCoverageTests: XCTestCase {
     }
 
     static func lmConfig(moe: Bool) -> TrainConfig {
-        var t = TrainConfig()
-        t.task = "lm"
-        var lm = LMRecipe.denseModel()
-        lm.hidden = 16; lm.intermediate = 24; lm.layers = 2; lm.heads = 4; lm.kvHeads = 2
-        if moe { lm.moe = LMRecipe.mixtralMoE(experts: 4, topK: 2); lm.moeLayers = [1] }
-        t.lm = lm
+        var t = smallLMTrainConfig(moe: moe, hidden: 16, intermediate: 24)
         t.seqLen = 6; t.batchSize = 2; t.steps = 1; t.warmupSteps = 0; t.learningRate = 1e-3
-        t.labelSmoothing = 0.1; t.augment = false; t.evalEvery = 0; t.testExamples = 2
+        t.labelSmoothing = 0.1; t.testExamples = 2
         return t
     }
 

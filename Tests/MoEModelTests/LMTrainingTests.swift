@@ -14,14 +14,9 @@ final class LMTrainingTests: XCTestCase {
         """, count: 6)
 
     func trainConfig(moe: Bool) -> TrainConfig {
-        var t = TrainConfig()
-        t.task = "lm"
-        var lm = LMRecipe.denseModel()
-        lm.hidden = 32; lm.intermediate = 48; lm.layers = 2; lm.heads = 4; lm.kvHeads = 2
-        if moe { lm.moe = LMRecipe.mixtralMoE(experts: 4, topK: 2); lm.moeLayers = [1] }
-        t.lm = lm
+        var t = smallLMTrainConfig(moe: moe, hidden: 32, intermediate: 48)
         t.seqLen = 24; t.batchSize = 4; t.steps = 20; t.warmupSteps = 5; t.learningRate = 3e-3
-        t.labelSmoothing = 0; t.augment = false; t.evalEvery = 0; t.testExamples = 4
+        t.labelSmoothing = 0; t.testExamples = 4
         return t
     }
 

@@ -48,7 +48,7 @@ final class ExpertExchange {
         var sourceStart = [Int](repeating: 0, count: comm.size)
         for s in 1..<comm.size { sourceStart[s] = sourceStart[s - 1] + recvRows[s - 1] }
         var p = 0
-        for (j, _) in mine.enumerated() {
+        for j in 0..<perRank {
             for s in 0..<comm.size {
                 let before = received[s][..<j].reduce(0, +), n = received[s][j]
                 let from = (sourceStart[s] + before) * w
@@ -65,7 +65,7 @@ final class ExpertExchange {
         let values = localRows == 0 ? [] : try grouped.view(offset: 0, shape: [localRows * w]).floats()
         var bySource = [[Float]](repeating: [], count: comm.size)
         var p = 0
-        for (j, _) in mine.enumerated() {
+        for j in 0..<perRank {
             for s in 0..<comm.size {
                 let n = received[s][j]
                 bySource[s] += values[(p * w)..<((p + n) * w)]
@@ -91,7 +91,7 @@ final class ExpertExchange {
         var p = 0
         for e in 0..<experts {
             offsets[e] = Int32(p)
-            if mine.contains(e) { p += (0..<comm.size).reduce(0) { $0 + all[$1 * experts + e] } }
+            if mine.contains(e) { p += received.reduce(0) { $0 + $1[e - mine.lowerBound] } }
         }
         offsets[experts] = Int32(p)
         let offsetsTensor = try ws.get("offsets", [experts + 1], dtype: .i32)
