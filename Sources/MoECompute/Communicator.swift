@@ -24,14 +24,48 @@ public protocol Communicator: AnyObject, Sendable {
 }
 
 extension Communicator {
-    /// Sums `tensor` over every rank, in place. On an OpenCL device the values
-    /// go through host memory: one read and one write (two host syncs).
+    /// Sums `tensor` over every rank, in place, with no second copy of it: a
+    /// host tensor (CPU backend) is handed to MPI where it lies; a device
+    /// tensor goes through one reused host bucket of `stagingElements` at a
+    /// time (a read and a write per bucket: two host syncs each).
     public func allreduceSum(_ tensor: Tensor) throws {
         guard size > 1 else { return }
-        var values = try tensor.floats()
-        try values.withUnsafeMutableBufferPointer { try allreduceSum($0) }
-        try tensor.write(values)
+        try staged(tensor, read: true, write: true) { try allreduceSum($0) }
     }
+
+    /// Rank `root`'s `tensor` on every rank, in place (staged as `allreduceSum(_:)`).
+    public func broadcast(_ tensor: Tensor, root: Int) throws {
+        guard size > 1 else { return }
+        try staged(tensor, read: rank == root, write: rank != root) { try broadcast(UnsafeMutableRawBufferPointer($0), root: root) }
+    }
+
+    /// `body` over the tensor's floats in place: directly on host memory, or
+    /// bucket by bucket through a host buffer (reading the device first if
+    /// `read`, writing the result back if `write`).
+    private func staged(_ tensor: Tensor, read: Bool, write: Bool, _ body: (UnsafeMutableBufferPointer<Float>) throws -> Void) throws {
+        guard tensor.dtype == .f32 else { throw CommunicationError(description: "collective on an \(tensor.dtype) tensor") }
+        if case .host(let buffer) = tensor.storage {
+            try tensor.backend.synchronize()
+            let start = buffer.pointer.assumingMemoryBound(to: Float.self) + tensor.offset
+            return try body(UnsafeMutableBufferPointer(start: start, count: tensor.count))
+        }
+        var bucket = [Float](repeating: 0, count: min(tensor.count, stagingElements))
+        var done = 0
+        while done < tensor.count {
+            let n = min(stagingElements, tensor.count - done)
+            let piece = try tensor.view(offset: done, shape: [n])
+            try bucket.withUnsafeMutableBufferPointer { all in
+                let b = UnsafeMutableBufferPointer(rebasing: all[0..<n])
+                if read { try tensor.backend.read(piece, into: UnsafeMutableRawBufferPointer(b)) }
+                try body(b)
+                if write { try tensor.backend.write(UnsafeRawBufferPointer(b), to: piece) }
+            }
+            done += n
+        }
+    }
+
+    /// Floats of a device tensor staged through host memory at once (64 MiB).
+    public var stagingElements: Int { 1 << 24 }
 
     /// Whether `flag` is set on any rank (the same answer on every rank).
     public func anyRank(_ flag: Bool) throws -> Bool {

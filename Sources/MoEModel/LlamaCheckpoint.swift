@@ -40,13 +40,13 @@ public enum LlamaCheckpoint {
         return (source, try config(of: source, path: path))
     }
 
-    /// A run folder (it has metrics.jsonl or optimizer.safetensors) means its model.safetensors.
+    /// A run folder (it has metrics.jsonl or optimizer.safetensors) means its model.safetensors (or a multi-rank run's index).
     public static func resolve(_ path: String) -> String {
         let fm = FileManager.default, dir = path as NSString
-        let model = dir.appendingPathComponent("model.safetensors")
-        if fm.fileExists(atPath: model) && (fm.fileExists(atPath: dir.appendingPathComponent("metrics.jsonl"))
-                                            || fm.fileExists(atPath: dir.appendingPathComponent("optimizer.safetensors"))) {
-            return model
+        let isRun = fm.fileExists(atPath: dir.appendingPathComponent("metrics.jsonl")) || fm.fileExists(atPath: dir.appendingPathComponent("optimizer.safetensors"))
+        // A multi-rank run's model is a sharded set with its index.
+        for name in ["model.safetensors", "model.safetensors.index.json"] where isRun && fm.fileExists(atPath: dir.appendingPathComponent(name)) {
+            return dir.appendingPathComponent(name)
         }
         return path
     }

@@ -8,21 +8,38 @@ import MoECompute
 public enum ModelCheckpoint {
     static let configKey = "moe-gpu.config"
 
-    public static func save(_ model: Model, to url: URL, metadata extra: [String: String] = [:]) throws {
-        var tensors: [(name: String, dtype: StorageDType, shape: [Int], data: Data)] = []
-        for t in model.checkpointTensors {
-            tensors.append((t.name, .F32, t.shape, encodeFloats(try t.value().floats(), as: .F32)))
-        }
+    /// Writes the model (or, with `only`, the parameters it accepts: one rank's
+    /// shard) one tensor at a time, so no second copy of the model is held.
+    public static func save(_ model: Model, to url: URL, metadata extra: [String: String] = [:],
+                            only: ((Parameter) -> Bool)? = nil) throws {
+        let tensors = model.checkpointTensors.filter { only?($0.parameter) ?? true }
         var metadata = extra
         metadata["format"] = "pt"
         for (k, v) in try model.checkpointMetadata { metadata[k] = v }
         try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
-        try writeSafetensors(to: url, tensors: tensors, metadata: metadata)
+        let writer = try SafetensorsStreamWriter(url: url, tensors: tensors.map { PlannedTensor(name: $0.name, dtype: .F32, shape: $0.shape) },
+                                                 metadata: metadata)
+        for t in tensors { try writer.write(t.name, floats: try t.value().floats()) }
+        try writer.finish()
+    }
+
+    /// Opens a model written by `save`: a `.safetensors` file, a
+    /// `model.safetensors.index.json` (a multi-rank run's shards), or a folder
+    /// holding either; a run folder's `model.safetensors` that is not there
+    /// means its index when that is.
+    public static func open(_ path: String) throws -> SafetensorsCheckpoint {
+        let fm = FileManager.default
+        var path = path
+        if !fm.fileExists(atPath: path), (path as NSString).lastPathComponent == "model.safetensors" {
+            let index = ((path as NSString).deletingLastPathComponent as NSString).appendingPathComponent("model.safetensors.index.json")
+            if fm.fileExists(atPath: index) { path = index }
+        }
+        return try SafetensorsCheckpoint(path: path)
     }
 
     /// The config stored in a checkpoint written by `save`.
     public static func config(at path: String) throws -> ViTConfig {
-        let file = try SafetensorsFile(path: path)
+        let file = try open(path)
         guard let text = file.metadata[configKey] else {
             throw ModelError.badInput("\(path) has no \(configKey) metadata: it was not written by moe-gpu train (use moe-gpu upcycle for other checkpoints)")
         }
@@ -31,15 +48,15 @@ public enum ModelCheckpoint {
         }
     }
 
-    /// Loads every parameter of `model` whose name is in the file (stacked experts
-    /// reassembled); returns the names that were not found.
+    /// Loads every parameter of `model` whose name is in the checkpoint (stacked
+    /// experts reassembled); returns the names that were not found.
     @discardableResult
     public static func load(_ path: String, into model: Model, requireAll: Bool = true) throws -> [String] {
-        let file = try SafetensorsFile(path: path)
+        let file = try open(path)
         var missing: [String] = []
         for t in model.checkpointTensors {
-            guard let entry = file.entry(t.name) else { missing.append(t.name); continue }
-            guard entry.shape.reduce(1, *) == t.count else {
+            guard let entry = file.descriptor(t.name) else { missing.append(t.name); continue }
+            guard entry.count == t.count else {
                 throw ModelError.badInput("\(path): \(t.name) has shape \(entry.shape), the model needs \(t.shape)")
             }
             try t.value().write(try file.floats(t.name))
@@ -48,6 +65,13 @@ public enum ModelCheckpoint {
             throw ModelError.badInput("\(path) lacks \(missing.count) tensors of this model, e.g. \(missing.prefix(3).joined(separator: ", "))")
         }
         return missing
+    }
+
+    /// The Hugging Face index of a sharded set: every tensor's file and the total size.
+    static func writeIndex(to url: URL, weightMap: [(name: String, file: String)], totalSize: Int) throws {
+        let map = weightMap.sorted { $0.name < $1.name }.map { ($0.name, JSONValue.string($0.file)) }
+        let json = JSONValue.object([("metadata", .object([("total_size", .int(totalSize))])), ("weight_map", .object(map))])
+        try atomicWrite(Data((json.serialized(pretty: true) + "\n").utf8), to: url)
     }
 }
 

@@ -175,6 +175,22 @@ public final class ParameterStore {
         try ranges.map { try buffer.view(offset: $0.offset, shape: [$0.count]) }
     }
 
+    /// `parts` contiguous ranges of the value buffer, one per rank, cut at
+    /// parameter boundaries near equal sizes, so every parameter (its
+    /// checkpoint tensors, its AdamW moments) has one owner: ZeRO-1's
+    /// optimizer shards and the shards of a multi-rank checkpoint.
+    public func partition(_ parts: Int) -> [Range<Int>] {
+        let total = values?.count ?? 0
+        let starts = all.map(\.offset).sorted()
+        var cuts = [0]
+        for r in 1..<max(parts, 1) {
+            let target = (total * r) / parts
+            cuts.append(max(cuts.last!, starts.first { $0 >= target } ?? total))
+        }
+        cuts.append(total)
+        return (0..<max(parts, 1)).map { cuts[$0]..<cuts[$0 + 1] }
+    }
+
     /// Sets every gradient to 0: one fill over the flat buffer.
     public func zeroGradients() throws {
         if let gradients { return try backend.fill(gradients, value: 0) }
@@ -191,19 +207,32 @@ public final class ParameterStore {
 
 /// AdamW's first and second moments in two flat buffers with the layout of the
 /// store's gradients, allocated when the first optimiser step needs them.
+///
+/// ZeRO stage 1: with a `shard`, this rank keeps the moments of those elements
+/// of the trainable buffer only and updates only them; the trainer then
+/// broadcasts each rank's updated shard to the others.
 public final class OptimizerState {
     public let store: ParameterStore
+    /// The elements of the trainable buffer whose moments live here (all of them unsharded).
+    public let shard: Range<Int>
     public private(set) var m: Tensor?
     public private(set) var v: Tensor?
 
-    public init(store: ParameterStore) { self.store = store }
+    public init(store: ParameterStore, shard: Range<Int>? = nil) {
+        self.store = store
+        self.shard = shard ?? 0..<store.trainableCount
+    }
+
+    /// Whether this rank holds the moments of `p`.
+    public func holds(_ p: Parameter) -> Bool {
+        p.trainable && p.offset >= shard.lowerBound && p.offset + p.count <= shard.upperBound
+    }
 
     /// The moment buffers, created (zeroed) on first use.
     public func moments() throws -> (m: Tensor, v: Tensor) {
         if let m, let v { return (m, v) }
         precondition(store.values != nil, "the parameter store must be finalized before the optimiser runs")
-        let n = max(store.trainableCount, 0)
-        let m = try store.backend.zeros([n]), v = try store.backend.zeros([n])
+        let m = try store.backend.zeros([shard.count]), v = try store.backend.zeros([shard.count])
         self.m = m; self.v = v
         return (m, v)
     }
@@ -211,22 +240,28 @@ public final class OptimizerState {
     /// The moment views of one parameter (allocating the buffers if needed).
     public func moments(of p: Parameter) throws -> (m: Tensor, v: Tensor) {
         guard p.trainable else { throw ModelError.badInput("\(p.name) is frozen: it has no optimiser state") }
+        guard holds(p) else { throw ModelError.badInput("\(p.name)'s optimiser state lives on another rank (ZeRO-1)") }
         let (m, v) = try moments()
-        return (try m.view(offset: p.offset, shape: p.shape), try v.view(offset: p.offset, shape: p.shape))
+        let at = p.offset - shard.lowerBound
+        return (try m.view(offset: at, shape: p.shape), try v.view(offset: at, shape: p.shape))
     }
 
-    /// One AdamW launch per range; a non-finite `guardNorm` skips the update on the device.
+    /// One AdamW launch per range (its part inside the shard); a non-finite
+    /// `guardNorm` skips the update on the device.
     public func step(config: AdamWConfig, weightDecay: Float, step: Int, guardNorm: Tensor?) throws {
         guard let values = store.values, let grads = store.gradients else {
             throw ModelError.badInput("AdamW needs a finalized, trainable parameter store")
         }
         let (m, v) = try moments()
-        let groups = try store.ranges.map { r in
-            AdamWTensors(param: try values.view(offset: r.offset, shape: [r.count]),
-                         grad: try grads.view(offset: r.offset, shape: [r.count]),
-                         m: try m.view(offset: r.offset, shape: [r.count]), v: try v.view(offset: r.offset, shape: [r.count]),
-                         weightDecay: weightDecay, decayedCount: r.decayed)
+        let groups = try store.ranges.compactMap { r -> AdamWTensors? in
+            let lo = max(r.offset, shard.lowerBound), hi = min(r.offset + r.count, shard.upperBound)
+            guard lo < hi else { return nil }
+            let n = hi - lo, at = lo - shard.lowerBound
+            return AdamWTensors(param: try values.view(offset: lo, shape: [n]), grad: try grads.view(offset: lo, shape: [n]),
+                                m: try m.view(offset: at, shape: [n]), v: try v.view(offset: at, shape: [n]),
+                                weightDecay: weightDecay, decayedCount: min(max(r.offset + r.decayed - lo, 0), n))
         }
+        guard !groups.isEmpty else { return }
         try store.backend.adamWStep(groups, config: config, step: step, guardNorm: guardNorm)
     }
 }

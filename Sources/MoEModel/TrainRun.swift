@@ -135,11 +135,15 @@ public final class TrainRun {
     public static func clearRun(_ dir: URL) {
         guard Distributed.world.rank == 0 else { return }
         for f in runFiles { try? FileManager.default.removeItem(at: dir.appendingPathComponent(f)) }
+        for f in (try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? [] where isModelFile(f) {
+            try? FileManager.default.removeItem(at: dir.appendingPathComponent(f))
+        }
     }
 
     /// Whether `dir` holds (part of) a run.
     public static func holdsRun(_ dir: URL) -> Bool {
         runFiles.contains { FileManager.default.fileExists(atPath: dir.appendingPathComponent($0).path) }
+            || FileManager.default.fileExists(atPath: dir.appendingPathComponent("model.safetensors.index.json").path)
     }
 
     /// The folder of a fresh run. An explicit folder that holds a run is refused
@@ -192,6 +196,22 @@ public final class TrainRun {
 
     public static let checkpointsFolder = "checkpoints"
 
+    /// A checkpoint folder's model and optimizer: single files from one
+    /// process; from N ranks, Hugging Face sharded sets (`model-0000r-of-0000N.safetensors`
+    /// with `model.safetensors.index.json`, the optimizer likewise), one shard per rank.
+    static func checkpointFile(_ folder: URL, _ kind: String) -> URL? {
+        let fm = FileManager.default
+        for name in ["\(kind).safetensors.index.json", "\(kind).safetensors"] where fm.fileExists(atPath: folder.appendingPathComponent(name).path) {
+            return folder.appendingPathComponent(name)
+        }
+        return nil
+    }
+
+    /// The shard file of rank `rank` of `ranks` (Hugging Face's numbering, from 1).
+    static func shardName(_ kind: String, rank: Int, of ranks: Int) -> String {
+        String(format: "%@-%05d-of-%05d.safetensors", kind, rank + 1, ranks)
+    }
+
     /// The newest complete checkpoint of a run folder and its step: a
     /// `checkpoints/step-N` folder, or (runs written before checkpoints were one
     /// unit) the folder's own model.safetensors + optimizer.safetensors.
@@ -204,8 +224,7 @@ public final class TrainRun {
         }.sorted(by: >)
         for step in steps {
             let folder = root.appendingPathComponent(String(format: "step-%08d", step))
-            if fm.fileExists(atPath: folder.appendingPathComponent("model.safetensors").path),
-               fm.fileExists(atPath: folder.appendingPathComponent("optimizer.safetensors").path) { return (folder, step) }
+            if checkpointFile(folder, "model") != nil, checkpointFile(folder, "optimizer") != nil { return (folder, step) }
         }
         if fm.fileExists(atPath: dir.appendingPathComponent("optimizer.safetensors").path),
            fm.fileExists(atPath: dir.appendingPathComponent("model.safetensors").path),
@@ -217,24 +236,27 @@ public final class TrainRun {
     /// Restores model weights, AdamW moments and the step from a run folder's
     /// latest checkpoint (refusing a model and an optimizer of different steps),
     /// and drops the metrics logged after that step (they will be logged again).
+    /// Single files or shards, written by any number of ranks: each rank reads
+    /// the weights and the moments it holds (its share under ZeRO-1).
     public func resume(from dir: URL) throws {
-        guard let (folder, _) = Self.latestCheckpoint(dir) else {
+        guard let (folder, _) = Self.latestCheckpoint(dir), let modelURL = Self.checkpointFile(folder, "model"),
+              let optURL = Self.checkpointFile(folder, "optimizer") else {
             throw ModelError.badInput("\(dir.path) holds no checkpoint to resume from (it stopped before its first one): start the run again with --overwrite")
         }
         let model = trainer.model
-        let modelFile = try SafetensorsFile(path: folder.appendingPathComponent("model.safetensors").path)
-        let opt = try SafetensorsFile(path: folder.appendingPathComponent("optimizer.safetensors").path)
-        guard let s = opt.metadata["step"], let step = Int(s) else { throw ModelError.badInput("\(folder.path)/optimizer.safetensors has no step") }
+        let modelFile = try ModelCheckpoint.open(modelURL.path)
+        let opt = try SafetensorsCheckpoint(path: optURL.path)
+        guard let s = opt.metadata["step"], let step = Int(s) else { throw ModelError.badInput("\(optURL.path) has no step") }
         guard let ms = modelFile.metadata["step"], Int(ms) == step else {
-            throw ModelError.badInput("\(folder.path): model.safetensors is from step \(modelFile.metadata["step"] ?? "?") but optimizer.safetensors from step \(step), so they are not one checkpoint (an older moe-gpu was stopped between the two writes): start the run again with --overwrite")
+            throw ModelError.badInput("\(folder.path): the model is from step \(modelFile.metadata["step"] ?? "?") but the optimizer from step \(step), so they are not one checkpoint (an older moe-gpu was stopped between the two writes): start the run again with --overwrite")
         }
         if let seed = modelFile.metadata["moe-gpu.seed"], seed != "\(model.params.seed)" {
             throw ModelError.badInput("\(folder.path) was trained by a model built with seed \(seed), this one has seed \(model.params.seed): its dropout and routing noise would differ; resume with the run's own config.json")
         }
-        try ModelCheckpoint.load(folder.appendingPathComponent("model.safetensors").path, into: model)
-        for p in model.params.all where p.trainable {
-            guard opt.entry("\(p.name).exp_avg") != nil, opt.entry("\(p.name).exp_avg_sq") != nil else {
-                throw ModelError.badInput("optimizer.safetensors in \(folder.path) lacks the moments of \(p.name)")
+        try ModelCheckpoint.load(modelURL.path, into: model)
+        for p in model.params.all where trainer.optimizer.holds(p) {
+            guard opt.has("\(p.name).exp_avg"), opt.has("\(p.name).exp_avg_sq") else {
+                throw ModelError.badInput("the optimizer state in \(folder.path) lacks the moments of \(p.name)")
             }
             let (m, v) = try trainer.optimizer.moments(of: p)
             try m.write(try opt.floats("\(p.name).exp_avg"))
@@ -246,58 +268,113 @@ public final class TrainRun {
 
     private var lastSavedStep = -1
 
-    /// Writes the checkpoint of the current step (see above) and keeps the last two.
+    /// Writes the checkpoint of the current step (see above) and keeps the last
+    /// two. Under MPI every rank writes its shard (the parameters it owns and
+    /// their moments) into rank 0's partial folder; rank 0 writes the indexes
+    /// and moves the folder into place once every rank's shard is flushed.
     public func saveCheckpoint() throws {
         defer { lastSavedStep = trainer.step }
-        guard writes else { return }
         let fm = FileManager.default, model = trainer.model, step = trainer.step
+        let comm = trainer.communicator, ranks = comm.size
         let root = out.appendingPathComponent(Self.checkpointsFolder)
-        try fm.createDirectory(at: root, withIntermediateDirectories: true)
-        // Partial folders of runs killed while writing are garbage.
-        for name in (try? fm.contentsOfDirectory(atPath: root.path)) ?? [] where name.hasPrefix(".") {
-            try? fm.removeItem(at: root.appendingPathComponent(name))
-        }
         let name = String(format: "step-%08d", step)
-        let partial = root.appendingPathComponent(".\(name).partial-\(getpid())")
-        try fm.createDirectory(at: partial, withIntermediateDirectories: true)
+        let partial = URL(fileURLWithPath: try comm.fromRoot {
+            try fm.createDirectory(at: root, withIntermediateDirectories: true)
+            // Partial folders of runs killed while writing are garbage.
+            for name in (try? fm.contentsOfDirectory(atPath: root.path)) ?? [] where name.hasPrefix(".") {
+                try? fm.removeItem(at: root.appendingPathComponent(name))
+            }
+            let partial = root.appendingPathComponent(".\(name).partial-\(getpid())")
+            try fm.createDirectory(at: partial, withIntermediateDirectories: true)
+            return partial.path
+        })
+        var failure: Error?
         do {
             // The seed the model's random streams (dropout, routing noise) derive from, for resume to check.
-            try ModelCheckpoint.save(model, to: partial.appendingPathComponent("model.safetensors"),
-                                     metadata: ["step": "\(step)", "moe-gpu.seed": "\(model.params.seed)"])
-            var tensors: [(name: String, dtype: StorageDType, shape: [Int], data: Data)] = []
-            for p in model.params.all where p.trainable {
+            let modelMeta = ["step": "\(step)", "moe-gpu.seed": "\(model.params.seed)"]
+            let optMeta = ["format": "pt", "step": "\(step)", "moe-gpu.nonfinite_skipped": "\(trainer.nonFiniteSkipped)"]
+            let mine: (Parameter) -> Bool = { [trainer] in ranks == 1 || trainer.owner(of: $0) == comm.rank }
+            try ModelCheckpoint.save(model, to: partial.appendingPathComponent(ranks == 1 ? "model.safetensors" : Self.shardName("model", rank: comm.rank, of: ranks)),
+                                     metadata: modelMeta, only: mine)
+            let owned = model.params.all.filter { $0.trainable && mine($0) }
+            let writer = try SafetensorsStreamWriter(
+                url: partial.appendingPathComponent(ranks == 1 ? "optimizer.safetensors" : Self.shardName("optimizer", rank: comm.rank, of: ranks)),
+                tensors: owned.flatMap { [PlannedTensor(name: "\($0.name).exp_avg", dtype: .F32, shape: $0.shape),
+                                          PlannedTensor(name: "\($0.name).exp_avg_sq", dtype: .F32, shape: $0.shape)] },
+                metadata: optMeta)
+            for p in owned {
                 let (m, v) = try trainer.optimizer.moments(of: p)
-                tensors.append(("\(p.name).exp_avg", .F32, p.shape, encodeFloats(try m.floats(), as: .F32)))
-                tensors.append(("\(p.name).exp_avg_sq", .F32, p.shape, encodeFloats(try v.floats(), as: .F32)))
+                try writer.write("\(p.name).exp_avg", floats: try m.floats())
+                try writer.write("\(p.name).exp_avg_sq", floats: try v.floats())
             }
-            try writeSafetensors(to: partial.appendingPathComponent("optimizer.safetensors"), tensors: tensors,
-                                 metadata: ["format": "pt", "step": "\(step)", "moe-gpu.nonfinite_skipped": "\(trainer.nonFiniteSkipped)"])
-            try Self.syncDirectory(partial)
-            let final = root.appendingPathComponent(name)
-            if fm.fileExists(atPath: final.path) {
-                // The same step saved again: move the old one aside first (rename cannot replace a folder).
-                let old = root.appendingPathComponent(".\(name).old-\(getpid())")
-                guard rename(final.path, old.path) == 0 else { throw ModelError.badInput("cannot replace \(final.path): \(String(cString: strerror(errno)))") }
-                try? fm.removeItem(at: old)
-            }
-            guard rename(partial.path, final.path) == 0 else {
-                throw ModelError.badInput("cannot move the checkpoint into \(final.path): \(String(cString: strerror(errno)))")
-            }
-            try Self.syncDirectory(root)
-            // model.safetensors: a hard link to the latest model, swapped in atomically.
-            let top = out.appendingPathComponent("model.safetensors"), link = out.appendingPathComponent(".model.safetensors.link-\(getpid())")
-            unlink(link.path)
-            if Glibc.link(final.appendingPathComponent("model.safetensors").path, link.path) != 0 || rename(link.path, top.path) != 0 {
-                unlink(link.path)
-                try atomicWrite(try Data(contentsOf: final.appendingPathComponent("model.safetensors")), to: top)
-            }
-            // Only the last two.
-            let older = ((try? fm.contentsOfDirectory(atPath: root.path)) ?? []).filter { $0.hasPrefix("step-") }.sorted().dropLast(2)
-            for o in older { try? fm.removeItem(at: root.appendingPathComponent(o)) }
-        } catch {
-            try? fm.removeItem(at: partial)
-            throw error
+            try writer.finish()
+        } catch { failure = error }
+        // Every rank's shard is flushed, or the checkpoint does not count.
+        if try comm.anyRank(failure != nil) {
+            if writes { try? fm.removeItem(at: partial) }
+            throw failure ?? ModelError.io("another rank could not write its shard of the step-\(step) checkpoint (its error is in its output); the previous checkpoint is kept")
         }
+        _ = try comm.fromRoot {
+            do { try self.placeCheckpoint(partial, name: name, ranks: ranks) } catch {
+                try? fm.removeItem(at: partial)
+                throw error
+            }
+            return ""
+        }
+    }
+
+    /// Rank 0's part of `saveCheckpoint`: the indexes of a sharded set, the
+    /// rename into place, the run folder's links to the latest model, the
+    /// last two kept.
+    private func placeCheckpoint(_ partial: URL, name: String, ranks: Int) throws {
+        let fm = FileManager.default, model = trainer.model
+        let root = out.appendingPathComponent(Self.checkpointsFolder)
+        var modelFiles = ["model.safetensors"]
+        if ranks > 1 {
+            let tensors = model.checkpointTensors
+            try ModelCheckpoint.writeIndex(to: partial.appendingPathComponent("model.safetensors.index.json"),
+                                           weightMap: tensors.map { ($0.name, Self.shardName("model", rank: trainer.owner(of: $0.parameter), of: ranks)) },
+                                           totalSize: tensors.reduce(0) { $0 + 4 * $1.count })
+            let trainable = model.params.all.filter(\.trainable)
+            try ModelCheckpoint.writeIndex(to: partial.appendingPathComponent("optimizer.safetensors.index.json"),
+                                           weightMap: trainable.flatMap { p in ["exp_avg", "exp_avg_sq"].map { ("\(p.name).\($0)", Self.shardName("optimizer", rank: trainer.owner(of: p), of: ranks)) } },
+                                           totalSize: trainable.reduce(0) { $0 + 8 * $1.count })
+            modelFiles = (0..<ranks).map { Self.shardName("model", rank: $0, of: ranks) } + ["model.safetensors.index.json"]
+        }
+        try Self.syncDirectory(partial)
+        let final = root.appendingPathComponent(name)
+        if fm.fileExists(atPath: final.path) {
+            // The same step saved again: move the old one aside first (rename cannot replace a folder).
+            let old = root.appendingPathComponent(".\(name).old-\(getpid())")
+            guard rename(final.path, old.path) == 0 else { throw ModelError.badInput("cannot replace \(final.path): \(String(cString: strerror(errno)))") }
+            try? fm.removeItem(at: old)
+        }
+        guard rename(partial.path, final.path) == 0 else {
+            throw ModelError.badInput("cannot move the checkpoint into \(final.path): \(String(cString: strerror(errno)))")
+        }
+        try Self.syncDirectory(root)
+        // The run folder's model: hard links to the latest model's files, each
+        // swapped in atomically (the index last), then the files of another layout removed.
+        for file in modelFiles {
+            let top = out.appendingPathComponent(file), link = out.appendingPathComponent(".\(file).link-\(getpid())")
+            unlink(link.path)
+            if Glibc.link(final.appendingPathComponent(file).path, link.path) != 0 || rename(link.path, top.path) != 0 {
+                unlink(link.path)
+                try atomicWrite(try Data(contentsOf: final.appendingPathComponent(file)), to: top)
+            }
+        }
+        for file in (try? fm.contentsOfDirectory(atPath: out.path)) ?? [] where Self.isModelFile(file) && !modelFiles.contains(file) {
+            try? fm.removeItem(at: out.appendingPathComponent(file))
+        }
+        // Only the last two.
+        let older = ((try? fm.contentsOfDirectory(atPath: root.path)) ?? []).filter { $0.hasPrefix("step-") }.sorted().dropLast(2)
+        for o in older { try? fm.removeItem(at: root.appendingPathComponent(o)) }
+    }
+
+    /// A run folder's model file of either layout: `model.safetensors`, a shard, the index.
+    static func isModelFile(_ name: String) -> Bool {
+        name == "model.safetensors" || name == "model.safetensors.index.json"
+            || (name.hasPrefix("model-") && name.contains("-of-") && name.hasSuffix(".safetensors"))
     }
 
     static func syncDirectory(_ dir: URL) throws {

@@ -41,6 +41,10 @@ public struct TrainConfig: Codable, Equatable, Sendable {
     /// Steps whose loss or gradient is NaN/infinite that may be skipped (the step
     /// counts, the update does not, the data order is unchanged) before the run stops; nil: none.
     public var skipNonFinite: Int? = nil
+    /// ZeRO stage under data parallelism: 0 (nil) keeps AdamW's moments on
+    /// every rank; 1 splits them over the ranks (each updates its share of the
+    /// parameters and broadcasts it), a third of the memory of full state on 2 ranks.
+    public var zeroStage: Int? = nil
 
     public init() {}
 
@@ -48,6 +52,7 @@ public struct TrainConfig: Codable, Equatable, Sendable {
         try check(batchSize >= 1, "batchSize \(batchSize) must be at least 1")
         try check(steps >= 1, "steps \(steps) must be at least 1")
         try check(gradientAccumulation >= 1, "gradientAccumulation \(gradientAccumulation) must be at least 1")
+        try check([0, 1].contains(zeroStage ?? 0), "zeroStage \(zeroStage ?? 0) is not supported: use 0 (moments on every rank) or 1 (moments split over the ranks)")
         try check((skipNonFinite ?? 0) >= 0, "skipNonFinite \(skipNonFinite ?? 0) must not be negative")
         try check(learningRate > 0 && minLearningRate >= 0 && warmupSteps >= 0, "learning rates must be positive")
         try check(labelSmoothing >= 0 && labelSmoothing < 1, "labelSmoothing must be in [0, 1)")
@@ -99,6 +104,10 @@ public struct StepMetrics: Sendable {
     public var nonFiniteSkipped = 0
     /// Data parallel: bytes this rank handed to allreduce in the step (gradients and loss terms).
     public var allreduceBytes = 0
+    /// ZeRO-1: bytes of parameters broadcast from their owners to every rank after the update.
+    public var parameterBroadcastBytes = 0
+    /// Expert parallel: bytes this rank sent to other ranks' experts (all-to-all, forward and backward).
+    public var allToAllBytes = 0
 
     public var json: [String: Any] {
         // JSON has no NaN: a non-finite value (a skipped step) is left out.
@@ -107,6 +116,8 @@ public struct StepMetrics: Sendable {
         if gradNorm.isFinite { o["grad_norm"] = gradNorm }
         if nonFiniteSkipped > 0 { o["nonfinite_skipped"] = nonFiniteSkipped }
         if allreduceBytes > 0 { o["allreduce_bytes"] = allreduceBytes }
+        if parameterBroadcastBytes > 0 { o["parameter_broadcast_bytes"] = parameterBroadcastBytes }
+        if allToAllBytes > 0 { o["alltoall_bytes"] = allToAllBytes }
         for (k, v) in aux where v.isFinite { o[k] = v }
         if let accuracy { o["accuracy"] = accuracy }
         if let evalLoss, evalLoss.isFinite { o["eval_loss"] = evalLoss }
@@ -222,6 +233,15 @@ public final class Trainer {
     /// and loss terms are summed over the ranks. N ranks equal one process, and
     /// a run resumes on any number of ranks that divides `gradientAccumulation`.
     public let communicator: Communicator
+    /// The elements of the value buffer each rank owns (`ParameterStore.partition`).
+    public let ownership: [Range<Int>]
+    /// The rank that owns `p`: it writes `p` into a multi-rank checkpoint (and holds its moments under ZeRO-1).
+    public func owner(of p: Parameter) -> Int { ownership.firstIndex { $0.contains(p.offset) } ?? ownership.count - 1 }
+    /// The trainable elements each rank owns (`ParameterStore.partition`): its
+    /// AdamW moments under ZeRO-1, the parameters it writes to a checkpoint.
+    public let shards: [Range<Int>]
+    /// ZeRO-1: whether this rank updates only its shard.
+    var shardsOptimizer: Bool { communicator.size > 1 && (config.zeroStage ?? 0) >= 1 }
     /// Micro-batches this rank runs per step.
     var microBatchesPerRank: Int { config.gradientAccumulation / communicator.size }
 
@@ -229,10 +249,13 @@ public final class Trainer {
         try config.validate()
         self.config = config; self.model = model; self.train = train; self.test = test
         rng = SplitMix64(seed: config.seed &+ 0x5EED)
-        optimizer = OptimizerState(store: model.params)
+        communicator = Distributed.world
+        let trainable = 0..<model.params.trainableCount
+        ownership = model.params.partition(communicator.size)
+        shards = ownership.map { $0.clamped(to: trainable) }
+        optimizer = OptimizerState(store: model.params, shard: (config.zeroStage ?? 0) >= 1 ? shards[communicator.rank] : nil)
         metrics = try StepMetricsBuffer(model: model)
         ws = Workspace(backend: model.backend)
-        communicator = Distributed.world
         guard config.gradientAccumulation % communicator.size == 0 else {
             throw ModelError.badConfig("gradientAccumulation \(config.gradientAccumulation) micro-batches per step do not split over \(communicator.size) ranks: make it a multiple of \(communicator.size) with --gradient-accumulation (the global batch is batchSize x gradientAccumulation)")
         }
@@ -306,6 +329,7 @@ public final class Trainer {
         if preparedStep != step { try prepare(step: step) }
         try model.params.zeroGradients()
         try b.fill(metrics.buffer, value: 0)
+        _ = ExpertExchange.takeBytesSent()
         let batch = config.batchSize
         for micro in batches[step % 2] {
             let logits = try model.forward(micro.inputs, training: true, step: step)
@@ -332,6 +356,12 @@ public final class Trainer {
         let lr = config.learningRate(at: step)
         try optimizer.step(config: AdamWConfig(learningRate: lr, beta1: config.beta1, beta2: config.beta2, eps: 1e-8),
                            weightDecay: config.weightDecay, step: step, guardNorm: metrics.gradNorm)
+        if shardsOptimizer, let values = model.params.values {
+            // ZeRO-1: every rank updated its own shard; each owner sends its shard to the others.
+            for (owner, shard) in shards.enumerated() where !shard.isEmpty {
+                try communicator.broadcast(try values.view(offset: shard.lowerBound, shape: [shard.count]), root: owner)
+            }
+        }
         // The next step's batches go up while this one runs (on a device that queues).
         if step < config.steps { try prepare(step: step + 1) }
         let r = try metrics.read()
@@ -348,6 +378,8 @@ public final class Trainer {
         }
         m.nonFiniteSkipped = nonFiniteSkipped
         if communicator.size > 1 { m.allreduceBytes = 4 * (grads.count + metrics.lossTerms.count) }
+        if shardsOptimizer { m.parameterBroadcastBytes = 4 * model.params.trainableCount }
+        m.allToAllBytes = ExpertExchange.takeBytesSent()
         return m
     }
 

@@ -22,14 +22,20 @@ enum LMFiles {
     static func modelFile(_ path: String) -> String {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue else { return path }
-        let file = (path as NSString).appendingPathComponent("model.safetensors")
-        return FileManager.default.fileExists(atPath: file) ? file : path
+        // A multi-rank run's model is a sharded set: its index stands for it.
+        for name in ["model.safetensors", "model.safetensors.index.json"] {
+            let file = (path as NSString).appendingPathComponent(name)
+            if FileManager.default.fileExists(atPath: file) { return file }
+        }
+        return path
     }
 
-    /// The safetensors `__metadata__` of `path` (nil: not a readable safetensors file, e.g. GGUF or a sharded folder).
+    /// The safetensors `__metadata__` of `path`, a file or a sharded set's index
+    /// (nil: not readable safetensors, e.g. GGUF or a folder).
     static func safetensorsMetadata(_ path: String) -> [String: String]? {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir), !isDir.boolValue else { return nil }
+        if path.hasSuffix(".index.json") { return (try? SafetensorsCheckpoint(path: path))?.metadata }
         return (try? SafetensorsFile(path: path))?.metadata
     }
 

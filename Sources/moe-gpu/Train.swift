@@ -41,6 +41,8 @@ struct Train: ParsableCommand {
     var gradientAccumulation: Int?
     @Option(name: .customLong("expert-parallel"), help: "Under mpirun: split every MoE layer's experts over groups of this many ranks (it divides the number of ranks and the experts).")
     var expertParallel: Int = 1
+    @Option(name: .customLong("zero-stage"), help: "Under mpirun: 1 splits AdamW's moments over the ranks (ZeRO stage 1: each rank updates its share of the parameters and broadcasts it); 0 keeps them on every rank.")
+    var zeroStage: Int?
     @Option(name: .customLong("comm-timeout"), help: "Under mpirun: seconds a collective may wait for the other ranks before this rank stops with an error.")
     var commTimeout: Double = 300
     @Option(name: .customLong("skip-nonfinite"), help: "Skip up to N steps whose loss or gradient is NaN or infinite (the step counts, the update does not) instead of stopping.")
@@ -183,6 +185,7 @@ struct Train: ParsableCommand {
         if let seed { cfg.seed = seed }
         if let skipNonFinite { cfg.skipNonFinite = skipNonFinite }
         if let gradientAccumulation { cfg.gradientAccumulation = gradientAccumulation }
+        if let zeroStage { cfg.zeroStage = zeroStage }
     }
 
     func apply(to cfg: inout TrainConfig) {

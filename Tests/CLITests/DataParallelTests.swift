@@ -56,12 +56,33 @@ final class DataParallelTests: XCTestCase {
         // (loss, gradient norm slot, load-balancing and z-loss): 4 x (8,986 + 4) bytes a step.
         let line = try String(contentsOf: two.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n")[0]
         XCTAssertEqual((try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["allreduce_bytes"] as? Int, 4 * (8_986 + 4))
-        // Rank 0 wrote one run folder: config, metrics, checkpoint, eval.
+        // One run folder: config, metrics, checkpoint, eval, and the model as a Hugging Face
+        // sharded set, one shard per rank, that a single process loads.
         let files = try FileManager.default.contentsOfDirectory(atPath: two.path).sorted()
-        XCTAssertEqual(files, ["checkpoints", "config.json", "eval.json", "metrics.jsonl", "model.safetensors"])
+        XCTAssertEqual(files, ["checkpoints", "config.json", "eval.json", "metrics.jsonl", "model-00001-of-00002.safetensors",
+                               "model-00002-of-00002.safetensors", "model.safetensors.index.json"])
+        let step = try FileManager.default.contentsOfDirectory(atPath: two.appendingPathComponent("checkpoints/step-00000020").path).sorted()
+        XCTAssertEqual(step, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                              "optimizer-00001-of-00002.safetensors", "optimizer-00002-of-00002.safetensors", "optimizer.safetensors.index.json"])
+        let evalOne = try CLI.run(["eval", "--checkpoint", one.path, "--device", device, "--limit", "100", "--json"])
+        let evalTwo = try CLI.run(["eval", "--checkpoint", two.path, "--device", device, "--limit", "100", "--json"])
+        XCTAssertEqual(evalTwo.status, 0, evalTwo.stderr)
+        func accuracy(_ r: CLI.Result) throws -> Double {
+            try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any])?["accuracy"] as? Double)
+        }
+        XCTAssertEqual(try accuracy(evalOne), try accuracy(evalTwo), accuracy: 0.011)
+
+        // ZeRO-1: each rank holds half the AdamW moments, updates its half of the parameters and
+        // broadcasts it; the curve is the same, and every parameter crosses once a step.
+        let zero = dir.appendingPathComponent("zero")
+        _ = try train(ranks: 2, ["--config", config, "--device", device, "--out", zero.path, "--zero-stage", "1"])
+        assertSameCurve(try losses(one), try losses(zero), "\(device): one process vs two ranks with ZeRO-1")
+        let zeroLine = try String(contentsOf: zero.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n")[0]
+        XCTAssertEqual((try JSONSerialization.jsonObject(with: Data(zeroLine.utf8)) as? [String: Any])?["parameter_broadcast_bytes"] as? Int, 4 * 8_986)
     }
 
-    /// A checkpoint of 2 ranks resumes on 1, and one of 1 on 2, on the same curve.
+    /// A checkpoint of 2 ranks (ZeRO-1: sharded moments, sharded files) resumes on 1,
+    /// and one of 1 on 2 with ZeRO-1, on the same curve.
     func testResumeOnAnotherNumberOfRanksContinuesTheCurve() throws {
         try requireMPI()
         let dir = try CLI.temporaryDirectory(self), config = try config(dir).path
@@ -69,7 +90,7 @@ final class DataParallelTests: XCTestCase {
         _ = try train(ranks: 1, ["--config", config, "--device", "cpu", "--out", reference.path])
         for (first, second) in [(2, 1), (1, 2)] {
             let out = dir.appendingPathComponent("from-\(first)")
-            _ = try train(ranks: first, ["--config", config, "--device", "cpu", "--out", out.path, "--steps", "10"])
+            _ = try train(ranks: first, ["--config", config, "--device", "cpu", "--out", out.path, "--steps", "10", "--zero-stage", "1"])
             _ = try train(ranks: second, ["--resume", out.path, "--device", "cpu", "--steps", "20"])
             assertSameCurve(try losses(reference), try losses(out), "\(first) ranks, then \(second)")
         }
@@ -153,6 +174,8 @@ final class DataParallelTests: XCTestCase {
             ("top-k dropless", [:]),
             ("top-k with capacity drops", ["\"dropPolicy\"": "\"capacityFactor\": 0.5, \"dropPolicy\""]),
             ("expert choice", ["\"router\": \"topk\"": "\"router\": \"expert-choice\"", "\"dropPolicy\"": "\"capacityFactor\": 2, \"dropPolicy\""]),
+            // 16 tokens a micro-batch top-1 over 16 experts: experts with no token, on a rank and in the group.
+            ("top-1 with empty experts", ["\"experts\": 4": "\"experts\": 16", "\"topK\": 2": "\"topK\": 1", "\"batchSize\": 16": "\"batchSize\": 1"]),
         ]
         for (i, (name, change)) in variants.enumerated() {
             var text = try String(contentsOf: try config(dir), encoding: .utf8)
@@ -163,6 +186,13 @@ final class DataParallelTests: XCTestCase {
             _ = try train(ranks: 1, ["--config", config.path, "--device", device, "--out", one.path])
             _ = try train(ranks: 2, ["--config", config.path, "--device", device, "--out", two.path, "--expert-parallel", "2"])
             assertSameCurve(try losses(one), try losses(two), "\(device) \(name): one process vs expert parallel on 2 ranks")
+            let lines = try String(contentsOf: two.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n")
+                .compactMap { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            XCTAssertTrue(lines.allSatisfy { ($0["alltoall_bytes"] as? Int ?? 0) > 0 }, "\(name): every step sends rows to the other rank")
+            if name.contains("empty") {
+                let loads = lines.compactMap { ($0["expert_load"] as? [String: [Int]])?.values.first }
+                XCTAssertTrue(loads.contains { $0.contains(0) }, "\(name): some expert got no token: \(loads)")
+            }
         }
     }
 

@@ -39,11 +39,20 @@ final class ExpertExchange {
 
     private var mine: Range<Int> { (comm.rank * perRank)..<((comm.rank + 1) * perRank) }
 
+    /// Bytes this process sent to other ranks in all-to-alls since the last
+    /// `takeBytesSent()` (the step's `alltoall_bytes`).
+    nonisolated(unsafe) private static var bytesSent = 0
+    static func takeBytesSent() -> Int { defer { bytesSent = 0 }; return bytesSent }
+    private func count(_ rowsTo: [Int]) {
+        Self.bytesSent += 4 * width * rowsTo.enumerated().reduce(0) { $0 + ($1.offset == comm.rank ? 0 : $1.element) }
+    }
+
     /// Sends this rank's rows to their experts' owners and lays out what arrives by expert.
     private func scatter(_ rows: Tensor, into grouped: Tensor) throws {
         let w = width
         let values = sentRows == 0 ? [] : try rows.view(offset: 0, shape: [sentRows * w]).floats()
         let got = try comm.allToAll(values, sendCounts: sendRows.map { $0 * w }, recvCounts: recvRows.map { $0 * w })
+        count(sendRows)
         var out = [Float](repeating: 0, count: localRows * w)
         var sourceStart = [Int](repeating: 0, count: comm.size)
         for s in 1..<comm.size { sourceStart[s] = sourceStart[s - 1] + recvRows[s - 1] }
@@ -73,6 +82,7 @@ final class ExpertExchange {
             }
         }
         let back = try comm.allToAll(bySource.flatMap { $0 }, sendCounts: recvRows.map { $0 * w }, recvCounts: sendRows.map { $0 * w })
+        count(recvRows)
         if sentRows > 0 { try rows.view(offset: 0, shape: [sentRows * w]).write(back) }
     }
 
