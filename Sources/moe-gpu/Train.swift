@@ -245,7 +245,19 @@ struct Train: ParsableCommand {
 final class ProgressLine {
     let label: String
     let start = Date()
-    let tty = isatty(STDOUT_FILENO) != 0
+    /// A terminal gets a live line; not under mpirun (Open MPI hands ranks a
+    /// pseudo-terminal, and its collected output is a log).
+    lazy var tty = isatty(STDOUT_FILENO) != 0 && Distributed.world.size == 1
+    /// Under mpirun lines are written by another thread: after Ctrl-C mpirun
+    /// stops reading the ranks' output while it sends SIGTERM and waits, and a
+    /// rank blocked in a write would not finish its step and checkpoint before
+    /// mpirun's SIGKILL. The training thread never waits for the terminal.
+    lazy var writer: DispatchQueue? = Distributed.world.size > 1 ? DispatchQueue(label: "moe-gpu.progress") : nil
+
+    private func emit(_ text: String) {
+        guard let writer else { return print(text) }
+        writer.async { print(text); fflush(stdout) }
+    }
     var lastPrinted = Date.distantPast
     init(label: String) { self.label = label }
 
@@ -260,7 +272,7 @@ final class ProgressLine {
             print("\r\u{1B}[K" + line, terminator: m.accuracy != nil ? "\n" : "")
             fflush(stdout)
         } else if m.accuracy != nil || Date().timeIntervalSince(lastPrinted) > 10 || m.step == total {
-            print(line)
+            emit(line)
             lastPrinted = Date()
         }
     }

@@ -149,6 +149,36 @@ final class DataParallelTests: XCTestCase {
         XCTAssertEqual(resumed.status, 0, resumed.stderr)
     }
 
+    /// Ctrl-C to mpirun: Open MPI 4.1 sends the ranks SIGCONT, SIGTERM after
+    /// `odls_base_sigkill_timeout` seconds and SIGKILL after as many more, and
+    /// reads no output meanwhile. The ranks agree to stop after the same step,
+    /// all write their shards of its checkpoint before the SIGKILL, and the run
+    /// resumes from it with nothing lost.
+    func testCtrlCToMpirunCheckpointsTheStepInFlight() throws {
+        try requireMPI()
+        let dir = try CLI.temporaryDirectory(self), out = dir.appendingPathComponent("run")
+        let config = try CLI.smallTrainConfig(in: dir, replacing: [
+            "\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 10", "\"testExamples\": 100": "\"testExamples\": 20",
+            "\"gradientAccumulation\": 1": "\"gradientAccumulation\": 2"])
+        let r = try CLI.run(["-c", """
+            \(CLI.mpirunPath) --allow-run-as-root --oversubscribe --mca odls_base_sigkill_timeout 5 -np 2 \
+              "$0" train --config "$1" --device cpu --out "$2" --zero-stage 1 &
+            pid=$!
+            until [ -d "$2/checkpoints" ]; do sleep 0.2; done
+            sleep 1; kill -INT $pid; wait $pid
+            """, CLI.binary.path, config.path, out.path], binary: URL(fileURLWithPath: "/bin/bash"))
+        XCTAssertNotEqual(r.status, 0, "mpirun reports the interrupted job")
+        let step = try latestStep(out)
+        let logged = try String(contentsOf: out.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n").last
+            .flatMap { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }?["step"] as? Int
+        XCTAssertEqual(step, logged, "the step in flight when the signal came was checkpointed")
+        XCTAssertGreaterThan(step, 10, "the stop came after the first evaluation's checkpoint")
+        let files = try FileManager.default.contentsOfDirectory(atPath: out.appendingPathComponent(String(format: "checkpoints/step-%08d", step)).path)
+        XCTAssertEqual(files.filter { $0.hasPrefix("optimizer-") }.count, 2, "both ranks' optimizer shards: \(files)")
+        let resumed = try CLI.run(["train", "--resume", out.path, "--device", "cpu", "--steps", "\(step + 1)"])
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+    }
+
     func latestStep(_ out: URL) throws -> Int {
         let names = try FileManager.default.contentsOfDirectory(atPath: out.appendingPathComponent("checkpoints").path)
         return try XCTUnwrap(names.filter { $0.hasPrefix("step-") }.compactMap { Int($0.dropFirst(5)) }.max(), "no checkpoint in \(names)")

@@ -449,7 +449,7 @@ final class LanguageModelCLITests: XCTestCase {
         let dir = try CLI.temporaryDirectory(self)
         let text = try writeText(dir, bytes: 4000).url
         var t = TrainConfig()
-        t.task = "lm"; t.lm = byteLM(moe: "topk", moeLayers: [1]); t.data = text.path; t.evalData = text.path
+        t.task = "lm"; t.lm = byteLM(moe: "topk", moeLayers: [0, 1]); t.data = text.path; t.evalData = text.path
         t.seqLen = 16; t.batchSize = 2; t.gradientAccumulation = 2; t.steps = 12; t.warmupSteps = 0
         t.learningRate = 3e-3; t.minLearningRate = 3e-3; t.evalEvery = 0; t.logEvery = 1; t.testExamples = 4; t.augment = false; t.labelSmoothing = 0
         let config = dir.appendingPathComponent("lm.json")
@@ -467,7 +467,7 @@ final class LanguageModelCLITests: XCTestCase {
         // The same with the Mixtral block's experts split over the 2 ranks.
         let three = dir.appendingPathComponent("three")
         let ep = try CLI.mpirun(ranks: 2, [CLI.binary.path, "train", "--config", config.path, "--device", "cpu",
-                                           "--out", three.path, "--expert-parallel", "2"])
+                                           "--out", three.path, "--expert-parallel", "2", "--zero-stage", "1"])
         XCTAssertEqual(ep.status, 0, ep.stderr)
         let a = try losses(one)
         XCTAssertEqual(a.count, 12)
@@ -475,6 +475,25 @@ final class LanguageModelCLITests: XCTestCase {
             let b = try losses(other)
             XCTAssertEqual(b.count, 12, label)
             for (i, (x, y)) in zip(a, b).enumerated() { XCTAssertLessThan(abs(x - y) / abs(x), 1e-4, "\(label) step \(i + 1): \(x) vs \(y)") }
+        }
+        // The 2-rank runs left sharded models (one shard per rank and the index); export reads
+        // them as a single process would and writes the Hugging Face folder of the same weights.
+        XCTAssertTrue(FileManager.default.fileExists(atPath: two.appendingPathComponent("model.safetensors.index.json").path))
+        var exported: [SafetensorsCheckpoint] = []
+        for run in [one, two, three] {
+            let to = dir.appendingPathComponent("hf-\(run.lastPathComponent)")
+            let r = try CLI.run(["export", "--run", run.path, "--to", to.path])
+            XCTAssertEqual(r.status, 0, r.stderr)
+            exported.append(try SafetensorsCheckpoint(path: to.path))
+        }
+        for other in exported.dropFirst() {
+            XCTAssertEqual(Set(other.tensors.map(\.name)), Set(exported[0].tensors.map(\.name)))
+            for t in exported[0].tensors {
+                let x = try exported[0].floats(t.name), y = try other.floats(t.name)
+                let scale = max(x.map { abs($0) }.max() ?? 0, 1e-6)
+                let diff = zip(x, y).map { abs($0 - $1) }.max() ?? 0
+                XCTAssertLessThan(diff / scale, 1e-4, "\(t.name) of \(other.directory.lastPathComponent)")
+            }
         }
     }
 }
