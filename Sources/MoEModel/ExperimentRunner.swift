@@ -213,10 +213,10 @@ public final class ExperimentRunner {
         let source = runDirectory(arm.name, budget: t.budget, seed: seed).appendingPathComponent("model.safetensors")
         return try train(c, dir: dir, tag: tag, arm: arm.name, budget: t.budget, seed: seed, data: td) { model in
             // Every tensor but the head (a new one, from the seed).
-            let file = try SafetensorsFile(path: source.path)
+            let file = try ModelCheckpoint.open(source.path)
             var copied = 0
             for tensor in model.checkpointTensors where !tensor.name.hasPrefix("head.") {
-                guard let e = file.entry(tensor.name), e.shape.reduce(1, *) == tensor.count else {
+                guard let e = file.descriptor(tensor.name), e.count == tensor.count else {
                     throw ModelError.badInput("\(source.path) lacks \(tensor.name) \(tensor.shape)")
                 }
                 try tensor.value().write(try file.floats(tensor.name))

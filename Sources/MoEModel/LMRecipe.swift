@@ -131,10 +131,9 @@ public enum LMRecipe {
                                        log: @escaping (String) -> Void = { print($0) }) throws -> (file: String, evalLoss: Double) {
         let d = densePretrain(like: c, steps: steps)
         let dir = try Recipe.cacheFolder("lm-dense", for: d)
-        let file = dir.appendingPathComponent("model.safetensors")
         let model = try LlamaModel(config: d.lm!, backend: backend, seed: d.seed, sequenceLength: d.seqLen)
         let trainer = try Trainer(config: d, model: model, train: data.train, test: data.test)
-        if FileManager.default.fileExists(atPath: file.path),
+        if let file = TrainRun.modelFile(in: dir),
            (try? LlamaCheckpoint.load(try openCheckpoint(path: file.path), into: model)) != nil {
             let loss = try trainer.evaluateWithLoss(limit: d.testExamples).loss   // as the pretraining run evaluated it
             log(String(format: "dense: reusing the pretrained Llama in %@ (validation loss %.4f)", dir.path, loss))
@@ -151,6 +150,7 @@ public enum LMRecipe {
         _ = try run.run()
         let loss = run.evalLoss ?? .nan
         log(String(format: "dense: validation loss %.4f (perplexity %.2f)", loss, exp(loss)))
+        guard let file = TrainRun.modelFile(in: dir) else { throw ModelError.io("the dense pretraining in \(dir.path) left no model") }
         return (file.path, loss)
     }
 }

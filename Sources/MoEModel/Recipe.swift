@@ -104,9 +104,7 @@ public enum Recipe {
         let dir = try pretrainedDenseDirectory(for: c, steps: steps, learningRate: learningRate)
         let model = try ViT(config: d.model, backend: backend, seed: d.seed)
         let trainer = try Trainer(config: d, model: model, train: data.train, test: data.test)
-        let file = dir.appendingPathComponent("model.safetensors")
-        if FileManager.default.fileExists(atPath: file.path),
-           (try? ModelCheckpoint.load(file.path, into: model)) != nil {
+        if let file = TrainRun.modelFile(in: dir), (try? ModelCheckpoint.load(file.path, into: model)) != nil {
             let acc = try trainer.evaluate(limit: d.testExamples)   // as the pretraining run evaluated it
             log(String(format: "dense: reusing the pretrained ViT in %@ (test accuracy %.2f%%)", dir.path, 100 * acc))
             return (model, acc)
