@@ -108,6 +108,12 @@ public final class SafetensorsCheckpoint: TensorSource, @unchecked Sendable {
                 list.append(TensorDescriptor(name: e.name, dtypeName: e.dtype.rawValue, shape: e.shape))
             }
         }
+        // A run folder's latest model is linked shard by shard: a set caught
+        // half-way (its writer killed) holds shards of two steps.
+        let steps = Set(files.compactMap { $0.metadata["step"] })
+        if steps.count > 1 {
+            throw CheckpointError.format(url.lastPathComponent, "its shards are from different training steps (\(steps.sorted().joined(separator: ", "))): the run was stopped while linking its latest model; read the run's checkpoints/step-N folder instead")
+        }
         for name in weightMap.keys where loc[name] == nil {
             throw CheckpointError.format(url.lastPathComponent, "tensor \(name) is listed in the index but missing from \(weightMap[name]!)")
         }

@@ -175,20 +175,25 @@ public final class ParameterStore {
         try ranges.map { try buffer.view(offset: $0.offset, shape: [$0.count]) }
     }
 
-    /// `parts` contiguous ranges of the value buffer, one per rank, cut at
-    /// parameter boundaries near equal sizes, so every parameter (its
-    /// checkpoint tensors, its AdamW moments) has one owner: ZeRO-1's
-    /// optimizer shards and the shards of a multi-rank checkpoint.
-    public func partition(_ parts: Int) -> [Range<Int>] {
-        let total = values?.count ?? 0
-        let starts = all.map(\.offset).sorted()
-        var cuts = [0]
-        for r in 1..<max(parts, 1) {
-            let target = (total * r) / parts
-            cuts.append(max(cuts.last!, starts.first { $0 >= target } ?? total))
+    /// What each of `parts` ranks owns of the value buffer: one contiguous
+    /// range of the trainable elements and one of the frozen ones after them,
+    /// each cut at parameter boundaries near equal sizes, so every parameter
+    /// (its checkpoint tensors, its AdamW moments) has one owner and the
+    /// trainable work splits evenly however much is frozen: ZeRO-1's optimizer
+    /// shards and the shards of a multi-rank checkpoint.
+    public func partition(_ parts: Int) -> [(trainable: Range<Int>, frozen: Range<Int>)] {
+        let parts = max(parts, 1), starts = all.map(\.offset).sorted()
+        func cut(_ lo: Int, _ hi: Int) -> [Range<Int>] {
+            var cuts = [lo]
+            for r in 1..<parts {
+                let target = lo + ((hi - lo) * r) / parts
+                cuts.append(max(cuts.last!, starts.first { $0 >= target && $0 < hi } ?? hi))
+            }
+            cuts.append(hi)
+            return (0..<parts).map { cuts[$0]..<cuts[$0 + 1] }
         }
-        cuts.append(total)
-        return (0..<max(parts, 1)).map { cuts[$0]..<cuts[$0 + 1] }
+        let trainable = cut(0, trainableCount), frozen = cut(trainableCount, values?.count ?? trainableCount)
+        return (0..<parts).map { (trainable[$0], frozen[$0]) }
     }
 
     /// Sets every gradient to 0: one fill over the flat buffer.

@@ -239,6 +239,15 @@ public final class TrainRun {
     /// Single files or shards, written by any number of ranks: each rank reads
     /// the weights and the moments it holds (its share under ZeRO-1).
     public func resume(from dir: URL) throws {
+        // Ranks read their own parts: one that fails must not leave the others waiting in the first step.
+        var failure: Error?
+        do { try restore(from: dir) } catch { failure = error }
+        if try trainer.communicator.anyRank(failure != nil) {
+            throw failure ?? ModelError.badInput("another rank could not read its part of the checkpoint in \(dir.path) (its error is in its output)")
+        }
+    }
+
+    private func restore(from dir: URL) throws {
         guard let (folder, _) = Self.latestCheckpoint(dir), let modelURL = Self.checkpointFile(folder, "model"),
               let optURL = Self.checkpointFile(folder, "optimizer") else {
             throw ModelError.badInput("\(dir.path) holds no checkpoint to resume from (it stopped before its first one): start the run again with --overwrite")

@@ -234,9 +234,11 @@ public final class Trainer {
     /// a run resumes on any number of ranks that divides `gradientAccumulation`.
     public let communicator: Communicator
     /// The elements of the value buffer each rank owns (`ParameterStore.partition`).
-    public let ownership: [Range<Int>]
+    public let ownership: [(trainable: Range<Int>, frozen: Range<Int>)]
     /// The rank that owns `p`: it writes `p` into a multi-rank checkpoint (and holds its moments under ZeRO-1).
-    public func owner(of p: Parameter) -> Int { ownership.firstIndex { $0.contains(p.offset) } ?? ownership.count - 1 }
+    public func owner(of p: Parameter) -> Int {
+        ownership.firstIndex { $0.trainable.contains(p.offset) || $0.frozen.contains(p.offset) } ?? ownership.count - 1
+    }
     /// The trainable elements each rank owns (`ParameterStore.partition`): its
     /// AdamW moments under ZeRO-1, the parameters it writes to a checkpoint.
     public let shards: [Range<Int>]
@@ -250,9 +252,8 @@ public final class Trainer {
         self.config = config; self.model = model; self.train = train; self.test = test
         rng = SplitMix64(seed: config.seed &+ 0x5EED)
         communicator = Distributed.world
-        let trainable = 0..<model.params.trainableCount
         ownership = model.params.partition(communicator.size)
-        shards = ownership.map { $0.clamped(to: trainable) }
+        shards = ownership.map(\.trainable)
         optimizer = OptimizerState(store: model.params, shard: (config.zeroStage ?? 0) >= 1 ? shards[communicator.rank] : nil)
         metrics = try StepMetricsBuffer(model: model)
         ws = Workspace(backend: model.backend)

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import MoECheckpoint
+import MoEModel
 
 /// `moe-gpu plot`: training curves of run folders as one SVG figure.
 struct Plot: ParsableCommand {
@@ -155,10 +156,9 @@ struct PlotRun {
         }
         let tokens = batch * accumulation * perExample
         guard tokens > 0 else { throw PlotError("\(path)/config.json does not say the tokens per step: \(way)") }
-        let file = (path as NSString).appendingPathComponent("model.safetensors")
-        guard let weights = try? SafetensorsFile(path: file) else { throw PlotError("\(path): no eval.json with active_parameters and no readable model.safetensors: \(way)") }
-        let total = weights.entries.reduce(0.0) { $0 + Double($1.shape.reduce(1, *)) }
-        let experts = weights.entries.filter { $0.name.contains(".experts.") || $0.name.contains("_experts.") }.reduce(0.0) { $0 + Double($1.shape.reduce(1, *)) }
+        guard let weights = try? ModelCheckpoint.open((path as NSString).appendingPathComponent("model.safetensors")) else { throw PlotError("\(path): no eval.json with active_parameters and no readable model.safetensors: \(way)") }
+        let total = weights.tensors.reduce(0.0) { $0 + Double($1.shape.reduce(1, *)) }
+        let experts = weights.tensors.filter { $0.name.contains(".experts.") || $0.name.contains("_experts.") }.reduce(0.0) { $0 + Double($1.shape.reduce(1, *)) }
         var active = total
         if experts > 0 || weights.metadata["moe-gpu.num_experts"] != nil || weights.metadata["moe-gpu.format"] == "moe" {
             let router = weights.metadata["moe-gpu.router"] ?? ""

@@ -111,6 +111,8 @@ struct Train: ParsableCommand {
         if let resume {
             let dir = URL(fileURLWithPath: resume)
             var cfg = try TrainRun.storedConfig(dir)
+            // How the state is split over the ranks is not part of the checkpoint: it may change on resume.
+            if let zeroStage { cfg.zeroStage = zeroStage }
             if cfg.task == "lm" { return try resumeLanguageModel(cfg, dir: dir, backend: backend) }
             if let steps { cfg.steps = steps }
             let model = try ViT(config: cfg.model, backend: backend, seed: cfg.seed)
@@ -277,7 +279,10 @@ final class ProgressLine {
         }
     }
 
-    func done() { if tty { print("") } }
+    func done() {
+        writer?.sync {}   // the last lines out before the summary
+        if tty { print("") }
+    }
 }
 
 func formatDuration(_ s: Double) -> String {

@@ -179,6 +179,29 @@ final class DataParallelTests: XCTestCase {
         XCTAssertEqual(resumed.status, 0, resumed.stderr)
     }
 
+    /// A rank that cannot write its checkpoint shard (a file-size limit on rank 1 only):
+    /// every rank stops with an error, and no partial checkpoint folder or temporary file is left.
+    func testARankThatCannotWriteItsShardFailsTheCheckpointEverywhere() throws {
+        try requireMPI()
+        let dir = try CLI.temporaryDirectory(self), out = dir.appendingPathComponent("run")
+        let script = dir.appendingPathComponent("limit.sh")
+        try """
+            #!/bin/bash
+            # Rank 1 may write files of 24 KiB at most (its optimizer shard is larger); SIGXFSZ ignored, so writes fail with EFBIG.
+            if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then trap '' XFSZ; ulimit -f 24; fi
+            exec "$@"
+            """.write(to: script, atomically: true, encoding: .utf8)
+        chmod(script.path, 0o755)
+        let r = try CLI.mpirun(ranks: 2, [script.path, CLI.binary.path, "train", "--config", try config(dir).path, "--device", "cpu",
+                                          "--out", out.path, "--zero-stage", "1"])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("File too large"), r.stderr)
+        XCTAssertTrue(r.stderr.contains("another rank could not write its shard"), r.stderr)
+        let root = out.appendingPathComponent("checkpoints")
+        let left = (try? FileManager.default.contentsOfDirectory(atPath: root.path)) ?? []
+        XCTAssertEqual(left, [], "no checkpoint, partial folder or temporary file: \(left)")
+    }
+
     func latestStep(_ out: URL) throws -> Int {
         let names = try FileManager.default.contentsOfDirectory(atPath: out.appendingPathComponent("checkpoints").path)
         return try XCTUnwrap(names.filter { $0.hasPrefix("step-") }.compactMap { Int($0.dropFirst(5)) }.max(), "no checkpoint in \(names)")

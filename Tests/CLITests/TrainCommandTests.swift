@@ -93,7 +93,7 @@ final class TrainCommandTests: XCTestCase {
         try fm.removeItem(at: out.appendingPathComponent("checkpoints"))
         let r = try CLI.run(["train", "--resume", out.path, "--steps", "6", "--device", "cpu"])
         XCTAssertNotEqual(r.status, 0)
-        XCTAssertTrue(r.stderr.contains("from step 4 but optimizer.safetensors from step 2"), r.stderr)
+        XCTAssertTrue(r.stderr.contains("the model is from step 4 but the optimizer from step 2"), r.stderr)
         XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
     }
 

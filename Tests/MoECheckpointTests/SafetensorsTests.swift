@@ -65,6 +65,14 @@ final class SafetensorsTests: XCTestCase {
         try Data(#"{"weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors", "z": "model-00002-of-00002.safetensors"}}"#.utf8)
             .write(to: dir.appendingPathComponent("model.safetensors.index.json"))
         XCTAssertThrowsError(try SafetensorsCheckpoint(path: dir.path)) { XCTAssertTrue("\($0)".contains("z")) }
+        // Shards of two training steps (a run folder's links caught half-way) are refused.
+        try Data(#"{"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}"#.utf8)
+            .write(to: dir.appendingPathComponent("model.safetensors.index.json"))
+        try writeSafetensors(to: dir.appendingPathComponent("model-00001-of-00002.safetensors"), tensors: [tensor("x", [2, 2], seed: 3)], metadata: ["step": "4"])
+        try writeSafetensors(to: dir.appendingPathComponent("model-00002-of-00002.safetensors"), tensors: [tensor("y", [3], seed: 4)], metadata: ["step": "4"])
+        XCTAssertNoThrow(try SafetensorsCheckpoint(path: dir.path))
+        try writeSafetensors(to: dir.appendingPathComponent("model-00002-of-00002.safetensors"), tensors: [tensor("y", [3], seed: 4)], metadata: ["step": "2"])
+        XCTAssertThrowsError(try SafetensorsCheckpoint(path: dir.path)) { XCTAssertTrue("\($0)".contains("different training steps (2, 4)"), "\($0)") }
     }
 
     func testStreamWriterLeavesNothingWhenAbandoned() throws {

@@ -178,6 +178,48 @@ final class StepProfileTests: XCTestCase {
         XCTAssertNotEqual(try w.value.floats().first, 0)
     }
 
+    /// ZeRO-1: ranks' shards cut the trainable elements (and, apart, the frozen
+    /// ones) at parameter boundaries, and AdamW run shard by shard, each with
+    /// only its moments, updates every parameter exactly as one full step does,
+    /// including shards that start inside a range's decayed or non-decayed part.
+    func testShardedOptimizerEqualsTheFullStep() throws {
+        func build() throws -> ParameterStore {
+            let store = ParameterStore(backend: CPUBackend(), seed: 5)
+            _ = try store.make("embed", [40, 3], .normal(std: 1), decays: false, trainable: false)
+            for (i, n) in [7, 1, 12, 5, 3].enumerated() { _ = try store.make("w\(i)", [n, 2], .normal(std: 1), decays: true) }
+            for (i, n) in [4, 9].enumerated() { _ = try store.make("b\(i)", [n], .normal(std: 1), decays: false) }
+            _ = try store.make("expert.w", [6, 2], .normal(std: 1), decays: true, range: "moe")
+            _ = try store.make("expert.b", [3], .normal(std: 1), decays: false, range: "moe")
+            try store.finalize()
+            try store.gradients!.write((0..<store.trainableCount).map { Float(($0 * 37) % 11) / 5 - 1 })
+            return store
+        }
+        let full = try build()
+        let config = AdamWConfig(learningRate: 0.05)
+        let fullState = OptimizerState(store: full)
+        for s in 1...2 { try fullState.step(config: config, weightDecay: 0.1, step: s, guardNorm: nil) }
+        for parts in [1, 2, 3, 5, 16] {
+            let store = try build()
+            let owned = store.partition(parts)
+            XCTAssertEqual(owned.count, parts)
+            // Contiguous, covering, and cut where parameters start.
+            XCTAssertEqual(owned.first?.trainable.lowerBound, 0); XCTAssertEqual(owned.last?.trainable.upperBound, store.trainableCount)
+            XCTAssertEqual(owned.first?.frozen.lowerBound, store.trainableCount); XCTAssertEqual(owned.last?.frozen.upperBound, store.values!.count)
+            for (a, b) in zip(owned, owned.dropFirst()) {
+                XCTAssertEqual(a.trainable.upperBound, b.trainable.lowerBound); XCTAssertEqual(a.frozen.upperBound, b.frozen.lowerBound)
+            }
+            let starts = Set(store.all.map(\.offset) + [store.trainableCount, store.values!.count])
+            for o in owned { XCTAssertTrue(starts.contains(o.trainable.lowerBound) && starts.contains(o.frozen.lowerBound), "\(parts): \(owned)") }
+            // With 40% of the buffer frozen, 2 ranks still split the trainable work.
+            if parts == 2 { XCTAssertTrue(owned.allSatisfy { !$0.trainable.isEmpty }, "\(owned)") }
+            let states = owned.map { OptimizerState(store: store, shard: $0.trainable) }
+            for s in 1...2 { for state in states { try state.step(config: config, weightDecay: 0.1, step: s, guardNorm: nil) } }
+            XCTAssertEqual(try store.values!.floats(), try full.values!.floats(), "\(parts) shards")
+            XCTAssertEqual(states.map { $0.m!.count }.reduce(0, +), store.trainableCount, "every moment lives on exactly one rank")
+            for p in store.all where p.trainable { XCTAssertEqual(states.filter { $0.holds(p) }.count, 1, p.name) }
+        }
+    }
+
     /// Flat buffers: the non-expert parameters and each MoE layer's experts are
     /// separate contiguous ranges, decayed parameters first inside each range.
     func testParameterRangesAreContiguous() throws {
