@@ -220,6 +220,9 @@ public enum Distributed {
     nonisolated(unsafe) public private(set) static var expertParallel = 1
     /// This rank's expert-parallel group (ranks g P ..< (g+1) P).
     nonisolated(unsafe) public private(set) static var expertGroup: Communicator = SingleProcess()
+    /// The ranks holding the same experts as this one (the same place in every
+    /// group): expert gradients are summed over them.
+    nonisolated(unsafe) public private(set) static var expertReplicas: Communicator = SingleProcess()
 
     /// Splits the ranks into groups of `size` for expert parallelism (a collective).
     public static func startExpertParallel(_ size: Int) throws {
@@ -228,6 +231,7 @@ public enum Distributed {
         }
         expertParallel = size
         expertGroup = size > 1 ? try world.split(color: world.rank / size) : SingleProcess()
+        expertReplicas = size > 1 && world.size > size ? try world.split(color: world.rank % size) : size > 1 ? SingleProcess() : world
     }
 
     /// Leaves the MPI job (at exit, after the last collective).

@@ -119,16 +119,16 @@ public enum LayerBenchmark {
     /// Soft MoE and SpheroMoE.
     public static func activeParameters(_ model: ViT) -> Double {
         var active = Double(model.params.parameterCount)
-        func bankCount(_ b: ExpertBank) -> Double { Double(b.w1.count + (b.b1?.count ?? 0) + b.w2.count + (b.b2?.count ?? 0)) }
+        func bankCount(_ b: ExpertBank) -> Double { Double([b.w1, b.b1, b.w2, b.b2].compactMap { $0?.globalCount }.reduce(0, +)) }
         let tokens = model.config.tokens
         for block in model.blocks {
             if let moe = block.ffn as? MoELayer {
-                let bank = bankCount(moe.experts), e = Double(moe.experts.experts)
+                let bank = bankCount(moe.experts), e = Double(moe.experts.totalExperts)
                 let share: Double
                 switch moe.routing {
                 case .topK(let gate, _): share = Double(gate.k) / e
                 case .expertChoice(let factor):
-                    share = Double(ExpertChoice.capacity(tokens: tokens, experts: moe.experts.experts, factor: factor)) / Double(tokens)
+                    share = Double(ExpertChoice.capacity(tokens: tokens, experts: moe.experts.totalExperts, factor: factor)) / Double(tokens)
                 }
                 active -= bank * (1 - share)
             } else if let soft = block.ffn as? SoftMoELayer {

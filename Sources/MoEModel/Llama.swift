@@ -414,14 +414,16 @@ public final class LlamaModel: Model {
                 let base = String(p.name.dropLast("gate_up_proj.weight".count)), i = p.shape[0] / 2
                 return [slice(base + "gate_proj.weight", [i, d], 0), slice(base + "up_proj.weight", [i, d], i * d)]
             }
+            // Experts by global index: under expert parallelism a rank holds experts first..<first+e.
+            let first = p.expertRows?.lowerBound ?? 0
             if p.name.hasSuffix(".experts.w13") {
                 let base = String(p.name.dropLast("w13".count)), e = p.shape[0], i = p.shape[1] / 2
-                return (0..<e).flatMap { x in [slice("\(base)\(x).w1.weight", [i, d], x * 2 * i * d),
-                                               slice("\(base)\(x).w3.weight", [i, d], x * 2 * i * d + i * d)] }
+                return (0..<e).flatMap { x in [slice("\(base)\(first + x).w1.weight", [i, d], x * 2 * i * d),
+                                               slice("\(base)\(first + x).w3.weight", [i, d], x * 2 * i * d + i * d)] }
             }
             if p.name.hasSuffix(".experts.w2") {
                 let base = String(p.name.dropLast("w2".count)), e = p.shape[0], i = p.shape[2]
-                return (0..<e).map { x in slice("\(base)\(x).w2.weight", [d, i], x * d * i) }
+                return (0..<e).map { x in slice("\(base)\(first + x).w2.weight", [d, i], x * d * i) }
             }
             return [slice(p.name, p.shape, 0)]
         }

@@ -121,6 +121,9 @@ public enum LlamaCheckpoint {
         let c = model.config
         var log: [String] = []
         var builders: [Int: ExpertBuilder] = [:]
+        // Each MoE layer's last expert tensor here (under expert parallelism, of this rank's experts).
+        var lastTensor: [Int: String] = [:]
+        for t in model.checkpointTensors { if let (layer, leaf) = moeTensor(t.name), leaf != "gate" { lastTensor[layer] = t.name } }
         for t in model.checkpointTensors {
             if let d = source.descriptor(t.name) {
                 guard d.shape == t.shape else {
@@ -147,7 +150,7 @@ public enum LlamaCheckpoint {
             }
             try t.value().write(try builder.tensor(leaf))
             // The layer's last tensor: drop its dense copy (one layer's MLP in memory at a time).
-            if leaf == "w2.\(builder.experts - 1)" {
+            if t.name == lastTensor[layer] {
                 builders[layer] = nil
                 for n in ["gate_proj", "up_proj", "down_proj"] { source.releasePages("model.layers.\(layer).mlp.\(n).weight") }
             }

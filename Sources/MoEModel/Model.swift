@@ -41,8 +41,10 @@ public struct CheckpointTensor {
     /// (`blocks.3.moe.experts.fc1.weight [E, ...]` -> `blocks.3.moe.experts.e.fc1.weight`).
     public static func split(_ p: Parameter) -> [CheckpointTensor] {
         for leaf in ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"] where p.name.hasSuffix("experts." + leaf) {
+            // Experts by global index: under expert parallelism a rank holds experts base..<base+n.
             let prefix = String(p.name.dropLast(leaf.count + 1)), experts = p.shape[0], per = p.count / max(experts, 1)
-            return (0..<experts).map { CheckpointTensor(name: "\(prefix).\($0).\(leaf)", shape: Array(p.shape.dropFirst()), parameter: p, offset: $0 * per) }
+            let base = p.expertRows?.lowerBound ?? 0
+            return (0..<experts).map { CheckpointTensor(name: "\(prefix).\(base + $0).\(leaf)", shape: Array(p.shape.dropFirst()), parameter: p, offset: $0 * per) }
         }
         return [CheckpointTensor(name: p.name, shape: p.shape, parameter: p, offset: 0)]
     }

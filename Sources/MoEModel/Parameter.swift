@@ -20,13 +20,24 @@ public final class Parameter {
     public internal(set) var grad: Tensor?
     /// Offset of the value in the store's value buffer (after `finalize`).
     public internal(set) var offset = 0
+    /// Expert parallelism: of a stacked expert parameter (`[experts, ...]`), the
+    /// experts (global indices, dimension 0) this rank holds; nil for a
+    /// parameter every rank holds whole.
+    public let expertRows: Range<Int>?
+    /// The stacked experts over all ranks (with `expertRows`).
+    public let totalExperts: Int
 
-    init(name: String, value: Tensor, grad: Tensor?, decays: Bool, trainable: Bool, range: String) {
+    init(name: String, value: Tensor, grad: Tensor?, decays: Bool, trainable: Bool, range: String,
+         expertRows: Range<Int>? = nil, totalExperts: Int = 0) {
         self.name = name; self.shape = value.shape; self.value = value; self.grad = grad
         self.decays = decays; self.trainable = trainable; self.range = range
+        self.expertRows = expertRows; self.totalExperts = totalExperts
     }
 
+    /// Elements held here.
     public var count: Int { value.count }
+    /// Elements of the whole parameter, over every rank that holds a part.
+    public var globalCount: Int { expertRows.map { count / max($0.count, 1) * totalExperts } ?? count }
 
     /// The gradient; an error for a frozen parameter or an inference-only model.
     public func gradient() throws -> Tensor {
@@ -117,18 +128,36 @@ public final class ParameterStore {
     }
 
     /// Creates (and registers) a parameter. `range` groups expert weights by MoE
-    /// layer; everything else stays in `denseRange`.
+    /// layer; everything else stays in `denseRange`. `expertRows`: expert
+    /// parallelism, this rank holds only those rows of dimension 0 (its experts);
+    /// they start as the same rows of the whole parameter would, so any layout
+    /// starts identical.
     public func make(_ name: String, _ shape: [Int], _ initializer: Initializer, decays: Bool,
-                     trainable: Bool = true, range: String = ParameterStore.denseRange) throws -> Parameter {
+                     trainable: Bool = true, range: String = ParameterStore.denseRange,
+                     expertRows: Range<Int>? = nil) throws -> Parameter {
         precondition(byName[name] == nil, "duplicate parameter \(name)")
         precondition(values == nil, "parameter \(name) created after finalize()")
         let trainable = trainable && (trainablePredicate?(name) ?? true)
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         for b in name.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
-        let value = initialize ? try backend.tensor(initializer.values(shape: shape, seed: seed ^ h), shape: shape) : try backend.zeros(shape)
+        let full = shape
+        var shape = shape
+        if let rows = expertRows { shape[0] = rows.count }
+        let value: Tensor
+        if initialize {
+            var values = initializer.values(shape: full, seed: seed ^ h)
+            if let rows = expertRows {
+                let per = full.dropFirst().reduce(1, *)
+                values = Array(values[(rows.lowerBound * per)..<(rows.upperBound * per)])
+            }
+            value = try backend.tensor(values, shape: shape)
+        } else {
+            value = try backend.zeros(shape)
+        }
         // Until finalize() a parameter owns its tensors, so layers built alone (benchmarks) work too.
         let grad = training && trainable && !deferGradients ? try backend.zeros(shape) : nil
-        let p = Parameter(name: name, value: value, grad: grad, decays: decays, trainable: trainable, range: range)
+        let p = Parameter(name: name, value: value, grad: grad, decays: decays, trainable: trainable, range: range,
+                          expertRows: expertRows, totalExperts: full.first ?? 0)
         all.append(p)
         byName[name] = p
         return p
@@ -168,32 +197,34 @@ public final class ParameterStore {
 
     public subscript(name: String) -> Parameter? { byName[name] }
 
-    public var parameterCount: Int { all.reduce(0) { $0 + $1.count } }
+    /// Parameters of the whole model (a rank holding only its experts counts them all).
+    public var parameterCount: Int { all.reduce(0) { $0 + $1.globalCount } }
 
     /// One view per range into `buffer` (the gradients, or a moment buffer of the same layout).
     public func rangeViews(of buffer: Tensor) throws -> [Tensor] {
         try ranges.map { try buffer.view(offset: $0.offset, shape: [$0.count]) }
     }
 
-    /// What each of `parts` ranks owns of the value buffer: one contiguous
-    /// range of the trainable elements and one of the frozen ones after them,
-    /// each cut at parameter boundaries near equal sizes, so every parameter
-    /// (its checkpoint tensors, its AdamW moments) has one owner and the
-    /// trainable work splits evenly however much is frozen: ZeRO-1's optimizer
-    /// shards and the shards of a multi-rank checkpoint.
-    public func partition(_ parts: Int) -> [(trainable: Range<Int>, frozen: Range<Int>)] {
-        let parts = max(parts, 1), starts = all.map(\.offset).sorted()
-        func cut(_ lo: Int, _ hi: Int) -> [Range<Int>] {
-            var cuts = [lo]
-            for r in 1..<parts {
-                let target = lo + ((hi - lo) * r) / parts
-                cuts.append(max(cuts.last!, starts.first { $0 >= target && $0 < hi } ?? hi))
+    /// Which of `parts` ranks owns each parameter that every rank holds whole:
+    /// the trainable ones and, apart, the frozen ones are cut in flat-buffer
+    /// order into runs of near equal size at parameter boundaries, so each has
+    /// one owner (it writes it into a multi-rank checkpoint and, under ZeRO-1,
+    /// keeps its AdamW moments) and the trainable work splits evenly however
+    /// much is frozen. Expert-parallel parameters (`expertRows`) have no owner
+    /// here: each rank holds, updates and writes its own experts.
+    public func partition(_ parts: Int) -> Ownership {
+        let parts = max(parts, 1)
+        var owners: [ObjectIdentifier: Int] = [:]
+        for trainable in [true, false] {
+            let members = all.filter { $0.trainable == trainable && $0.expertRows == nil }.sorted { $0.offset < $1.offset }
+            let total = members.reduce(0) { $0 + $1.count }
+            var before = 0
+            for p in members {
+                owners[ObjectIdentifier(p)] = total == 0 ? 0 : min(parts - 1, before * parts / total)
+                before += p.count
             }
-            cuts.append(hi)
-            return (0..<parts).map { cuts[$0]..<cuts[$0 + 1] }
         }
-        let trainable = cut(0, trainableCount), frozen = cut(trainableCount, values?.count ?? trainableCount)
-        return (0..<parts).map { (trainable[$0], frozen[$0]) }
+        return Ownership(parts: parts, owners: owners, store: self)
     }
 
     /// Sets every gradient to 0: one fill over the flat buffer.
@@ -210,6 +241,37 @@ public final class ParameterStore {
     }
 }
 
+/// Who owns what of a parameter store over the ranks (`ParameterStore.partition`).
+public struct Ownership {
+    public let parts: Int
+    fileprivate let owners: [ObjectIdentifier: Int]
+    fileprivate unowned let store: ParameterStore
+
+    /// The rank that owns `p`; nil for an expert-parallel parameter (each rank its own experts).
+    public func owner(of p: Parameter) -> Int? { owners[ObjectIdentifier(p)] }
+
+    /// The trainable parameters whose update `rank` makes and sends to the
+    /// others under ZeRO-1, as merged ranges of the flat buffers.
+    public func owned(by rank: Int) -> [Range<Int>] {
+        merged(store.all.filter { $0.trainable && owner(of: $0) == rank })
+    }
+
+    /// The moments `rank` keeps under ZeRO-1: those of the parameters it owns
+    /// and of its own experts (held by no other rank of its expert group).
+    public func optimizerShard(of rank: Int) -> [Range<Int>] {
+        merged(store.all.filter { $0.trainable && (owner(of: $0) == rank || $0.expertRows != nil) })
+    }
+
+    private func merged(_ ps: [Parameter]) -> [Range<Int>] {
+        var out: [Range<Int>] = []
+        for p in ps.sorted(by: { $0.offset < $1.offset }) where p.count > 0 {
+            if let last = out.last, last.upperBound == p.offset { out[out.count - 1] = last.lowerBound..<(p.offset + p.count) }
+            else { out.append(p.offset..<(p.offset + p.count)) }
+        }
+        return out
+    }
+}
+
 /// AdamW's first and second moments in two flat buffers with the layout of the
 /// store's gradients, allocated when the first optimiser step needs them.
 ///
@@ -218,26 +280,38 @@ public final class ParameterStore {
 /// broadcasts each rank's updated shard to the others.
 public final class OptimizerState {
     public let store: ParameterStore
-    /// The elements of the trainable buffer whose moments live here (all of them unsharded).
-    public let shard: Range<Int>
+    /// The ranges of the trainable buffer whose moments live here, in order
+    /// (all of it unsharded); the moment buffers hold them back to back.
+    public let shard: [Range<Int>]
     public private(set) var m: Tensor?
     public private(set) var v: Tensor?
+    /// Elements of the moment buffers.
+    public var count: Int { shard.reduce(0) { $0 + $1.count } }
 
-    public init(store: ParameterStore, shard: Range<Int>? = nil) {
+    public init(store: ParameterStore, shard: [Range<Int>]? = nil) {
         self.store = store
-        self.shard = shard ?? 0..<store.trainableCount
+        self.shard = shard ?? [0..<store.trainableCount]
+    }
+
+    /// Where `p`'s moments start in the moment buffers, if they live here.
+    private func momentOffset(_ p: Parameter) -> Int? {
+        guard p.trainable else { return nil }
+        var at = 0
+        for r in shard {
+            if p.offset >= r.lowerBound && p.offset + p.count <= r.upperBound { return at + p.offset - r.lowerBound }
+            at += r.count
+        }
+        return nil
     }
 
     /// Whether this rank holds the moments of `p`.
-    public func holds(_ p: Parameter) -> Bool {
-        p.trainable && p.offset >= shard.lowerBound && p.offset + p.count <= shard.upperBound
-    }
+    public func holds(_ p: Parameter) -> Bool { momentOffset(p) != nil }
 
     /// The moment buffers, created (zeroed) on first use.
     public func moments() throws -> (m: Tensor, v: Tensor) {
         if let m, let v { return (m, v) }
         precondition(store.values != nil, "the parameter store must be finalized before the optimiser runs")
-        let m = try store.backend.zeros([shard.count]), v = try store.backend.zeros([shard.count])
+        let m = try store.backend.zeros([count]), v = try store.backend.zeros([count])
         self.m = m; self.v = v
         return (m, v)
     }
@@ -245,26 +319,30 @@ public final class OptimizerState {
     /// The moment views of one parameter (allocating the buffers if needed).
     public func moments(of p: Parameter) throws -> (m: Tensor, v: Tensor) {
         guard p.trainable else { throw ModelError.badInput("\(p.name) is frozen: it has no optimiser state") }
-        guard holds(p) else { throw ModelError.badInput("\(p.name)'s optimiser state lives on another rank (ZeRO-1)") }
+        guard let at = momentOffset(p) else { throw ModelError.badInput("\(p.name)'s optimiser state lives on another rank (ZeRO-1)") }
         let (m, v) = try moments()
-        let at = p.offset - shard.lowerBound
         return (try m.view(offset: at, shape: p.shape), try v.view(offset: at, shape: p.shape))
     }
 
-    /// One AdamW launch per range (its part inside the shard); a non-finite
+    /// One AdamW launch per range (its parts inside the shard); a non-finite
     /// `guardNorm` skips the update on the device.
     public func step(config: AdamWConfig, weightDecay: Float, step: Int, guardNorm: Tensor?) throws {
         guard let values = store.values, let grads = store.gradients else {
             throw ModelError.badInput("AdamW needs a finalized, trainable parameter store")
         }
         let (m, v) = try moments()
-        let groups = try store.ranges.compactMap { r -> AdamWTensors? in
-            let lo = max(r.offset, shard.lowerBound), hi = min(r.offset + r.count, shard.upperBound)
-            guard lo < hi else { return nil }
-            let n = hi - lo, at = lo - shard.lowerBound
-            return AdamWTensors(param: try values.view(offset: lo, shape: [n]), grad: try grads.view(offset: lo, shape: [n]),
-                                m: try m.view(offset: at, shape: [n]), v: try v.view(offset: at, shape: [n]),
-                                weightDecay: weightDecay, decayedCount: min(max(r.offset + r.decayed - lo, 0), n))
+        var groups: [AdamWTensors] = []
+        var at = 0
+        for piece in shard {
+            for r in store.ranges {
+                let lo = max(r.offset, piece.lowerBound), hi = min(r.offset + r.count, piece.upperBound)
+                guard lo < hi else { continue }
+                let n = hi - lo, mo = at + lo - piece.lowerBound
+                groups.append(AdamWTensors(param: try values.view(offset: lo, shape: [n]), grad: try grads.view(offset: lo, shape: [n]),
+                                           m: try m.view(offset: mo, shape: [n]), v: try v.view(offset: mo, shape: [n]),
+                                           weightDecay: weightDecay, decayedCount: min(max(r.offset + r.decayed - lo, 0), n)))
+            }
+            at += piece.count
         }
         guard !groups.isEmpty else { return }
         try store.backend.adamWStep(groups, config: config, step: step, guardNorm: guardNorm)

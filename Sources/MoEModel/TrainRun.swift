@@ -263,13 +263,29 @@ public final class TrainRun {
             throw ModelError.badInput("\(folder.path) was trained by a model built with seed \(seed), this one has seed \(model.params.seed): its dropout and routing noise would differ; resume with the run's own config.json")
         }
         try ModelCheckpoint.load(modelURL.path, into: model)
+        // Moments are stored per checkpoint tensor (one expert, one projection:
+        // any expert-parallel layout reads its own); older runs stored them per parameter.
+        let tensors = Dictionary(grouping: model.checkpointTensors, by: { ObjectIdentifier($0.parameter) })
         for p in model.params.all where trainer.optimizer.holds(p) {
-            guard opt.has("\(p.name).exp_avg"), opt.has("\(p.name).exp_avg_sq") else {
-                throw ModelError.badInput("the optimizer state in \(folder.path) lacks the moments of \(p.name)")
-            }
             let (m, v) = try trainer.optimizer.moments(of: p)
-            try m.write(try opt.floats("\(p.name).exp_avg"))
-            try v.write(try opt.floats("\(p.name).exp_avg_sq"))
+            let parts = tensors[ObjectIdentifier(p)] ?? []
+            if !parts.isEmpty, parts.allSatisfy({ opt.has("\($0.name).exp_avg") && opt.has("\($0.name).exp_avg_sq") }) {
+                for t in parts {
+                    try m.view(offset: t.offset, shape: t.shape).write(try opt.floats("\(t.name).exp_avg"))
+                    try v.view(offset: t.offset, shape: t.shape).write(try opt.floats("\(t.name).exp_avg_sq"))
+                }
+            } else if let d = opt.descriptor("\(p.name).exp_avg"), opt.has("\(p.name).exp_avg_sq") {
+                // Whole-parameter moments; a rank holding some experts takes their rows.
+                let rows = p.expertRows ?? 0..<max(p.shape.first ?? 1, 1), per = p.count / max(p.shape.first ?? 1, 1)
+                guard d.count == (p.expertRows == nil ? p.count : p.globalCount) else {
+                    throw ModelError.badInput("the optimizer state in \(folder.path) holds \(p.name)'s moments with shape \(d.shape), the model has \(p.shape)")
+                }
+                let range = p.expertRows == nil ? 0..<p.count : (rows.lowerBound * per)..<(rows.upperBound * per)
+                try m.write(Array(try opt.floats("\(p.name).exp_avg")[range]))
+                try v.write(Array(try opt.floats("\(p.name).exp_avg_sq")[range]))
+            } else {
+                throw ModelError.badInput("the optimizer state in \(folder.path) lacks the moments of \(parts.first?.name ?? p.name)")
+            }
         }
         trainer.fastForward(to: step, nonFiniteSkipped: opt.metadata["moe-gpu.nonfinite_skipped"].flatMap(Int.init) ?? 0)
         if writes { try Self.trimMetrics(out, after: step) }
@@ -298,23 +314,32 @@ public final class TrainRun {
             return partial.path
         })
         var failure: Error?
+        // What this rank wrote, one "kind<TAB>tensor<TAB>bytes" line each, for rank 0's indexes.
+        var listing: [String] = []
         do {
             // The seed the model's random streams (dropout, routing noise) derive from, for resume to check.
             let modelMeta = ["step": "\(step)", "moe-gpu.seed": "\(model.params.seed)"]
             let optMeta = ["format": "pt", "step": "\(step)", "moe-gpu.nonfinite_skipped": "\(trainer.nonFiniteSkipped)"]
-            let mine: (Parameter) -> Bool = { [trainer] in ranks == 1 || trainer.owner(of: $0) == comm.rank }
+            // Each whole parameter once, by its owner; experts split by expert parallelism by the
+            // ranks of the first group (each holds its own); everything from a single process.
+            let mine: (Parameter) -> Bool = { [trainer] p in
+                ranks == 1 || (p.expertRows != nil ? comm.rank < Distributed.expertParallel : trainer.ownership.owner(of: p) == comm.rank)
+            }
             try ModelCheckpoint.save(model, to: partial.appendingPathComponent(ranks == 1 ? "model.safetensors" : Self.shardName("model", rank: comm.rank, of: ranks)),
                                      metadata: modelMeta, only: mine)
-            let owned = model.params.all.filter { $0.trainable && mine($0) }
+            let written = model.checkpointTensors.filter { mine($0.parameter) }
+            listing = written.map { "model\t\($0.name)\t\(4 * $0.count)" }
+            let moments = written.filter { $0.parameter.trainable }
             let writer = try SafetensorsStreamWriter(
                 url: partial.appendingPathComponent(ranks == 1 ? "optimizer.safetensors" : Self.shardName("optimizer", rank: comm.rank, of: ranks)),
-                tensors: owned.flatMap { [PlannedTensor(name: "\($0.name).exp_avg", dtype: .F32, shape: $0.shape),
-                                          PlannedTensor(name: "\($0.name).exp_avg_sq", dtype: .F32, shape: $0.shape)] },
+                tensors: moments.flatMap { [PlannedTensor(name: "\($0.name).exp_avg", dtype: .F32, shape: $0.shape),
+                                            PlannedTensor(name: "\($0.name).exp_avg_sq", dtype: .F32, shape: $0.shape)] },
                 metadata: optMeta)
-            for p in owned {
-                let (m, v) = try trainer.optimizer.moments(of: p)
-                try writer.write("\(p.name).exp_avg", floats: try m.floats())
-                try writer.write("\(p.name).exp_avg_sq", floats: try v.floats())
+            for t in moments {
+                let (m, v) = try trainer.optimizer.moments(of: t.parameter)
+                try writer.write("\(t.name).exp_avg", floats: try m.view(offset: t.offset, shape: t.shape).floats())
+                try writer.write("\(t.name).exp_avg_sq", floats: try v.view(offset: t.offset, shape: t.shape).floats())
+                listing += ["optimizer\t\(t.name).exp_avg\t\(4 * t.count)", "optimizer\t\(t.name).exp_avg_sq\t\(4 * t.count)"]
             }
             try writer.finish()
         } catch { failure = error }
@@ -323,8 +348,9 @@ public final class TrainRun {
             if writes { try? fm.removeItem(at: partial) }
             throw failure ?? ModelError.io("another rank could not write its shard of the step-\(step) checkpoint (its error is in its output); the previous checkpoint is kept")
         }
+        let listings = try (0..<ranks).map { r in try comm.broadcast(r == comm.rank ? listing.joined(separator: "\n") : "", root: r) }
         _ = try comm.fromRoot {
-            do { try self.placeCheckpoint(partial, name: name, ranks: ranks) } catch {
+            do { try self.placeCheckpoint(partial, name: name, listings: listings) } catch {
                 try? fm.removeItem(at: partial)
                 throw error
             }
@@ -335,19 +361,23 @@ public final class TrainRun {
     /// Rank 0's part of `saveCheckpoint`: the indexes of a sharded set, the
     /// rename into place, the run folder's links to the latest model, the
     /// last two kept.
-    private func placeCheckpoint(_ partial: URL, name: String, ranks: Int) throws {
-        let fm = FileManager.default, model = trainer.model
+    private func placeCheckpoint(_ partial: URL, name: String, listings: [String]) throws {
+        let fm = FileManager.default, ranks = listings.count
         let root = out.appendingPathComponent(Self.checkpointsFolder)
         var modelFiles = ["model.safetensors"]
         if ranks > 1 {
-            let tensors = model.checkpointTensors
-            try ModelCheckpoint.writeIndex(to: partial.appendingPathComponent("model.safetensors.index.json"),
-                                           weightMap: tensors.map { ($0.name, Self.shardName("model", rank: trainer.owner(of: $0.parameter), of: ranks)) },
-                                           totalSize: tensors.reduce(0) { $0 + 4 * $1.count })
-            let trainable = model.params.all.filter(\.trainable)
-            try ModelCheckpoint.writeIndex(to: partial.appendingPathComponent("optimizer.safetensors.index.json"),
-                                           weightMap: trainable.flatMap { p in ["exp_avg", "exp_avg_sq"].map { ("\(p.name).\($0)", Self.shardName("optimizer", rank: trainer.owner(of: p), of: ranks)) } },
-                                           totalSize: trainable.reduce(0) { $0 + 8 * $1.count })
+            for kind in ["model", "optimizer"] {
+                var map: [(name: String, file: String)] = [], total = 0
+                for (r, text) in listings.enumerated() {
+                    for line in text.split(separator: "\n") {
+                        let f = line.split(separator: "\t")
+                        guard f.count == 3, f[0] == kind else { continue }
+                        map.append((String(f[1]), Self.shardName(kind, rank: r, of: ranks)))
+                        total += Int(f[2]) ?? 0
+                    }
+                }
+                try ModelCheckpoint.writeIndex(to: partial.appendingPathComponent("\(kind).safetensors.index.json"), weightMap: map, totalSize: total)
+            }
             modelFiles = (0..<ranks).map { Self.shardName("model", rank: $0, of: ranks) } + ["model.safetensors.index.json"]
         }
         try Self.syncDirectory(partial)

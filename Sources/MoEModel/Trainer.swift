@@ -233,17 +233,14 @@ public final class Trainer {
     /// and loss terms are summed over the ranks. N ranks equal one process, and
     /// a run resumes on any number of ranks that divides `gradientAccumulation`.
     public let communicator: Communicator
-    /// The elements of the value buffer each rank owns (`ParameterStore.partition`).
-    public let ownership: [(trainable: Range<Int>, frozen: Range<Int>)]
-    /// The rank that owns `p`: it writes `p` into a multi-rank checkpoint (and holds its moments under ZeRO-1).
-    public func owner(of p: Parameter) -> Int {
-        ownership.firstIndex { $0.trainable.contains(p.offset) || $0.frozen.contains(p.offset) } ?? ownership.count - 1
-    }
-    /// The trainable elements each rank owns (`ParameterStore.partition`): its
-    /// AdamW moments under ZeRO-1, the parameters it writes to a checkpoint.
-    public let shards: [Range<Int>]
-    /// ZeRO-1: whether this rank updates only its shard.
+    /// Who owns which parameters over the ranks (`ParameterStore.partition`).
+    public let ownership: Ownership
+    /// ZeRO-1: whether this rank keeps only its share of the moments.
     var shardsOptimizer: Bool { communicator.size > 1 && (config.zeroStage ?? 0) >= 1 }
+    /// The trainable ranges every rank holds whole (their gradients summed over
+    /// all ranks) and those of this rank's own experts under expert parallelism
+    /// (summed over the ranks that hold the same experts).
+    private let wholeRanges: [Range<Int>], expertRanges: [Range<Int>]
     /// Micro-batches this rank runs per step.
     var microBatchesPerRank: Int { config.gradientAccumulation / communicator.size }
 
@@ -253,8 +250,18 @@ public final class Trainer {
         rng = SplitMix64(seed: config.seed &+ 0x5EED)
         communicator = Distributed.world
         ownership = model.params.partition(communicator.size)
-        shards = ownership.map(\.trainable)
-        optimizer = OptimizerState(store: model.params, shard: (config.zeroStage ?? 0) >= 1 ? shards[communicator.rank] : nil)
+        optimizer = OptimizerState(store: model.params, shard: communicator.size > 1 && (config.zeroStage ?? 0) >= 1
+                                   ? ownership.optimizerShard(of: communicator.rank) : nil)
+        func ranges(_ ps: [Parameter]) -> [Range<Int>] {
+            var out: [Range<Int>] = []
+            for p in ps.sorted(by: { $0.offset < $1.offset }) where p.count > 0 {
+                if let last = out.last, last.upperBound == p.offset { out[out.count - 1] = last.lowerBound..<(p.offset + p.count) }
+                else { out.append(p.offset..<(p.offset + p.count)) }
+            }
+            return out
+        }
+        wholeRanges = ranges(model.params.all.filter { $0.trainable && $0.expertRows == nil })
+        expertRanges = ranges(model.params.all.filter { $0.trainable && $0.expertRows != nil })
         metrics = try StepMetricsBuffer(model: model)
         ws = Workspace(backend: model.backend)
         guard config.gradientAccumulation % communicator.size == 0 else {
@@ -349,18 +356,35 @@ public final class Trainer {
         }
         guard let grads = model.params.gradients else { throw ModelError.badInput("the model was built without gradients (inference only)") }
         if communicator.size > 1 {
-            try communicator.allreduceSum(grads)
+            for r in wholeRanges { try communicator.allreduceSum(try grads.view(offset: r.lowerBound, shape: [r.count])) }
+            if Distributed.expertReplicas.size > 1 {
+                for r in expertRanges { try Distributed.expertReplicas.allreduceSum(try grads.view(offset: r.lowerBound, shape: [r.count])) }
+            }
             try communicator.allreduceSum(metrics.lossTerms)
         }
-        try b.globalNorm([grads], into: metrics.gradNorm)
+        if expertRanges.isEmpty || Distributed.expertGroup.size == 1 {
+            try b.globalNorm([grads], into: metrics.gradNorm)
+        } else {
+            // The experts' gradients are spread over the expert group: the global norm is
+            // sqrt(|whole|^2 + the group's sum of |own experts|^2), combined on the host (two syncs).
+            let norms = try ws.get("norms", [2])
+            try b.globalNorm(try wholeRanges.map { try grads.view(offset: $0.lowerBound, shape: [$0.count]) }, into: try norms.view(offset: 0, shape: [1]))
+            try b.globalNorm(try expertRanges.map { try grads.view(offset: $0.lowerBound, shape: [$0.count]) }, into: try norms.view(offset: 1, shape: [1]))
+            let v = try norms.floats()
+            var own = [Double(v[1]) * Double(v[1])]
+            try own.withUnsafeMutableBufferPointer { try Distributed.expertGroup.allreduceSum($0) }
+            try metrics.gradNorm.write([Float((Double(v[0]) * Double(v[0]) + own[0]).squareRoot())])
+        }
         if config.clipNorm > 0 { try b.clipByNorm([grads], maxNorm: config.clipNorm, norm: metrics.gradNorm) }
         let lr = config.learningRate(at: step)
         try optimizer.step(config: AdamWConfig(learningRate: lr, beta1: config.beta1, beta2: config.beta2, eps: 1e-8),
                            weightDecay: config.weightDecay, step: step, guardNorm: metrics.gradNorm)
         if shardsOptimizer, let values = model.params.values {
-            // ZeRO-1: every rank updated its own shard; each owner sends its shard to the others.
-            for (owner, shard) in shards.enumerated() where !shard.isEmpty {
-                try communicator.broadcast(try values.view(offset: shard.lowerBound, shape: [shard.count]), root: owner)
+            // ZeRO-1: every rank updated the parameters it owns; each owner sends them to the others.
+            for owner in 0..<communicator.size {
+                for r in ownership.owned(by: owner) {
+                    try communicator.broadcast(try values.view(offset: r.lowerBound, shape: [r.count]), root: owner)
+                }
             }
         }
         // The next step's batches go up while this one runs (on a device that queues).
@@ -378,8 +402,9 @@ public final class Trainer {
             nonFiniteSkipped += 1
         }
         m.nonFiniteSkipped = nonFiniteSkipped
-        if communicator.size > 1 { m.allreduceBytes = 4 * (grads.count + metrics.lossTerms.count) }
-        if shardsOptimizer { m.parameterBroadcastBytes = 4 * model.params.trainableCount }
+        let whole = wholeRanges.reduce(0) { $0 + $1.count }, experts = expertRanges.reduce(0) { $0 + $1.count }
+        if communicator.size > 1 { m.allreduceBytes = 4 * (whole + (Distributed.expertReplicas.size > 1 ? experts : 0) + metrics.lossTerms.count) }
+        if shardsOptimizer { m.parameterBroadcastBytes = 4 * whole }
         m.allToAllBytes = ExpertExchange.takeBytesSent()
         return m
     }

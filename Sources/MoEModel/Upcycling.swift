@@ -127,7 +127,8 @@ public enum OnlineUpcycle {
             var widths: [Int] = []
             for bank in banks {
                 var bw1: [Float] = [], bb1: [Float] = [], bw2: [Float] = [], bb2: [Float] = []
-                for e in 0..<bank.experts {
+                // Every expert in order (recycling draws for each), kept if held here (expert parallelism).
+                for e in 0..<bank.totalExperts {
                     let neurons: [Int]
                     var outScale: Float = 1
                     switch method {
@@ -138,8 +139,8 @@ public enum OnlineUpcycle {
                         neurons = Array(0..<hidden)
                     case .granular:
                         let g = hidden / bank.hidden
-                        guard granularRouter != nil, g * bank.hidden == hidden, bank.experts % g == 0 else {
-                            throw ModelError.badConfig("granular needs a top-k or expert-choice layer whose expert width (\(bank.hidden)) divides the MLP width (\(hidden)) and whose experts (\(bank.experts)) are whole copies of the \(hidden / max(bank.hidden, 1)) shards")
+                        guard granularRouter != nil, g * bank.hidden == hidden, bank.totalExperts % g == 0 else {
+                            throw ModelError.badConfig("granular needs a top-k or expert-choice layer whose expert width (\(bank.hidden)) divides the MLP width (\(hidden)) and whose experts (\(bank.totalExperts)) are whole copies of the \(hidden / max(bank.hidden, 1)) shards")
                         }
                         // Expert e = copy e/G, shard e%G; its output times G (b2 whole) so a
                         // whole copy picked with weights 1/G gives back the dense MLP.
@@ -151,6 +152,7 @@ public enum OnlineUpcycle {
                         }
                         neurons = ImportanceSampling.sample(weights: importance, count: bank.hidden, rng: &rng).sorted()
                     }
+                    guard bank.held.contains(e) else { continue }
                     var e2 = [Float](repeating: 0, count: width * bank.hidden)
                     for (i, h) in neurons.enumerated() {
                         bw1 += w1[(h * width)..<((h + 1) * width)]
@@ -168,10 +170,10 @@ public enum OnlineUpcycle {
                 // Tie the router rows of each copy's shards, so top-k picks whole copies.
                 let g = hidden / banks[0].hidden, rows = try router.weight.value.floats()
                 var tied = rows
-                for e in 0..<banks[0].experts { for j in 0..<width { tied[e * width + j] = rows[(e / g * g) * width + j] } }
+                for e in 0..<banks[0].totalExperts { for j in 0..<width { tied[e * width + j] = rows[(e / g * g) * width + j] } }
                 try router.weight.value.write(tied)
             }
-            log.append("block \(l): \(banks.map(\.experts).reduce(0, +)) experts of width \(widths.map(String.init).joined(separator: "/")) from the dense MLP (\(hidden)) by \(method.rawValue)")
+            log.append("block \(l): \(banks.map(\.totalExperts).reduce(0, +)) experts of width \(widths.map(String.init).joined(separator: "/")) from the dense MLP (\(hidden)) by \(method.rawValue)")
         }
         return log
     }

@@ -88,11 +88,14 @@ final class DataParallelTests: XCTestCase {
         let dir = try CLI.temporaryDirectory(self), config = try config(dir).path
         let reference = dir.appendingPathComponent("reference")
         _ = try train(ranks: 1, ["--config", config, "--device", "cpu", "--out", reference.path])
-        for (first, second) in [(2, 1), (1, 2)] {
-            let out = dir.appendingPathComponent("from-\(first)")
-            _ = try train(ranks: first, ["--config", config, "--device", "cpu", "--out", out.path, "--steps", "10", "--zero-stage", "1"])
-            _ = try train(ranks: second, ["--resume", out.path, "--device", "cpu", "--steps", "20"])
-            assertSameCurve(try losses(reference), try losses(out), "\(first) ranks, then \(second)")
+        // Then with the experts split over the 2 ranks (each rank holds, writes and reads only its own).
+        for (first, second, ep) in [(2, 1, false), (1, 2, false), (2, 1, true), (1, 2, true)] {
+            let out = dir.appendingPathComponent("from-\(first)\(ep ? "-ep" : "")")
+            let split = ep ? ["--expert-parallel", "2"] : []
+            _ = try train(ranks: first, ["--config", config, "--device", "cpu", "--out", out.path, "--steps", "10", "--zero-stage", "1"]
+                          + (first == 2 ? split : []))
+            _ = try train(ranks: second, ["--resume", out.path, "--device", "cpu", "--steps", "20"] + (second == 2 ? split : []))
+            assertSameCurve(try losses(reference), try losses(out), "\(first) ranks, then \(second)\(ep ? ", experts split" : "")")
         }
     }
 
@@ -239,6 +242,13 @@ final class DataParallelTests: XCTestCase {
             _ = try train(ranks: 1, ["--config", config.path, "--device", device, "--out", one.path])
             _ = try train(ranks: 2, ["--config", config.path, "--device", device, "--out", two.path, "--expert-parallel", "2"])
             assertSameCurve(try losses(one), try losses(two), "\(device) \(name): one process vs expert parallel on 2 ranks")
+            // Each rank held and wrote only its own experts: the first half in rank 0's shard, the rest in rank 1's.
+            let index = try JSONSerialization.jsonObject(with: Data(contentsOf: two.appendingPathComponent("model.safetensors.index.json"))) as? [String: Any]
+            let map = try XCTUnwrap(index?["weight_map"] as? [String: String])
+            let experts = name.contains("empty") ? 16 : 4
+            for e in 0..<experts {
+                XCTAssertEqual(map["blocks.1.moe.experts.\(e).fc1.weight"], e < experts / 2 ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors", "expert \(e)")
+            }
             let lines = try String(contentsOf: two.appendingPathComponent("metrics.jsonl"), encoding: .utf8).split(separator: "\n")
                 .compactMap { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
             XCTAssertTrue(lines.allSatisfy { ($0["alltoall_bytes"] as? Int ?? 0) > 0 }, "\(name): every step sends rows to the other rank")
@@ -276,7 +286,7 @@ final class DataParallelTests: XCTestCase {
         try text.write(to: config, atomically: true, encoding: .utf8)
         let one = dir.appendingPathComponent("one"), four = dir.appendingPathComponent("four")
         _ = try train(ranks: 1, ["--config", config.path, "--device", "cpu", "--out", one.path])
-        _ = try train(ranks: 4, ["--config", config.path, "--device", "cpu", "--out", four.path, "--expert-parallel", "2"])
+        _ = try train(ranks: 4, ["--config", config.path, "--device", "cpu", "--out", four.path, "--expert-parallel", "2", "--zero-stage", "1"])
         assertSameCurve(try losses(one), try losses(four), "4 ranks, expert-parallel groups of 2")
         let bad = try CLI.mpirun(ranks: 2, [CLI.binary.path, "train", "--config", config.path, "--device", "cpu",
                                             "--out", dir.appendingPathComponent("bad").path, "--expert-parallel", "3"])

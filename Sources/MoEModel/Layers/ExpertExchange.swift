@@ -10,11 +10,11 @@ import MoECompute
 /// (rows of group rank 0, then 1, ... within each expert) and runs its experts
 /// as one grouped GEMM, and a second all-to-all brings the outputs back to the
 /// rows they came from. The backward sends dYp the same way and dXp back.
-/// Expert weight gradients thus live on the owners; the step's gradient
-/// allreduce over all ranks sums them (zeros elsewhere) with the dense ones:
-/// each expert's gradient is the sum over the groups' owners of it, so the
-/// run equals one process. Weights are still held on every rank (the compute
-/// and the traffic are split, the memory not yet). The exchange goes through
+/// Each rank holds only its experts' weights, gradients and moments
+/// (`ExpertBank.held`, `Parameter.expertRows`); their gradients are summed over
+/// the ranks that hold the same experts in the other groups
+/// (`Distributed.expertReplicas`), the dense ones over all ranks, so the run
+/// equals one process. The exchange goes through
 /// host memory: on OpenCL, reads and writes of the rows around each all-to-all.
 final class ExpertExchange {
     let comm: Communicator
@@ -97,14 +97,10 @@ final class ExpertExchange {
         localRows = recvRows.reduce(0, +)
         // A stable buffer size (every rank could send all its rows here).
         capacity = max(plan.maxRows * comm.size, localRows, 1)
-        var offsets = [Int32](repeating: 0, count: experts + 1)
-        var p = 0
-        for e in 0..<experts {
-            offsets[e] = Int32(p)
-            if mine.contains(e) { p += received.reduce(0) { $0 + $1[e - mine.lowerBound] } }
-        }
-        offsets[experts] = Int32(p)
-        let offsetsTensor = try ws.get("offsets", [experts + 1], dtype: .i32)
+        // The rows of each expert held here (the bank holds only these), over the group's ranks.
+        var offsets = [Int32](repeating: 0, count: perRank + 1)
+        for j in 0..<perRank { offsets[j + 1] = offsets[j] + Int32(received.reduce(0) { $0 + $1[j] }) }
+        let offsetsTensor = try ws.get("offsets", [perRank + 1], dtype: .i32)
         try offsetsTensor.write(offsets)
         offsetsAll = offsetsTensor
         let xpAll = try ws.get("xp", [capacity, width]), ypAll = try ws.get("yp", [capacity, width])

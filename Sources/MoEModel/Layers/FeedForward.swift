@@ -60,7 +60,11 @@ enum ExpertStyle: Equatable {
 /// Expert weights stacked per expert and applied to expert-contiguous rows with grouped GEMMs.
 final class ExpertBank {
     let w1: Parameter, b1: Parameter?, w2: Parameter, b2: Parameter?
+    /// Experts held (and run) here: all of them, or this rank's share under expert parallelism.
     let experts: Int, width: Int, hidden: Int
+    /// The experts held here, by global index (`0..<totalExperts` without expert parallelism).
+    let held: Range<Int>
+    var totalExperts: Int { w1.totalExperts }
     let style: ExpertStyle
     let dropout: Float
     let ws: Workspace
@@ -68,19 +72,23 @@ final class ExpertBank {
     var firstWidth: Int { style == .swiGLU ? 2 * hidden : hidden }
 
     /// `range`: the flat-buffer range of this MoE layer's experts (its name).
+    /// `held`: expert parallelism, the experts (global indices) this rank holds
+    /// and runs; nil: all `experts`.
     init(_ store: ParameterStore, _ name: String, experts: Int, width: Int, hidden: Int,
-         style: ExpertStyle, dropout: Float, range: String, std: Float = 0.02, scratch: Workspace? = nil) throws {
-        self.experts = experts; self.width = width; self.hidden = hidden
+         style: ExpertStyle, dropout: Float, range: String, std: Float = 0.02, scratch: Workspace? = nil,
+         held: Range<Int>? = nil) throws {
+        self.held = held ?? 0..<experts
+        self.experts = self.held.count; self.width = width; self.hidden = hidden
         self.style = style; self.dropout = dropout
         switch style {
         case .mlp:
-            w1 = try store.make("\(name).fc1.weight", [experts, hidden, width], .normal(std: std), decays: true, range: range)
-            b1 = try store.make("\(name).fc1.bias", [experts, hidden], .zeros, decays: false, range: range)
-            w2 = try store.make("\(name).fc2.weight", [experts, width, hidden], .normal(std: std), decays: true, range: range)
-            b2 = try store.make("\(name).fc2.bias", [experts, width], .zeros, decays: false, range: range)
+            w1 = try store.make("\(name).fc1.weight", [experts, hidden, width], .normal(std: std), decays: true, range: range, expertRows: held)
+            b1 = try store.make("\(name).fc1.bias", [experts, hidden], .zeros, decays: false, range: range, expertRows: held)
+            w2 = try store.make("\(name).fc2.weight", [experts, width, hidden], .normal(std: std), decays: true, range: range, expertRows: held)
+            b2 = try store.make("\(name).fc2.bias", [experts, width], .zeros, decays: false, range: range, expertRows: held)
         case .swiGLU:
-            w1 = try store.make("\(name).w13", [experts, 2 * hidden, width], .normal(std: std), decays: true, range: range)
-            w2 = try store.make("\(name).w2", [experts, width, hidden], .normal(std: std), decays: true, range: range)
+            w1 = try store.make("\(name).w13", [experts, 2 * hidden, width], .normal(std: std), decays: true, range: range, expertRows: held)
+            w2 = try store.make("\(name).w2", [experts, width, hidden], .normal(std: std), decays: true, range: range, expertRows: held)
             b1 = nil; b2 = nil
         }
         ws = Workspace(backend: store.backend)

@@ -33,8 +33,11 @@ final class MoELayer: FeedForward, RoutedLayer {
          scratch: Workspace? = nil) throws {
         router = try Linear(store, "\(name).\(routerName)", in: width, out: e, bias: false)
         if case .zeros = routerInit { try store.backend.fill(router.weight.value, value: 0) }
+        // Expert parallelism: this rank holds and runs only its share of the experts.
+        let group = Distributed.expertGroup, share = e / max(group.size, 1)
+        let held = Distributed.expertParallel > 1 && e % group.size == 0 ? (group.rank * share)..<((group.rank + 1) * share) : nil
         experts = try ExpertBank(store, "\(name).\(expertsName)", experts: e, width: width, hidden: hidden,
-                                 style: style, dropout: dropout, range: name, scratch: scratch)
+                                 style: style, dropout: dropout, range: name, scratch: scratch, held: held)
         self.routing = routing
         self.auxCoefficient = auxCoefficient; self.zCoefficient = zCoefficient
         ws = Workspace(backend: store.backend)
@@ -57,7 +60,7 @@ final class MoELayer: FeedForward, RoutedLayer {
     private var gateConfig: GateConfig?
 
     func forward(_ x: Tensor, batch: Int, tokens: Int, into out: Tensor, training: Bool, step: Int) throws {
-        let b = x.backend, t = batch * tokens, e = experts.experts
+        let b = x.backend, t = batch * tokens, e = experts.totalExperts
         let logits = try ws.get("logits", [t, e])
         try router.forward(x, rows: t, into: logits)
         let weights: Tensor
@@ -103,7 +106,7 @@ final class MoELayer: FeedForward, RoutedLayer {
 
     func backward(dOut: Tensor, x: Tensor, batch: Int, tokens: Int, dX: Tensor, lossScale: Float) throws {
         guard let plan, let probs else { throw ShapeError("MoE backward called before forward") }
-        let b = dOut.backend, t = batch * tokens, e = experts.experts, r = rowsCapacity
+        let b = dOut.backend, t = batch * tokens, e = experts.totalExperts, r = rowsCapacity
         let xp = try ws.get("xp", [r, experts.width]), yp = try ws.get("yp", [r, experts.width])
         let dYp = try scratch.get("moe.dYp", [r, experts.width]), dXp = try scratch.get("moe.dXp", [r, experts.width])
         let logits = try ws.get("logits", [t, e]), dLogits = try scratch.get("moe.dLogits", [t, e])
@@ -150,7 +153,7 @@ final class MoELayer: FeedForward, RoutedLayer {
         }
         if zCoefficient > 0 {
             let loss = try ws.get("zLossValue", [1])
-            try b.zLoss(logits: try ws.get("logits", [plan.tokens, experts.experts]), coefficient: zCoefficient, loss: loss,
+            try b.zLoss(logits: try ws.get("logits", [plan.tokens, experts.totalExperts]), coefficient: zCoefficient, loss: loss,
                         dLogits: nil, accumulate: false)
             out["z_loss"] = zCoefficient * (try loss.floats()[0])
         }
@@ -166,5 +169,5 @@ final class MoELayer: FeedForward, RoutedLayer {
     }
 
     var expertCounts: Tensor? { plan?.counts }
-    var loadCount: Int { experts.experts }
+    var loadCount: Int { experts.totalExperts }
 }
