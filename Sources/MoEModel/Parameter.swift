@@ -227,6 +227,16 @@ public final class ParameterStore {
         return Ownership(parts: parts, owners: owners, store: self)
     }
 
+    /// Where `parameters` lie in the flat buffers, as few ranges as possible (neighbours merged).
+    public static func ranges(of parameters: [Parameter]) -> [Range<Int>] {
+        var out: [Range<Int>] = []
+        for p in parameters.sorted(by: { $0.offset < $1.offset }) where p.count > 0 {
+            if let last = out.last, last.upperBound == p.offset { out[out.count - 1] = last.lowerBound..<(p.offset + p.count) }
+            else { out.append(p.offset..<(p.offset + p.count)) }
+        }
+        return out
+    }
+
     /// Sets every gradient to 0: one fill over the flat buffer.
     public func zeroGradients() throws {
         if let gradients { return try backend.fill(gradients, value: 0) }
@@ -253,22 +263,13 @@ public struct Ownership {
     /// The trainable parameters whose update `rank` makes and sends to the
     /// others under ZeRO-1, as merged ranges of the flat buffers.
     public func owned(by rank: Int) -> [Range<Int>] {
-        merged(store.all.filter { $0.trainable && owner(of: $0) == rank })
+        ParameterStore.ranges(of: store.all.filter { $0.trainable && owner(of: $0) == rank })
     }
 
     /// The moments `rank` keeps under ZeRO-1: those of the parameters it owns
     /// and of its own experts (held by no other rank of its expert group).
     public func optimizerShard(of rank: Int) -> [Range<Int>] {
-        merged(store.all.filter { $0.trainable && (owner(of: $0) == rank || $0.expertRows != nil) })
-    }
-
-    private func merged(_ ps: [Parameter]) -> [Range<Int>] {
-        var out: [Range<Int>] = []
-        for p in ps.sorted(by: { $0.offset < $1.offset }) where p.count > 0 {
-            if let last = out.last, last.upperBound == p.offset { out[out.count - 1] = last.lowerBound..<(p.offset + p.count) }
-            else { out.append(p.offset..<(p.offset + p.count)) }
-        }
-        return out
+        ParameterStore.ranges(of: store.all.filter { $0.trainable && (owner(of: $0) == rank || $0.expertRows != nil) })
     }
 }
 

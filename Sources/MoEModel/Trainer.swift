@@ -252,16 +252,8 @@ public final class Trainer {
         ownership = model.params.partition(communicator.size)
         optimizer = OptimizerState(store: model.params, shard: communicator.size > 1 && (config.zeroStage ?? 0) >= 1
                                    ? ownership.optimizerShard(of: communicator.rank) : nil)
-        func ranges(_ ps: [Parameter]) -> [Range<Int>] {
-            var out: [Range<Int>] = []
-            for p in ps.sorted(by: { $0.offset < $1.offset }) where p.count > 0 {
-                if let last = out.last, last.upperBound == p.offset { out[out.count - 1] = last.lowerBound..<(p.offset + p.count) }
-                else { out.append(p.offset..<(p.offset + p.count)) }
-            }
-            return out
-        }
-        wholeRanges = ranges(model.params.all.filter { $0.trainable && $0.expertRows == nil })
-        expertRanges = ranges(model.params.all.filter { $0.trainable && $0.expertRows != nil })
+        wholeRanges = ParameterStore.ranges(of: model.params.all.filter { $0.trainable && $0.expertRows == nil })
+        expertRanges = ParameterStore.ranges(of: model.params.all.filter { $0.trainable && $0.expertRows != nil })
         metrics = try StepMetricsBuffer(model: model)
         ws = Workspace(backend: model.backend)
         guard config.gradientAccumulation % communicator.size == 0 else {
