@@ -54,12 +54,12 @@ def step(m, n, ep):
     grads = allreduce(4 * m["dense"], n) + allreduce(4 * m["experts"] / ep, n // ep)
     a2a = 4 * m["layers"] * alltoall(m["tokens"] * m["k"] * m["hidden"] * 4, ep)
     # fp32 weights and gradients (8 bytes a parameter) and AdamW's two moments (8 more).
-    # EP: each rank holds only its experts. ZeRO-1 as built splits the moments of
-    # the parameters every rank holds over all n ranks; a rank keeps its own
-    # experts' moments whole (they are replicated over the n / ep groups).
+    # EP: each rank holds only its experts. ZeRO-1 splits the moments of the
+    # parameters every rank holds over all n ranks, and those of a rank's
+    # experts over the n / ep ranks holding the same experts.
     held = m["dense"] + m["experts"] / ep
     state = 16 * held
-    zero1 = 8 * held + 8 * m["dense"] / n + 8 * m["experts"] / ep if ep > 1 else 8 * held + 8 * held / n
+    zero1 = 8 * held + 8 * m["dense"] / n + 8 * (m["experts"] / ep) / (n // ep)
     return compute, grads, a2a, (state, zero1)
 
 

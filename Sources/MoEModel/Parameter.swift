@@ -210,21 +210,25 @@ public final class ParameterStore {
     /// order into runs of near equal size at parameter boundaries, so each has
     /// one owner (it writes it into a multi-rank checkpoint and, under ZeRO-1,
     /// keeps its AdamW moments) and the trainable work splits evenly however
-    /// much is frozen. Expert-parallel parameters (`expertRows`) have no owner
-    /// here: each rank holds, updates and writes its own experts.
-    public func partition(_ parts: Int) -> Ownership {
-        let parts = max(parts, 1)
-        var owners: [ObjectIdentifier: Int] = [:]
-        for trainable in [true, false] {
-            let members = all.filter { $0.trainable == trainable && $0.expertRows == nil }.sorted { $0.offset < $1.offset }
-            let total = members.reduce(0) { $0 + $1.count }
-            var before = 0
-            for p in members {
+    /// much is frozen. Expert-parallel parameters (`expertRows`) differ from rank
+    /// to rank of a group; the `replicas` ranks that hold the same experts (one
+    /// per group) share them out the same way.
+    public func partition(_ parts: Int, replicas: Int = 1) -> Ownership {
+        func cut(_ members: [Parameter], into parts: Int) -> [ObjectIdentifier: Int] {
+            let sorted = members.sorted { $0.offset < $1.offset }, total = sorted.reduce(0) { $0 + $1.count }
+            var owners: [ObjectIdentifier: Int] = [:], before = 0
+            for p in sorted {
                 owners[ObjectIdentifier(p)] = total == 0 ? 0 : min(parts - 1, before * parts / total)
                 before += p.count
             }
+            return owners
         }
-        return Ownership(parts: parts, owners: owners, store: self)
+        var owners: [ObjectIdentifier: Int] = [:], replicaOwners: [ObjectIdentifier: Int] = [:]
+        for trainable in [true, false] {
+            owners.merge(cut(all.filter { $0.trainable == trainable && $0.expertRows == nil }, into: max(parts, 1))) { a, _ in a }
+            replicaOwners.merge(cut(all.filter { $0.trainable == trainable && $0.expertRows != nil }, into: max(replicas, 1))) { a, _ in a }
+        }
+        return Ownership(parts: max(parts, 1), owners: owners, replicaOwners: replicaOwners, store: self)
     }
 
     /// Where `parameters` lie in the flat buffers, as few ranges as possible (neighbours merged).
@@ -255,21 +259,30 @@ public final class ParameterStore {
 public struct Ownership {
     public let parts: Int
     fileprivate let owners: [ObjectIdentifier: Int]
+    fileprivate let replicaOwners: [ObjectIdentifier: Int]
     fileprivate unowned let store: ParameterStore
 
-    /// The rank that owns `p`; nil for an expert-parallel parameter (each rank its own experts).
+    /// The rank that owns `p`; nil for an expert-parallel parameter.
     public func owner(of p: Parameter) -> Int? { owners[ObjectIdentifier(p)] }
+    /// Of the ranks holding the same experts (`Distributed.expertReplicas`), the
+    /// one that owns this rank's expert-parallel `p`; nil for a whole parameter.
+    public func replicaOwner(of p: Parameter) -> Int? { replicaOwners[ObjectIdentifier(p)] }
 
-    /// The trainable parameters whose update `rank` makes and sends to the
-    /// others under ZeRO-1, as merged ranges of the flat buffers.
+    /// The trainable whole parameters whose update `rank` makes and sends to
+    /// the others under ZeRO-1, as merged ranges of the flat buffers.
     public func owned(by rank: Int) -> [Range<Int>] {
         ParameterStore.ranges(of: store.all.filter { $0.trainable && owner(of: $0) == rank })
     }
 
-    /// The moments `rank` keeps under ZeRO-1: those of the parameters it owns
-    /// and of its own experts (held by no other rank of its expert group).
-    public func optimizerShard(of rank: Int) -> [Range<Int>] {
-        ParameterStore.ranges(of: store.all.filter { $0.trainable && (owner(of: $0) == rank || $0.expertRows != nil) })
+    /// The trainable experts whose update replica `replica` makes and sends to
+    /// the other ranks holding the same experts under ZeRO-1.
+    public func ownedExperts(byReplica replica: Int) -> [Range<Int>] {
+        ParameterStore.ranges(of: store.all.filter { $0.trainable && replicaOwner(of: $0) == replica })
+    }
+
+    /// The moments `rank` (replica `replica` of its experts) keeps under ZeRO-1.
+    public func optimizerShard(of rank: Int, replica: Int = 0) -> [Range<Int>] {
+        ParameterStore.ranges(of: store.all.filter { $0.trainable && (owner(of: $0) == rank || replicaOwner(of: $0) == replica) })
     }
 }
 

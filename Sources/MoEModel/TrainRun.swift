@@ -320,10 +320,11 @@ public final class TrainRun {
             // The seed the model's random streams (dropout, routing noise) derive from, for resume to check.
             let modelMeta = ["step": "\(step)", "moe-gpu.seed": "\(model.params.seed)"]
             let optMeta = ["format": "pt", "step": "\(step)", "moe-gpu.nonfinite_skipped": "\(trainer.nonFiniteSkipped)"]
-            // Each whole parameter once, by its owner; experts split by expert parallelism by the
-            // ranks of the first group (each holds its own); everything from a single process.
+            // Each whole parameter once, by its owner; each expert-parallel part by its owner among
+            // the ranks holding the same experts (one per group); everything from a single process.
             let mine: (Parameter) -> Bool = { [trainer] p in
-                ranks == 1 || (p.expertRows != nil ? comm.rank < Distributed.expertParallel : trainer.ownership.owner(of: p) == comm.rank)
+                ranks == 1 || (p.expertRows != nil ? trainer.ownership.replicaOwner(of: p) == Distributed.expertReplicas.rank
+                               : trainer.ownership.owner(of: p) == comm.rank)
             }
             try ModelCheckpoint.save(model, to: partial.appendingPathComponent(ranks == 1 ? "model.safetensors" : Self.shardName("model", rank: comm.rank, of: ranks)),
                                      metadata: modelMeta, only: mine)

@@ -249,9 +249,10 @@ public final class Trainer {
         self.config = config; self.model = model; self.train = train; self.test = test
         rng = SplitMix64(seed: config.seed &+ 0x5EED)
         communicator = Distributed.world
-        ownership = model.params.partition(communicator.size)
+        let replicas = Distributed.expertReplicas
+        ownership = model.params.partition(communicator.size, replicas: replicas.size)
         optimizer = OptimizerState(store: model.params, shard: communicator.size > 1 && (config.zeroStage ?? 0) >= 1
-                                   ? ownership.optimizerShard(of: communicator.rank) : nil)
+                                   ? ownership.optimizerShard(of: communicator.rank, replica: replicas.rank) : nil)
         wholeRanges = ParameterStore.ranges(of: model.params.all.filter { $0.trainable && $0.expertRows == nil })
         expertRanges = ParameterStore.ranges(of: model.params.all.filter { $0.trainable && $0.expertRows != nil })
         metrics = try StepMetricsBuffer(model: model)
@@ -378,6 +379,15 @@ public final class Trainer {
                     try communicator.broadcast(try values.view(offset: r.lowerBound, shape: [r.count]), root: owner)
                 }
             }
+            // Experts: among the ranks holding the same ones (one per expert-parallel group).
+            let replicas = Distributed.expertReplicas
+            if !expertRanges.isEmpty, replicas.size > 1 {
+                for owner in 0..<replicas.size {
+                    for r in ownership.ownedExperts(byReplica: owner) {
+                        try replicas.broadcast(try values.view(offset: r.lowerBound, shape: [r.count]), root: owner)
+                    }
+                }
+            }
         }
         // The next step's batches go up while this one runs (on a device that queues).
         if step < config.steps { try prepare(step: step + 1) }
@@ -396,7 +406,7 @@ public final class Trainer {
         m.nonFiniteSkipped = nonFiniteSkipped
         let whole = wholeRanges.reduce(0) { $0 + $1.count }, experts = expertRanges.reduce(0) { $0 + $1.count }
         if communicator.size > 1 { m.allreduceBytes = 4 * (whole + (Distributed.expertReplicas.size > 1 ? experts : 0) + metrics.lossTerms.count) }
-        if shardsOptimizer { m.parameterBroadcastBytes = 4 * whole }
+        if shardsOptimizer { m.parameterBroadcastBytes = 4 * (whole + (Distributed.expertReplicas.size > 1 ? experts : 0)) }
         m.allToAllBytes = ExpertExchange.takeBytesSent()
         return m
     }

@@ -288,6 +288,13 @@ final class DataParallelTests: XCTestCase {
         _ = try train(ranks: 1, ["--config", config.path, "--device", "cpu", "--out", one.path])
         _ = try train(ranks: 4, ["--config", config.path, "--device", "cpu", "--out", four.path, "--expert-parallel", "2", "--zero-stage", "1"])
         assertSameCurve(try losses(one), try losses(four), "4 ranks, expert-parallel groups of 2")
+        // ZeRO-1 split the experts' moments too, between the two ranks holding the same experts:
+        // both groups' ranks wrote expert moments, each expert's once.
+        let index = try JSONSerialization.jsonObject(with: Data(contentsOf: four.appendingPathComponent("checkpoints/step-00000020/optimizer.safetensors.index.json"))) as? [String: Any]
+        let map = try XCTUnwrap(index?["weight_map"] as? [String: String])
+        let expertFiles = Set(map.filter { $0.key.contains(".experts.") }.values)
+        XCTAssertEqual(map.keys.filter { $0.contains(".experts.") }.count, 4 * 4 * 2, "4 experts x 4 tensors x 2 moments")
+        XCTAssertTrue(expertFiles.contains("optimizer-00001-of-00004.safetensors") && expertFiles.contains("optimizer-00003-of-00004.safetensors"), "\(expertFiles)")
         let bad = try CLI.mpirun(ranks: 2, [CLI.binary.path, "train", "--config", config.path, "--device", "cpu",
                                             "--out", dir.appendingPathComponent("bad").path, "--expert-parallel", "3"])
         XCTAssertNotEqual(bad.status, 0)
