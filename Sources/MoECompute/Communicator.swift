@@ -231,7 +231,8 @@ public enum Distributed {
         }
         expertParallel = size
         expertGroup = size > 1 ? try world.split(color: world.rank / size) : SingleProcess()
-        expertReplicas = size > 1 && world.size > size ? try world.split(color: world.rank % size) : size > 1 ? SingleProcess() : world
+        // The same place in every group (alone when there is one group); everyone without expert parallelism.
+        expertReplicas = size > 1 ? try world.split(color: world.rank % size) : world
     }
 
     /// Leaves the MPI job (at exit, after the last collective).

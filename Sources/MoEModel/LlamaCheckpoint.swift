@@ -44,11 +44,8 @@ public enum LlamaCheckpoint {
     public static func resolve(_ path: String) -> String {
         let fm = FileManager.default, dir = path as NSString
         let isRun = fm.fileExists(atPath: dir.appendingPathComponent("metrics.jsonl")) || fm.fileExists(atPath: dir.appendingPathComponent("optimizer.safetensors"))
-        // A multi-rank run's model is a sharded set with its index.
-        for name in ["model.safetensors", "model.safetensors.index.json"] where isRun && fm.fileExists(atPath: dir.appendingPathComponent(name)) {
-            return dir.appendingPathComponent(name)
-        }
-        return path
+        guard isRun, let model = TrainRun.modelFile(in: URL(fileURLWithPath: path)) else { return path }
+        return model.path
     }
 
     /// The model a checkpoint holds: the config a moe-gpu run stored, else the

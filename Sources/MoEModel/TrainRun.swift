@@ -411,12 +411,9 @@ public final class TrainRun {
         for o in older { try? fm.removeItem(at: root.appendingPathComponent(o)) }
     }
 
-    /// The latest model of a run folder: its `model.safetensors`, or the index
-    /// of a multi-rank run's shards; nil when it has neither.
-    public static func modelFile(in dir: URL) -> URL? {
-        ["model.safetensors", "model.safetensors.index.json"].map(dir.appendingPathComponent)
-            .first { FileManager.default.fileExists(atPath: $0.path) }
-    }
+    /// The latest model of a run folder (or any folder holding one): a
+    /// multi-rank run's index, or its `model.safetensors`; nil when it has neither.
+    public static func modelFile(in dir: URL) -> URL? { checkpointFile(dir, "model") }
 
     /// A run folder's model file of either layout: `model.safetensors`, a shard, the index.
     static func isModelFile(_ name: String) -> Bool {

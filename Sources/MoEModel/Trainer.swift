@@ -236,11 +236,15 @@ public final class Trainer {
     /// Who owns which parameters over the ranks (`ParameterStore.partition`).
     public let ownership: Ownership
     /// ZeRO-1: whether this rank keeps only its share of the moments.
-    var shardsOptimizer: Bool { communicator.size > 1 && (config.zeroStage ?? 0) >= 1 }
+    let shardsOptimizer: Bool
     /// The trainable ranges every rank holds whole (their gradients summed over
     /// all ranks) and those of this rank's own experts under expert parallelism
     /// (summed over the ranks that hold the same experts).
     private let wholeRanges: [Range<Int>], expertRanges: [Range<Int>]
+    /// ZeRO-1: the ranges each rank (of all) and each expert replica updates and broadcasts.
+    private let ownedRanges: [[Range<Int>]], ownedExpertRanges: [[Range<Int>]]
+    /// Bytes a step hands to the gradient allreduce and to ZeRO-1's broadcasts (the metrics).
+    private let allreduceBytes: Int, broadcastBytes: Int
     /// Micro-batches this rank runs per step.
     var microBatchesPerRank: Int { config.gradientAccumulation / communicator.size }
 
@@ -250,12 +254,18 @@ public final class Trainer {
         rng = SplitMix64(seed: config.seed &+ 0x5EED)
         communicator = Distributed.world
         let replicas = Distributed.expertReplicas
+        shardsOptimizer = communicator.size > 1 && (config.zeroStage ?? 0) >= 1
         ownership = model.params.partition(communicator.size, replicas: replicas.size)
-        optimizer = OptimizerState(store: model.params, shard: communicator.size > 1 && (config.zeroStage ?? 0) >= 1
-                                   ? ownership.optimizerShard(of: communicator.rank, replica: replicas.rank) : nil)
+        optimizer = OptimizerState(store: model.params, shard: shardsOptimizer ? ownership.optimizerShard(of: communicator.rank, replica: replicas.rank) : nil)
         wholeRanges = ParameterStore.ranges(of: model.params.all.filter { $0.trainable && $0.expertRows == nil })
         expertRanges = ParameterStore.ranges(of: model.params.all.filter { $0.trainable && $0.expertRows != nil })
+        ownedRanges = (0..<communicator.size).map(ownership.owned)
+        ownedExpertRanges = expertRanges.isEmpty || replicas.size == 1 ? [] : (0..<replicas.size).map(ownership.ownedExperts)
         metrics = try StepMetricsBuffer(model: model)
+        // Expert gradients and parameters cross ranks only where several groups hold the same experts.
+        let whole = wholeRanges.reduce(0) { $0 + $1.count }, experts = replicas.size > 1 ? expertRanges.reduce(0) { $0 + $1.count } : 0
+        allreduceBytes = communicator.size > 1 ? 4 * (whole + experts + metrics.lossTerms.count) : 0
+        broadcastBytes = shardsOptimizer ? 4 * (whole + experts) : 0
         ws = Workspace(backend: model.backend)
         guard config.gradientAccumulation % communicator.size == 0 else {
             throw ModelError.badConfig("gradientAccumulation \(config.gradientAccumulation) micro-batches per step do not split over \(communicator.size) ranks: make it a multiple of \(communicator.size) with --gradient-accumulation (the global batch is batchSize x gradientAccumulation)")
@@ -373,19 +383,11 @@ public final class Trainer {
         try optimizer.step(config: AdamWConfig(learningRate: lr, beta1: config.beta1, beta2: config.beta2, eps: 1e-8),
                            weightDecay: config.weightDecay, step: step, guardNorm: metrics.gradNorm)
         if shardsOptimizer, let values = model.params.values {
-            // ZeRO-1: every rank updated the parameters it owns; each owner sends them to the others.
-            for owner in 0..<communicator.size {
-                for r in ownership.owned(by: owner) {
-                    try communicator.broadcast(try values.view(offset: r.lowerBound, shape: [r.count]), root: owner)
-                }
-            }
-            // Experts: among the ranks holding the same ones (one per expert-parallel group).
-            let replicas = Distributed.expertReplicas
-            if !expertRanges.isEmpty, replicas.size > 1 {
-                for owner in 0..<replicas.size {
-                    for r in ownership.ownedExperts(byReplica: owner) {
-                        try replicas.broadcast(try values.view(offset: r.lowerBound, shape: [r.count]), root: owner)
-                    }
+            // ZeRO-1: every rank updated the parameters it owns and sends them to the others;
+            // experts go among the ranks holding the same ones (one per expert-parallel group).
+            for (comm, owned) in [(communicator, ownedRanges), (Distributed.expertReplicas, ownedExpertRanges)] {
+                for (owner, ranges) in owned.enumerated() {
+                    for r in ranges { try comm.broadcast(try values.view(offset: r.lowerBound, shape: [r.count]), root: owner) }
                 }
             }
         }
@@ -404,9 +406,8 @@ public final class Trainer {
             nonFiniteSkipped += 1
         }
         m.nonFiniteSkipped = nonFiniteSkipped
-        let whole = wholeRanges.reduce(0) { $0 + $1.count }, experts = expertRanges.reduce(0) { $0 + $1.count }
-        if communicator.size > 1 { m.allreduceBytes = 4 * (whole + (Distributed.expertReplicas.size > 1 ? experts : 0) + metrics.lossTerms.count) }
-        if shardsOptimizer { m.parameterBroadcastBytes = 4 * (whole + (Distributed.expertReplicas.size > 1 ? experts : 0)) }
+        m.allreduceBytes = allreduceBytes
+        m.parameterBroadcastBytes = broadcastBytes
         m.allToAllBytes = ExpertExchange.takeBytesSent()
         return m
     }

@@ -15,8 +15,8 @@ struct Devices: ParsableCommand {
         let world = try Distributed.start(timeout: 300)
         defer { Distributed.finish() }
         let catalog = DeviceCatalog()
-        if world.size > 1 { print("\(world.summary): auto picks \(catalog.autoChoice.selector) (\(catalog.autoChoice.reason))") }
         let auto = catalog.autoChoice
+        if world.size > 1 { print("\(world.summary): auto picks \(auto.selector) (\(auto.reason))") }
         if json {
             var devices: [[String: Any]] = catalog.openCLDevices.map { d in
                 ["selector": d.selector, "platform": d.platform.name, "platform_version": d.platform.version,

@@ -23,11 +23,7 @@ enum LMFiles {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue else { return path }
         // A multi-rank run's model is a sharded set: its index stands for it.
-        for name in ["model.safetensors", "model.safetensors.index.json"] {
-            let file = (path as NSString).appendingPathComponent(name)
-            if FileManager.default.fileExists(atPath: file) { return file }
-        }
-        return path
+        return TrainRun.modelFile(in: URL(fileURLWithPath: path))?.path ?? path
     }
 
     /// The safetensors `__metadata__` of `path`, a file or a sharded set's index

@@ -106,24 +106,37 @@ final class DataParallelTests: XCTestCase {
         try compare(device: "opencl")
     }
 
-    /// A wrapper that sends rank 1 `signal` `after` seconds into the run, then runs its arguments.
-    func signalRankOne(_ signal: String, after seconds: Int, in dir: URL) throws -> String {
+    /// A wrapper that runs `shell` on rank 1 only, then runs its arguments.
+    func rankOneWrapper(_ shell: String, in dir: URL) throws -> String {
         let script = dir.appendingPathComponent("rank.sh")
         try """
             #!/bin/bash
-            if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then ( sleep \(seconds); kill -\(signal) $$ ) & fi
+            if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then
+              \(shell)
+            fi
             exec "$@"
             """.write(to: script, atomically: true, encoding: .utf8)
         chmod(script.path, 0o755)
         return script.path
     }
 
+    /// A wrapper that sends rank 1 `signal` `after` seconds into the run.
+    func signalRankOne(_ signal: String, after seconds: Int, in dir: URL) throws -> String {
+        try rankOneWrapper("( sleep \(seconds); kill -\(signal) $$ ) &", in: dir)
+    }
+
+    /// 2 micro-batches a step for as long as a test lets it run, evaluated (and checkpointed) every `evalEvery` steps.
+    func longConfig(_ dir: URL, evalEvery: Int) throws -> URL {
+        try CLI.smallTrainConfig(in: dir, replacing: [
+            "\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": \(evalEvery)", "\"testExamples\": 100": "\"testExamples\": 20",
+            "\"gradientAccumulation\": 1": "\"gradientAccumulation\": 2"])
+    }
+
     /// A rank that dies mid-run: the other stops with a clear error within --comm-timeout.
     func testARankThatStopsAnsweringEndsTheOthersWithAClearError() throws {
         try requireMPI()
         let dir = try CLI.temporaryDirectory(self)
-        let config = try CLI.smallTrainConfig(in: dir, replacing: ["\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 0",
-                                                                   "\"gradientAccumulation\": 1": "\"gradientAccumulation\": 2"])
+        let config = try longConfig(dir, evalEvery: 0)
         // Rank 1 stops itself (SIGSTOP) after its start-up: rank 0 waits in an allreduce until the watchdog fires.
         let script = try signalRankOne("STOP", after: 3, in: dir)
         let start = Date()
@@ -139,9 +152,7 @@ final class DataParallelTests: XCTestCase {
     func testARankKilledMidRunLeavesAWholeCheckpoint() throws {
         try requireMPI()
         let dir = try CLI.temporaryDirectory(self), out = dir.appendingPathComponent("run")
-        let config = try CLI.smallTrainConfig(in: dir, replacing: [
-            "\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 5", "\"testExamples\": 100": "\"testExamples\": 20",
-            "\"gradientAccumulation\": 1": "\"gradientAccumulation\": 2"])
+        let config = try longConfig(dir, evalEvery: 5)
         let script = try signalRankOne("KILL", after: 6, in: dir)
         let r = try CLI.mpirun(ranks: 2, [script, CLI.binary.path, "train", "--config", config.path, "--device", "cpu",
                                           "--out", out.path, "--comm-timeout", "20"])
@@ -160,9 +171,7 @@ final class DataParallelTests: XCTestCase {
     func testCtrlCToMpirunCheckpointsTheStepInFlight() throws {
         try requireMPI()
         let dir = try CLI.temporaryDirectory(self), out = dir.appendingPathComponent("run")
-        let config = try CLI.smallTrainConfig(in: dir, replacing: [
-            "\"steps\": 4": "\"steps\": 100000", "\"evalEvery\": 2": "\"evalEvery\": 10", "\"testExamples\": 100": "\"testExamples\": 20",
-            "\"gradientAccumulation\": 1": "\"gradientAccumulation\": 2"])
+        let config = try longConfig(dir, evalEvery: 10)
         let r = try CLI.run(["-c", """
             \(CLI.mpirunPath) --allow-run-as-root --oversubscribe --mca odls_base_sigkill_timeout 5 -np 2 \
               "$0" train --config "$1" --device cpu --out "$2" --zero-stage 1 &
@@ -187,15 +196,9 @@ final class DataParallelTests: XCTestCase {
     func testARankThatCannotWriteItsShardFailsTheCheckpointEverywhere() throws {
         try requireMPI()
         let dir = try CLI.temporaryDirectory(self), out = dir.appendingPathComponent("run")
-        let script = dir.appendingPathComponent("limit.sh")
-        try """
-            #!/bin/bash
-            # Rank 1 may write files of 24 KiB at most (its optimizer shard is larger); SIGXFSZ ignored, so writes fail with EFBIG.
-            if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then trap '' XFSZ; ulimit -f 24; fi
-            exec "$@"
-            """.write(to: script, atomically: true, encoding: .utf8)
-        chmod(script.path, 0o755)
-        let r = try CLI.mpirun(ranks: 2, [script.path, CLI.binary.path, "train", "--config", try config(dir).path, "--device", "cpu",
+        // Rank 1 may write files of 24 KiB at most (its optimizer shard is larger); SIGXFSZ ignored, so writes fail with EFBIG.
+        let script = try rankOneWrapper("trap '' XFSZ; ulimit -f 24", in: dir)
+        let r = try CLI.mpirun(ranks: 2, [script, CLI.binary.path, "train", "--config", try config(dir).path, "--device", "cpu",
                                           "--out", out.path, "--zero-stage", "1"])
         XCTAssertNotEqual(r.status, 0)
         XCTAssertTrue(r.stderr.contains("File too large"), r.stderr)
